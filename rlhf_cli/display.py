@@ -1,0 +1,70 @@
+"""Rich terminal output for the CLI: a live progress display on stderr, result tables on stdout."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+from .report import Reporter, fmt
+
+err = Console(stderr=True)
+out = Console()
+
+SHOWN = ("loss", "accuracy", "margin", "learning_rate", "tokens/s")
+
+
+class RichReporter(Reporter):
+    """One live display per run: step/total, the stage's live figures, elapsed time and ETA."""
+
+    def __init__(self, title: str):
+        self.title = title
+        self.progress: Progress | None = None
+        self.task: Any = None
+
+    def info(self, message: str) -> None:
+        (self.progress.console if self.progress else err).print(escape(message), highlight=False, soft_wrap=True)
+
+    def start(self, total: int) -> None:
+        self.progress = Progress(
+            TextColumn(f"[bold]{escape(self.title)}[/]"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[figures]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=err, transient=False, refresh_per_second=4)
+        self.progress.start()
+        self.task = self.progress.add_task(self.title, total=total or None, figures="")
+        self.t0 = time.time()
+
+    def update(self, step: int, total: int, figures: dict[str, float], elapsed: float) -> None:
+        if self.progress is None:
+            self.start(total)
+        shown = "  ".join(f"{'lr' if k == 'learning_rate' else k} {fmt(v)}" for k, v in figures.items()
+                          if k in SHOWN)
+        self.progress.update(self.task, completed=step, total=total or None, figures=escape(shown))
+
+    def finish(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+            self.progress = None
+
+
+def table(title: str, rows: dict[str, Any]) -> Table:
+    t = Table(title=title, show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    for k, v in rows.items():
+        if v is None:
+            continue
+        t.add_row(escape(str(k)), escape(fmt(v) if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                         else str(v)))
+    return t

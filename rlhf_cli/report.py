@@ -1,0 +1,48 @@
+"""Progress reporting, kept apart from the stages so the library knows nothing of the terminal.
+
+Stages call a `Reporter`; the plain one writes lines to stderr, the CLI passes a Rich one (`rlhf_cli.display`).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+class Reporter:
+    """Plain-text progress on stderr; subclass to display it differently."""
+
+    def __init__(self, stream: Any = None, every: int = 10):
+        self.stream = stream or sys.stderr
+        self.every = every
+
+    def info(self, message: str) -> None:
+        print(message, file=self.stream, flush=True)
+
+    def start(self, total: int) -> None:
+        self.total = total
+
+    def update(self, step: int, total: int, figures: dict[str, float], elapsed: float) -> None:
+        if step == total or step % self.every == 0:
+            shown = "  ".join(f"{k} {fmt(v)}" for k, v in figures.items())
+            self.info(f"step {step}/{total}  {shown}  {elapsed:.0f}s")
+
+    def finish(self) -> None:
+        pass
+
+
+class Quiet(Reporter):
+    def info(self, message: str) -> None:
+        pass
+
+    def update(self, step: int, total: int, figures: dict[str, float], elapsed: float) -> None:
+        pass
+
+
+def fmt(v: float) -> str:
+    if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) < 1e6):
+        return str(int(v))
+    a = abs(v)
+    if a != 0 and (a < 1e-3 or a >= 1e5):
+        return f"{v:.2e}"
+    return f"{v:.4g}"

@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny random model with the real default tokenizer, built once per session, offline."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples" / "data"
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def build_tiny(dest: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
+    """A random Llama with the default model's real tokenizer and chat template (fast, offline)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from rlhf_cli.models import DEFAULT_MODEL, load_tokenizer, prepare_embedded
+
+    tok = load_tokenizer(prepare_embedded(DEFAULT_MODEL))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024, tie_word_embeddings=True,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    return build_tiny(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def learnable_prefs(n: int, seed: int = 0) -> list[dict]:
+    """A preference set a tiny RM can learn: the chosen answer is polite and says 'thanks', the rejected rude."""
+    rng = random.Random(seed)
+    topics = ["the weather", "my homework", "a recipe", "the bus", "a book", "my garden", "the news", "a song",
+              "my bike", "the museum", "a movie", "my cat"]
+    rows = []
+    for i in range(n):
+        t = rng.choice(topics)
+        rows.append({"prompt": f"Question {i}: tell me about {t}.",
+                     "chosen": f"thanks for asking, happy to help with {t} !",
+                     "rejected": f"no . go away , {t} is boring"})
+    return rows
