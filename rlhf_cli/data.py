@@ -417,11 +417,11 @@ def _ranking_order(rec: Record, row: dict, n: int) -> list[list[int]]:
 
 def _ranked_pairs(rec: Record, margin_from_scores: bool) -> tuple[list[dict], int]:
     r = rec.row
-    key = "responses" if "responses" in r else "completions"
+    key = "completions" if "completions" in r and "responses" not in r else "responses"
     if "prompt" not in r:
         raise _fail(rec, "prompt", None, "the prompt (string or message list) the responses answer")
     prompt = _as_prompt(rec, "prompt", r["prompt"])
-    responses = r[key]
+    responses = r.get(key)  # a later row of a ranked file may lack it: an error naming the field, not a KeyError
     if not isinstance(responses, list) or len(responses) < 2:
         raise _fail(rec, key, responses, "a list of at least 2 responses, best first")
     answers = [_as_answer(rec, f"{key}[{i}]", v) for i, v in enumerate(responses)]
@@ -446,6 +446,8 @@ def load_prefs(spec: str, fmt: str = "auto", max_samples: int | None = None, fla
     if not records:
         raise DataError(f"{flag} {spec}: no rows")
     fmt = _pick_format(records[0], fmt, detect_pref_format, _PREF_EXPECTED, flag, spec)
+    if fmt not in PREF_FORMATS[1:]:  # else an unknown name would silently be read as implicit dialogues
+        raise DataError(f"--format {fmt}: unknown preference format; expected one of {', '.join(PREF_FORMATS)}")
     ds = DataSet([], spec, fmt, read=len(records))
     groups: dict[str, int] = {}
     used = 0

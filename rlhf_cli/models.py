@@ -104,6 +104,10 @@ def resolve_model(name: str, flag: str = "--model", say: Callable[[str], None] =
     if p.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         if not p.is_dir():
             raise CheckpointError(f"{flag} {name}: no such folder; expected a model folder or a hub id (org/name)")
+        if not (p / "config.json").is_file() and (p / "adapter" / "adapter_config.json").is_file():
+            raise CheckpointError(
+                f"{flag} {name}: holds only a LoRA adapter (trained with --no-lora-merge); this needs full weights: "
+                f"retrain without --no-lora-merge, or merge the adapter into its base with peft's merge_and_unload")
         if not (p / "config.json").is_file():
             raise CheckpointError(
                 f"{flag} {name}: no config.json in this folder, so not a model; expected a Hugging Face model "

@@ -35,7 +35,9 @@ from .report import Reporter
 from .training import (
     TrainArgs,
     check_common,
+    describe_setup,
     drop_printer,
+    freeze_lower_layers,
     hf_training_kwargs,
     inherit,
     lora_config,
@@ -99,42 +101,42 @@ def encode_pairs(ds: DataSet, tok: Any, max_length: int) -> tuple[list[dict], in
 
 class GroupBatchSampler:
     """Batches of whole prompts: every pair of a prompt lands in the same batch (a prompt with more pairs than
-    the batch size fills consecutive batches). Prompt order is reshuffled every epoch."""
+    the batch size fills whole batches of its own first). Prompts are packed once (first-fit decreasing, after
+    a seeded shuffle) so the number of batches is the same every epoch, as the Trainer expects; the order of
+    the batches is reshuffled every epoch."""
 
     def __init__(self, groups: list[int], batch_size: int, seed: int):
-        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
+        self.seed, self.epoch = seed, 0
         by: dict[int, list[int]] = {}
         for i, g in enumerate(groups):
             by.setdefault(g, []).append(i)
-        self.groups = list(by.values())
-        self._len = len(self._batches(0))
-
-    def _batches(self, epoch: int) -> list[list[int]]:
-        rng = random.Random(self.seed + epoch)
-        order = self.groups[:]
-        rng.shuffle(order)
-        batches, cur = [], []
+        order = list(by.values())
+        random.Random(seed).shuffle(order)
+        order.sort(key=len, reverse=True)  # stable: equal sizes keep the shuffled order
+        self.batches: list[list[int]] = []
+        bins: list[list[int]] = []
         for g in order:
-            if cur and len(cur) + len(g) > self.batch_size:
-                batches.append(cur)
-                cur = []
-            for k in range(0, len(g), self.batch_size):
-                chunk = g[k:k + self.batch_size]
-                if len(chunk) == self.batch_size:
-                    batches.append(chunk)
-                else:
-                    cur.extend(chunk)
-        if cur:
-            batches.append(cur)
-        return batches
+            full = len(g) - len(g) % batch_size
+            self.batches.extend(g[k:k + batch_size] for k in range(0, full, batch_size))
+            rest = g[full:]
+            if not rest:
+                continue
+            for b in bins:
+                if len(b) + len(rest) <= batch_size:
+                    b.extend(rest)
+                    break
+            else:
+                bins.append(list(rest))
+        self.batches.extend(bins)
 
     def __iter__(self):
-        batches = self._batches(self.epoch)
+        batches = self.batches[:]
+        random.Random(self.seed + 1 + self.epoch).shuffle(batches)
         self.epoch += 1
         return iter(batches)
 
     def __len__(self) -> int:
-        return self._len
+        return len(self.batches)
 
 
 @dataclass
@@ -226,9 +228,9 @@ def run_reward(args: RewardArgs, reporter: Reporter | None = None) -> Path:
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1,
                                                                dtype=torch_dtype(precision))
     set_distinct_pad(tok, model)
-    say(f"reward model from {model_name} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters), "
-        f"{precision}, {threads} threads, {'LoRA r=' + str(args.lora_r) if args.lora else 'full fine-tune'}, "
-        f"lr {lr:g}, {'pairs grouped by prompt' if args.group_by_prompt else 'pairs shuffled'}")
+    trainable = freeze_lower_layers(model, args.freeze_layers)
+    say(describe_setup(f"reward model from {model_name}", model, args, precision, threads, lr, trainable)
+        + (", pairs grouped by prompt" if args.group_by_prompt else ", pairs shuffled"))
 
     cols = ["chosen_ids", "rejected_ids"] + (["margin"] if args.margin else [])
     train_ds = Dataset.from_list([{k: r[k] for k in cols} for r in train_rows])
@@ -249,7 +251,7 @@ def run_reward(args: RewardArgs, reporter: Reporter | None = None) -> Path:
                            max_length=None, center_rewards_coefficient=args.center_rewards,
                            remove_unused_columns=False)
         trainer = _Trainer(model=model, args=cfg, processing_class=tok, train_dataset=train_ds,
-                           peft_config=lora_config(args, "SEQ_CLS") if args.lora else None,
+                           peft_config=lora_config(args, "SEQ_CLS", model) if args.lora else None,
                            callbacks=[make_progress_callback(reporter)])
         drop_printer(trainer)
         metrics: dict[str, Any] = {"pairs": len(train_rows), "prompts": train.prompts}

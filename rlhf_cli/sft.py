@@ -31,7 +31,9 @@ from .report import Reporter
 from .training import (
     TrainArgs,
     check_common,
+    describe_setup,
     drop_printer,
+    freeze_lower_layers,
     hf_training_kwargs,
     inherit,
     lora_config,
@@ -98,8 +100,8 @@ def run_sft(args: SFTArgs, reporter: Reporter | None = None) -> Path:
         tok.chat_template = training_template(tok)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(precision))
     set_distinct_pad(tok, model)
-    say(f"model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters), {precision}, "
-        f"{threads} threads, {'LoRA r=' + str(args.lora_r) if args.lora else 'full fine-tune'}, lr {lr:g}")
+    trainable = freeze_lower_layers(model, args.freeze_layers)
+    say(describe_setup(f"model {args.model}", model, args, precision, threads, lr, trainable))
 
     with staged as dest:
         cfg = SFTConfig(**hf_training_kwargs(args, dest, lr, precision, evalset is not None),
@@ -109,7 +111,7 @@ def run_sft(args: SFTArgs, reporter: Reporter | None = None) -> Path:
             model=model, args=cfg, processing_class=tok,
             train_dataset=Dataset.from_list(train.rows),
             eval_dataset=Dataset.from_list(evalset.rows) if evalset else None,
-            peft_config=lora_config(args, "CAUSAL_LM") if args.lora else None,
+            peft_config=lora_config(args, "CAUSAL_LM", model) if args.lora else None,
             callbacks=[make_progress_callback(reporter)],
         )
         drop_printer(trainer)

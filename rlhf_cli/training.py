@@ -52,6 +52,8 @@ class TrainArgs:
     lora_merge: bool = opt(True, "Merge adapters into a full checkpoint (the adapter is kept in OUT/adapter).")
     precision: str = opt("auto", "Numeric precision: auto = bf16 on GPUs that have it, fp32 on CPU.",
                          choices=("auto", "fp32", "bf16", "fp16"))
+    freeze_layers: int = opt(0, "Freeze the embeddings and the lowest N transformer layers: no backward pass "
+                                "through them, much faster on CPU (LoRA adapters, if any, go in the rest).")
     gradient_checkpointing: bool = opt(False, "Recompute activations to save memory (slower).")
     threads: int | None = opt(None, "CPU threads for torch (default: the cores this process may use).")
     logging_steps: int = opt(1, "Log metrics every N optimiser steps.")
@@ -78,6 +80,8 @@ def inherit(args: Any, parent: Manifest | None, name: str, fallback: Any, say) -
 
 
 def check_common(args: TrainArgs) -> None:
+    if args.freeze_layers < 0:
+        raise ConfigError(f"--freeze-layers {args.freeze_layers}: expected a whole number >= 0")
     for name in ("batch_size", "grad_accum", "lora_r", "logging_steps"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a whole number >= 1")
@@ -89,6 +93,8 @@ def check_common(args: TrainArgs) -> None:
         raise ConfigError(f"--lr {args.lr}: expected a small positive number such as 1e-5")
     if args.max_length is not None and args.max_length < 16:
         raise ConfigError(f"--max-length {args.max_length}: expected at least 16 tokens")
+    if not 0 <= args.warmup_ratio < 1:
+        raise ConfigError(f"--warmup-ratio {args.warmup_ratio}: expected a fraction of the steps, 0 <= x < 1")
     if args.max_samples is not None and args.max_samples < 1:
         raise ConfigError(f"--max-samples {args.max_samples}: expected a whole number >= 1")
     if args.data is None:
@@ -129,12 +135,50 @@ def hf_training_kwargs(args: TrainArgs, out: Path, lr: float, precision: str, ha
     return kw
 
 
-def lora_config(args: TrainArgs, task: str) -> Any:
+def freeze_lower_layers(model: Any, n: int) -> int:
+    """Freeze input embeddings and the first `n` decoder layers; returns the number of trainable parameters.
+
+    With tied input/output embeddings (SmolLM2) the LM head is frozen too; a reward model's score head stays
+    trainable."""
+    if n <= 0:
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    import torch
+
+    total = getattr(model.config, "num_hidden_layers", None)
+    layers = next((m for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.ModuleList) and len(m) == total), None)
+    if layers is None:
+        raise ConfigError("--freeze-layers: cannot find this model's list of decoder layers; drop the flag")
+    if n >= len(layers):
+        raise ConfigError(f"--freeze-layers {n}: the model has {len(layers)} layers; expected fewer than that")
+    model.get_input_embeddings().requires_grad_(False)
+    for layer in layers[:n]:
+        layer.requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def describe_setup(what: str, model: Any, args: TrainArgs, precision: str, threads: int, lr: float,
+                   trainable: int) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    how = f"LoRA r={args.lora_r}" if args.lora else "full fine-tune"
+    if args.freeze_layers:
+        how += f", lowest {args.freeze_layers} layers frozen ({trainable / 1e6:.0f}M trainable)"
+    return f"{what} ({total / 1e6:.0f}M parameters), {precision}, {threads} threads, {how}, lr {lr:g}"
+
+
+def lora_config(args: TrainArgs, task: str, model: Any) -> Any:
     from peft import LoraConfig
 
     targets: Any = args.lora_targets
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
+        names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [t for t in targets if t not in names]
+        if missing or not targets:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                             if type(m).__name__ == "Linear" and n.rsplit(".", 1)[-1] not in ("score", "lm_head")})
+            raise ConfigError(f"--lora-targets {args.lora_targets}: no module named {', '.join(missing) or '(empty)'}"
+                              f" in this model; expected all-linear or a comma list of: {', '.join(linear)}")
     extra = {"modules_to_save": ["score"]} if task == "SEQ_CLS" else {}
     return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=targets, task_type=task, **extra)
@@ -146,10 +190,9 @@ def save_model(trainer: Any, tok: Any, dest: Path, args: TrainArgs) -> None:
     if args.lora:
         model.save_pretrained(dest / "adapter")
         tok.save_pretrained(dest / "adapter")
-        if args.lora_merge:
-            model = model.merge_and_unload()
-        else:
+        if not args.lora_merge:  # the adapter alone: small, but later stages need full weights
             return
+        model = model.merge_and_unload()
     model.save_pretrained(dest, safe_serialization=True)
     tok.save_pretrained(dest)
 
