@@ -163,7 +163,8 @@ def describe_setup(what: str, model: Any, args: TrainArgs, precision: str, threa
     how = f"LoRA r={args.lora_r}" if args.lora else "full fine-tune"
     if args.freeze_layers:
         how += f", lowest {args.freeze_layers} layers frozen ({trainable / 1e6:.0f}M trainable)"
-    return f"{what} ({total / 1e6:.0f}M parameters), {precision}, {threads} threads, {how}, lr {lr:g}"
+    cores = f"{threads} thread{'s' if threads != 1 else ''}"
+    return f"{what} ({total / 1e6:.0f}M parameters), {precision}, {cores}, {how}, lr {lr:g}"
 
 
 def lora_config(args: TrainArgs, task: str, model: Any) -> Any:
