@@ -1,0 +1,533 @@
+"""`rlhf chat`: talk to any checkpoint, compare several side by side, and record which answer you prefer.
+
+Answers stream as they are generated and are rendered as Markdown once complete (model output is always text,
+never Rich markup). With `--compare`, every model answers each turn. All models share one conversation: the
+user's turns plus, for each turn, one assistant answer: the first model's, or the one picked with `/prefer N`.
+So every model always sees the same history, and a recorded preference row holds exactly the prompt each answer
+was given. `/prefer N` appends `{"prompt", "responses", "ranking": [N-1, others]}` (best first; the answers not
+picked are tied) to `--save-preferences FILE`: a ranked-list preference file for `rlhf reward`.
+
+`--prompt TEXT` answers once and prints only the answer on stdout; so does text piped on stdin (all of stdin is
+one message). `-i` reads turns and /commands line by line from a non-terminal stdin instead (scripts).
+
+    rlhf chat runs/demo/sft
+    rlhf chat runs/demo/sft --compare HuggingFaceTB/SmolLM2-135M-Instruct --reward runs/demo/reward \\
+        --save-preferences runs/demo/picks.jsonl
+    echo "What is a reward model?" | rlhf chat runs/demo/sft
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import check_choices, opt
+from .errors import ConfigError, RLHFError
+from .generation import LM, Sampling, load_lm, render_chat, seed_all
+from .models import DEFAULT_MODEL
+
+PROMPT = "you> "
+WIDE = 100  # columns from which --compare answers are shown side by side
+
+HELP = """commands:
+  /reset                  forget the conversation (keeps the system prompt and settings)
+  /system TEXT            set the system prompt (/system alone removes it)
+  /set NAME VALUE         temperature, top_p, top_k or max_new_tokens (/set alone shows them)
+  /save FILE              write the conversation as JSON (model, system, settings, messages)
+  /prefer N [M ...]       with --compare: keep answer N (best first; the others tie) and record it
+  /help                   this list
+  /quit                   leave (or Ctrl-D); Ctrl-C stops the answer being written
+  //text                  send a message that starts with /"""
+
+
+@dataclass
+class ChatArgs:
+    model: str = opt(DEFAULT_MODEL, "Model to talk to: a stage folder (sft, ppo), a model folder or a hub id.")
+    compare: list[str] | None = opt(None, "Another model that answers every turn too (repeat the flag for more); "
+                                          "answers are shown side by side.")
+    reward: str | None = opt(None, "Reward model (a reward stage folder): its score is shown under each answer.")
+    save_preferences: str | None = opt(None, "With --compare: JSONL file that /prefer N appends a ranked "
+                                             "preference row to (input for `rlhf reward`).")
+    system: str | None = opt(None, "System prompt.")
+    prompt: str | None = opt(None, "Answer this one message, print the answer on stdout and exit. Text piped on "
+                                   "stdin works the same way (all of it is one message).")
+    interactive: bool = opt(False, "Read turns and /commands line by line even when stdin is not a terminal.",
+                            short="-i")
+    temperature: float = opt(0.7, "Sampling temperature; 0 is greedy decoding.")
+    top_p: float = opt(0.9, "Nucleus sampling: sample from the most likely tokens holding this much probability "
+                            "(1 = off).")
+    top_k: int = opt(0, "Sample from the K most likely tokens only (0 = off).")
+    max_new_tokens: int = opt(256, "Longest answer, in tokens.")
+    seed: int | None = opt(None, "Random seed, for repeatable answers.")
+    precision: str = opt("auto", "Numeric precision: auto = bf16 on GPUs that have it, fp32 on CPU.",
+                         choices=("auto", "fp32", "bf16", "fp16"))
+    threads: int | None = opt(None, "CPU threads for torch (default: the cores this process may use).")
+
+
+class ChatError(RLHFError):
+    """A bad /command inside the chat: shown as one error line, the session goes on."""
+
+
+@dataclass
+class Reply:
+    text: str = ""
+    quit: bool = False
+
+
+@dataclass
+class Turn:
+    """One model's answer to the last user message."""
+
+    model: str
+    text: str
+    finished: bool  # reached EOS
+    tokens: int
+    stopped: bool = False  # Ctrl-C
+    score: float | None = None
+    dropped: int = 0  # oldest messages left out to fit the context
+
+
+@dataclass
+class Round:
+    """Every model's answer to one user message, and the prompt they were given."""
+
+    prompt: list[dict[str, str]]
+    turns: list[Turn] = field(default_factory=list)
+    stopped: bool = False
+    recorded: bool = False
+
+
+class RewardScorer:
+    """Scores `<conversation, answer>` with a reward model through its tokenizer's chat template."""
+
+    def __init__(self, spec: str, precision: str = "auto", say: Callable[[str], None] = lambda s: None):
+        from .evaluate import load_reward_model, resolve_reward_model
+        from .models import resolve_model
+
+        name, manifest = resolve_reward_model(spec, None, "--reward")
+        self.name = name
+        self.max_length = (manifest.args.get("max_length") if manifest else None) or 1024
+        self.model, self.tok = load_reward_model(resolve_model(name, "--reward", say), precision)
+        import torch
+
+        if torch.cuda.is_available():
+            self.model.to("cuda")
+
+    def score(self, messages: list[dict[str, str]]) -> float:
+        from .reward import score_ids
+
+        text = render_chat(self.tok, messages, generation_prompt=False)
+        ids = self.tok(text, add_special_tokens=False)["input_ids"][-self.max_length:]
+        return score_ids(self.model, [ids], self.tok.pad_token_id)[0]
+
+
+def check_args(args: ChatArgs) -> Sampling:
+    """Everything that can be checked before a model loads."""
+    check_choices(args)
+    if isinstance(args.compare, str):  # `compare: other/model` in a YAML file
+        args.compare = [args.compare]
+    if args.compare is not None and not all(isinstance(c, str) and c for c in args.compare):
+        raise ConfigError(f"--compare {args.compare!r}: expected model names or folders")
+    sampling = Sampling(args.temperature, args.top_p, args.top_k, args.max_new_tokens).check()
+    if args.save_preferences and not args.compare:
+        raise ConfigError("--save-preferences: needs --compare MODEL_B; a preference needs two or more answers")
+    if args.save_preferences and args.prompt is not None:
+        raise ConfigError("--save-preferences: needs the interactive chat (/prefer N picks an answer); drop --prompt")
+    if args.save_preferences and Path(args.save_preferences).is_dir():
+        raise ConfigError(f"--save-preferences {args.save_preferences}: is a folder; expected a .jsonl file path")
+    if args.prompt is not None and not args.prompt.strip():
+        raise ConfigError("--prompt: empty; expected the message to answer")
+    if args.prompt is not None and args.interactive:
+        raise ConfigError("--prompt answers one message and exits; drop -i (or --prompt)")
+    if args.reward:
+        from .evaluate import resolve_reward_model
+
+        resolve_reward_model(args.reward, None, "--reward")  # a wrong stage fails now, not after loading models
+    return sampling
+
+
+class ChatSession:
+    """A conversation with one or more models: history, settings and the slash commands, free of any terminal.
+
+    `ask` sends a user message to every model; `command` runs a /command line and returns the reply to show
+    (a `ChatError` for bad input, which leaves the session as it was)."""
+
+    def __init__(self, models: list[LM], sampling: Sampling | None = None, system: str | None = None,
+                 scorer: RewardScorer | None = None, preferences: str | Path | None = None):
+        self.models = models
+        self.sampling = sampling or Sampling()
+        self.system = system or None
+        self.scorer = scorer
+        self.preferences = Path(preferences) if preferences else None
+        self.messages: list[dict[str, str]] = []
+        self.last: Round | None = None
+
+    @classmethod
+    def from_args(cls, args: ChatArgs, say: Callable[[str], None] = lambda s: None) -> ChatSession:
+        from .models import configure_threads
+        from .training import quiet_libraries
+
+        sampling = check_args(args)
+        quiet_libraries()
+        threads = configure_threads(args.threads)
+        specs = [args.model] + list(args.compare or [])
+        models = [load_lm(s, "MODEL" if i == 0 else "--compare", args.precision, say) for i, s in enumerate(specs)]
+        scorer = RewardScorer(args.reward, args.precision, say) if args.reward else None
+        say(f"loaded {', '.join(specs)}" + (f" and reward model {args.reward}" if scorer else "")
+            + f" ({threads} thread{'s' if threads != 1 else ''})")
+        if args.seed is not None:
+            seed_all(args.seed)
+        return cls(models, sampling, args.system, scorer, args.save_preferences)
+
+    @property
+    def names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def conversation(self, user: str | None = None) -> list[dict[str, str]]:
+        """What the models read: the system prompt, the shared history, and the new user message."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        tail = [{"role": "user", "content": user}] if user is not None else []
+        return head + self.messages + tail
+
+    def ask(self, text: str, on_text: Callable[[int, str], None] = lambda i, s: None,
+            on_start: Callable[[int], None] = lambda i: None) -> Round:
+        """Every model answers `text`; `on_text(i, piece)` sees model i's answer as it is written.
+
+        Ctrl-C (KeyboardInterrupt) while an answer is written stops it: the partial answer is kept, later models
+        do not answer, and the round is marked stopped."""
+        rnd = Round(self.conversation(text))
+        for i, lm in enumerate(self.models):
+            stream = None
+            try:
+                on_start(i)
+                stream = lm.stream(rnd.prompt, self.sampling)
+                for piece in stream:
+                    on_text(i, piece)
+            except KeyboardInterrupt:
+                rnd.stopped = True
+                if stream is None:  # stopped before this model began: it gives no answer
+                    break
+                stream.stop()
+            except BaseException:
+                if stream is not None:
+                    stream.stop()
+                    stream.finish()
+                raise
+            rest = stream.finish()
+            if rest:
+                on_text(i, rest)
+            a = stream.answer
+            rnd.turns.append(Turn(lm.name, a.text, a.finished, a.tokens, stream.stopped, dropped=stream.dropped))
+            if rnd.stopped:
+                break
+        if not rnd.turns:
+            return rnd  # nothing was said: the conversation stays as it was
+        if self.scorer is not None and not rnd.stopped:
+            for t in rnd.turns:
+                t.score = self.scorer.score(rnd.prompt + [{"role": "assistant", "content": t.text}])
+        self.messages = rnd.prompt[1 if self.system else 0:] + [{"role": "assistant", "content": rnd.turns[0].text}]
+        self.last = rnd
+        return rnd
+
+    # ----------------------------------------------------------------------------------------- slash commands
+
+    def command(self, line: str) -> Reply:
+        name, _, rest = line.strip().partition(" ")
+        rest = rest.strip()
+        name = name.lower()
+        if name in ("/quit", "/exit", "/q"):
+            return Reply(quit=True)
+        if name == "/help":
+            return Reply(HELP)
+        if name == "/reset":
+            return Reply(self.reset())
+        if name == "/system":
+            return Reply(self.set_system(rest))
+        if name == "/set":
+            parts = rest.split()
+            if not parts:
+                return Reply(self.describe_settings())
+            if len(parts) != 2:
+                raise ChatError(f"/set {rest}: expected /set NAME VALUE, for example /set temperature 0.7")
+            return Reply(self.set(*parts))
+        if name == "/save":
+            if not rest:
+                raise ChatError("/save: expected a file name, for example /save chat.json")
+            return Reply(self.save(rest))
+        if name == "/prefer":
+            try:
+                picks = [int(p) for p in rest.replace(",", " ").split()]
+            except ValueError:
+                picks = []
+            if not picks:
+                raise ChatError(f"/prefer {rest}: expected the number of the best answer, for example /prefer 2")
+            return Reply(self.prefer(picks))
+        return Reply(f"unknown command {name}; /help lists the commands (//text sends a message starting with /)")
+
+    def reset(self) -> str:
+        n = len(self.messages)
+        self.messages, self.last = [], None
+        return f"conversation cleared ({n} messages forgotten)"
+
+    def set_system(self, text: str) -> str:
+        self.system = text or None
+        return f"system prompt: {text}" if text else "system prompt removed"
+
+    def describe_settings(self) -> str:
+        return "  ".join(f"{k} {v:g}" if isinstance(v, float) else f"{k} {v}"
+                         for k, v in dataclasses.asdict(self.sampling).items())
+
+    def set(self, name: str, value: str) -> str:
+        try:
+            self.sampling = self.sampling.with_value(name, value)
+        except ConfigError as e:
+            raise ChatError(str(e)) from None
+        return self.describe_settings()
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"model": self.names[0]}
+        if len(self.models) > 1:
+            out["compare"] = self.names[1:]
+        out.update(system=self.system, settings=dataclasses.asdict(self.sampling), messages=self.messages)
+        return out
+
+    def save(self, path: str | Path) -> str:
+        p = Path(path).expanduser()
+        try:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps(self.to_json(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+        except OSError as e:
+            raise ChatError(f"/save {path}: cannot write ({e.strerror or e})") from None
+        return f"saved {len(self.messages)} messages to {p}"
+
+    def prefer(self, picks: list[int]) -> str:
+        """Keep answer picks[0] in the history and append the ranking (picks best first, the rest tied) to
+        --save-preferences."""
+        n = len(self.models)
+        if n < 2:
+            raise ChatError("/prefer: needs two or more answers; start the chat with --compare MODEL_B")
+        r = self.last
+        if r is None:
+            raise ChatError("/prefer: no answers yet; send a message first")
+        if r.stopped:
+            raise ChatError("/prefer: this turn was stopped before every model answered; send a message again")
+        if r.recorded:
+            raise ChatError("/prefer: already recorded for this turn; send a new message")
+        if any(not 1 <= p <= n for p in picks) or len(set(picks)) != len(picks):
+            raise ChatError(f"/prefer {' '.join(map(str, picks))}: expected different numbers from 1 to {n}")
+        best = r.turns[picks[0] - 1]
+        self.messages[-1] = {"role": "assistant", "content": best.text}
+        rest = [i for i in range(n) if i + 1 not in picks]
+        ranking: list[Any] = [p - 1 for p in picks] + ([rest] if len(rest) > 1 else rest)
+        kept = f"kept answer {picks[0]} ({best.model})"
+        if self.preferences is None:
+            return kept + "; not recorded (start the chat with --save-preferences FILE to record picks)"
+        row = {"prompt": r.prompt, "responses": [t.text for t in r.turns], "ranking": ranking,
+               "models": self.names}
+        try:
+            self.preferences.parent.mkdir(parents=True, exist_ok=True)
+            with self.preferences.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        except OSError as e:
+            raise ChatError(f"/prefer: cannot write {self.preferences} ({e.strerror or e})") from None
+        r.recorded = True
+        return f"{kept}; ranking {json.dumps(ranking)} appended to {self.preferences}"
+
+
+# ------------------------------------------------------------------------------------------------- terminal
+
+
+class _Writer:
+    """A file for Rich that hands each write to a callable."""
+
+    def __init__(self, write: Callable[[str], Any]):
+        self.write = write
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return False
+
+
+def _status(t: Turn) -> str:
+    bits = [f"reward {t.score:.3f}"] if t.score is not None else []
+    if t.stopped:
+        bits.append("stopped")
+    elif not t.finished:
+        bits.append(f"cut at {t.tokens} tokens (/set max_new_tokens N)")
+    if t.dropped:
+        bits.append(f"{t.dropped} oldest messages left out to fit the context")
+    return " · ".join(bits)
+
+
+class _Tail:
+    """The end of a growing text that fits the screen, for the live view while an answer streams."""
+
+    def __init__(self, title: str | None):
+        self.title, self.text = title, ""
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        from rich.segment import Segment
+        from rich.text import Text
+
+        if self.title:  # stays on top while the text scrolls
+            yield Text(self.title, style="bold", no_wrap=True, overflow="ellipsis")
+        lines = console.render_lines(Text(self.text), options.update(height=None), pad=False)
+        for line in lines[-max(1, console.height - 3):]:
+            yield from line
+            yield Segment.line()
+
+
+class ChatView:
+    """Draws a session on a Rich console: streaming answers, Markdown once complete, columns for --compare."""
+
+    def __init__(self, session: ChatSession, console: Any):
+        self.session, self.console = session, console
+
+    def say(self, text: str, style: str = "dim") -> None:
+        from rich.text import Text
+
+        self.console.print(Text(text, style=style), soft_wrap=True)
+
+    def error(self, text: str) -> None:
+        from rich.text import Text
+
+        self.console.print(Text.assemble(("error:", "red"), " " + text), soft_wrap=True)
+
+    def ask(self, text: str) -> Round:
+        from rich.live import Live
+
+        s = self.session
+        many = len(s.models) > 1
+        tail = _Tail(None)
+        live = None
+        if self.console.is_terminal:  # elsewhere (pipes, tests) only the finished answer is drawn
+            live = Live(tail, console=self.console, transient=True, refresh_per_second=12)
+            live.start()
+
+        def start(i: int) -> None:
+            tail.title, tail.text = (f"{i + 1} · {s.names[i]}" if many else None), ""
+
+        def add(i: int, piece: str) -> None:
+            tail.text += piece
+
+        try:
+            rnd = s.ask(text, add, start)
+        finally:
+            if live is not None:
+                live.stop()
+        self.show(rnd)
+        return rnd
+
+    def _body(self, t: Turn) -> Any:
+        from rich.console import Group
+        from rich.markdown import Markdown
+        from rich.text import Text
+
+        # Markdown renders text; it never reads Rich markup, so "[red]" in an answer stays "[red]".
+        parts: list[Any] = [Markdown(t.text) if t.text else Text("(empty answer)", style="dim")]
+        status = _status(t)
+        if status:
+            parts.append(Text(status, style="dim"))
+        return Group(*parts)
+
+    def show(self, rnd: Round) -> None:
+        from rich.panel import Panel
+        from rich.table import Table
+        from rich.text import Text
+
+        s = self.session
+        if not rnd.turns:
+            self.say("stopped before any answer")
+            return
+        if len(s.models) == 1:
+            self.console.print(self._body(rnd.turns[0]))
+            return
+        panels = [Panel(self._body(t), title=Text(f"{i + 1} · {t.model}"), title_align="left")
+                  for i, t in enumerate(rnd.turns)]
+        if self.console.width >= WIDE:
+            grid = Table.grid(expand=True, padding=(0, 1))
+            for _ in panels:
+                grid.add_column(ratio=1)
+            grid.add_row(*panels)
+            self.console.print(grid)
+        else:
+            for p in panels:
+                self.console.print(p)
+        if rnd.stopped:
+            self.say("stopped: send the message again to compare all answers")
+        elif s.preferences is not None:
+            self.say(f"/prefer N keeps answer N and records it in {s.preferences}")
+        else:
+            self.say("/prefer N keeps answer N in the conversation")
+
+
+def chat_loop(session: ChatSession, read: Callable[[str], str] = input, write: Any = None, *,
+              width: int = WIDE) -> int:
+    """The interactive chat: `read(prompt)` returns a line (EOFError ends the chat, KeyboardInterrupt is
+    ignored at the prompt), `write` is a Rich Console or a callable taking text (drawn `width` columns wide).
+    Returns the exit code."""
+    from rich.console import Console
+
+    console = write if isinstance(write, Console) else Console(
+        file=_Writer(write or (lambda text: sys.stdout.write(text))), width=width, highlight=False,
+        color_system=None)
+    view = ChatView(session, console)
+    names = " | ".join(session.names)
+    view.say(f"chatting with {names}; /help lists the commands, Ctrl-C stops an answer, Ctrl-D or /quit leaves")
+    while True:
+        try:
+            line = read(PROMPT)
+        except EOFError:
+            console.print()
+            return 0
+        except KeyboardInterrupt:
+            console.print()
+            view.say("(Ctrl-D or /quit leaves)")
+            continue
+        if not line.strip():
+            continue
+        if line.lstrip().startswith("/") and not line.lstrip().startswith("//"):
+            try:
+                reply = session.command(line)
+            except RLHFError as e:
+                view.error(str(e))
+                continue
+            if reply.text:
+                view.say(reply.text, style="" if reply.text == HELP else "dim")
+            if reply.quit:
+                return 0
+            continue
+        text = line.strip()
+        text = text[1:] if text.startswith("//") else text
+        try:
+            view.ask(text)
+        except KeyboardInterrupt:
+            console.print()
+            view.say("(interrupted)")
+
+
+def answer_once(session: ChatSession, text: str, write: Callable[[str], Any] | None = None,
+                note: Callable[[str], Any] | None = None) -> Round:
+    """One message, answered as plain text: only the answer goes to `write` (with --compare, each answer under a
+    `## N · model` heading, then one `reward N SCORE` line per answer); a single model's score goes to `note`."""
+    many = len(session.models) > 1
+    write = write or (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
+    note = note or (lambda line: print(line, file=sys.stderr))
+
+    def start(i: int) -> None:
+        if many:
+            write(("\n\n" if i else "") + f"## {i + 1} · {session.names[i]}\n\n")
+
+    rnd = session.ask(text, lambda i, piece: write(piece), start)
+    write("\n")
+    for i, t in enumerate(rnd.turns):
+        if t.score is not None:
+            (write if many else note)(f"reward{f' {i + 1}' if many else ''} {t.score:.3f}" + ("\n" if many else ""))
+    return rnd

@@ -1,0 +1,241 @@
+"""Sampling from any causal language model: the shared piece behind `rlhf generate` and `rlhf chat`.
+
+A model spec (stage folder, model folder or hub id) resolves through `rlhf_cli.models.resolve_model`; prompts go
+through the model's own chat template. Batches are left-padded so every prompt ends where generation starts, and
+the KV cache is on. `LM.sample` returns whole answers for a batch of prompts; `LM.stream` runs one answer in a
+background thread and yields text as it is decoded (transformers' TextIteratorStreamer), and can be stopped
+early through a stopping criterion (Ctrl-C in `rlhf chat`).
+
+    from rlhf_cli.generation import Sampling, load_lm
+    lm = load_lm("runs/demo/sft")
+    [[answer]] = lm.sample([lm.encode([{"role": "user", "content": "Hi"}])], 1, Sampling(max_new_tokens=32))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, ConfigError
+from .manifest import STAGE_COMMANDS, a_stage, manifest_if_stage
+from .models import load_tokenizer, pick_precision, resolve_model, torch_dtype
+
+
+@dataclass
+class Sampling:
+    """How answers are sampled. temperature 0 means greedy decoding; top_k 0 and top_p 1 switch those off."""
+
+    temperature: float = 0.7
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 256
+
+    def check(self, where: Callable[[str], str] = lambda name: "--" + name.replace("_", "-")) -> Sampling:
+        if not self.temperature >= 0:
+            raise ConfigError(f"{where('temperature')} {self.temperature}: expected a number >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"{where('top_p')} {self.top_p}: expected a probability in (0, 1] (1 = off)")
+        if self.top_k < 0:
+            raise ConfigError(f"{where('top_k')} {self.top_k}: expected a whole number >= 0 (0 = off)")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"{where('max_new_tokens')} {self.max_new_tokens}: expected a whole number >= 1")
+        return self
+
+    def with_value(self, name: str, text: str) -> Sampling:
+        """A copy with one setting parsed from text (`/set top_p 0.9`); errors name the setting."""
+        name = name.replace("-", "_")
+        types = {f.name: f.type for f in dataclasses.fields(self)}
+        if name not in types:
+            raise ConfigError(f"{name}: unknown setting; expected one of: {', '.join(types)}")
+        kind = int if types[name] in (int, "int") else float
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise ConfigError(f"{name} {text}: expected {what}") from None
+        return dataclasses.replace(self, **{name: value}).check(lambda n: n)
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        if self.temperature == 0:
+            return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None,
+                    "max_new_tokens": self.max_new_tokens}
+        return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
+                "max_new_tokens": self.max_new_tokens}
+
+
+def render_chat(tok: Any, messages: list[dict[str, str]], generation_prompt: bool = True) -> str:
+    """The conversation as the model reads it: its chat template, or a Human/Assistant transcript when the
+    tokenizer has none (base models)."""
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+    names = {"system": "", "user": "\n\nHuman: ", "assistant": "\n\nAssistant: "}
+    text = "".join(names[m["role"]] + m["content"] for m in messages)
+    return text + ("\n\nAssistant:" if generation_prompt else "")
+
+
+@dataclass
+class Answer:
+    text: str
+    finished: bool  # reached EOS (False: cut at max_new_tokens, or stopped)
+    tokens: int
+
+
+class LM:
+    """A causal LM with its tokenizer (left padding), ready to sample."""
+
+    def __init__(self, name: str, path: Path, model: Any, tok: Any):
+        self.name, self.path, self.model, self.tok = name, path, model, tok
+        eos = model.generation_config.eos_token_id
+        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
+        self.eos_ids = sorted({i for i in eos + [tok.eos_token_id] if i is not None})
+        self.context = getattr(model.config, "max_position_embeddings", None)
+
+    @property
+    def device(self) -> Any:
+        return next(self.model.parameters()).device
+
+    def encode(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.tok(render_chat(self.tok, messages), add_special_tokens=False)["input_ids"]
+
+    def fit(self, messages: list[dict[str, str]], max_new_tokens: int) -> tuple[list[int], int]:
+        """Token ids of the conversation, dropping its oldest turns (never the system prompt or the last user
+        turn) until the answer fits the model's context; also returns how many messages were dropped."""
+        system = [m for m in messages[:1] if m["role"] == "system"]
+        turns = messages[len(system):]
+        dropped = 0
+        while True:
+            ids = self.encode(system + turns)
+            if self.context is None or len(ids) + max_new_tokens <= self.context or len(turns) <= 1:
+                return ids, dropped
+            cut = next((i for i in range(1, len(turns)) if turns[i]["role"] == "user"), len(turns) - 1)
+            turns, dropped = turns[cut:], dropped + cut
+
+    def _answer(self, new_ids: list[int]) -> Answer:
+        end = next((i for i, t in enumerate(new_ids) if t in self.eos_ids), None)
+        kept = new_ids if end is None else new_ids[:end]
+        return Answer(self.tok.decode(kept, skip_special_tokens=True).strip(), end is not None, len(kept))
+
+    def sample(self, prompts: list[list[int]], n: int, sampling: Sampling) -> list[list[Answer]]:
+        """`n` answers for each prompt (token ids), generated in one left-padded batch with the KV cache."""
+        import torch
+
+        width = max(len(p) for p in prompts)
+        pad = self.tok.pad_token_id
+        x = torch.full((len(prompts), width), pad, dtype=torch.long)
+        att = torch.zeros_like(x)
+        for row, ids in enumerate(prompts):
+            x[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            att[row, width - len(ids):] = 1
+        self.model.eval()
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=x.to(self.device), attention_mask=att.to(self.device),
+                                      num_return_sequences=n, use_cache=True, pad_token_id=pad,
+                                      eos_token_id=self.eos_ids, **sampling.generate_kwargs())
+        new = out[:, width:].cpu().tolist()  # rows: prompt 0 answer 0..n-1, prompt 1 answer 0..n-1, ...
+        return [[self._answer(new[p * n + j]) for j in range(n)] for p in range(len(prompts))]
+
+    def stream(self, messages: list[dict[str, str]], sampling: Sampling) -> Stream:
+        ids, dropped = self.fit(messages, sampling.max_new_tokens)
+        return Stream(self, ids, sampling, dropped)
+
+
+class Stream:
+    """One answer generated in a background thread. Iterate for text pieces as they are decoded; `stop()` ends
+    generation after the current token; `finish()` waits for the thread and returns the text not yet read."""
+
+    def __init__(self, lm: LM, ids: list[int], sampling: Sampling, dropped: int = 0):
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        flag = self._flag = threading.Event()
+
+        class _Flag(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
+                import torch
+
+                return torch.full((input_ids.shape[0],), flag.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        self.lm, self.dropped = lm, dropped
+        self.answer: Answer | None = None
+        self.error: BaseException | None = None
+        self.streamer = TextIteratorStreamer(lm.tok, skip_prompt=True, skip_special_tokens=True)
+        self._kwargs = dict(use_cache=True, pad_token_id=lm.tok.pad_token_id, eos_token_id=lm.eos_ids,
+                            streamer=self.streamer, stopping_criteria=StoppingCriteriaList([_Flag()]),
+                            **sampling.generate_kwargs())
+        self._ids = ids
+        self._ended = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import torch
+
+        try:
+            x = torch.tensor([self._ids], dtype=torch.long, device=self.lm.device)
+            self.lm.model.eval()
+            with torch.inference_mode():
+                out = self.lm.model.generate(input_ids=x, attention_mask=torch.ones_like(x), **self._kwargs)
+            self.answer = self.lm._answer(out[0, len(self._ids):].cpu().tolist())
+        except BaseException as e:  # surfaced by finish(); end() unblocks the reader
+            self.error = e
+            self.streamer.end()
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        if self._ended:
+            raise StopIteration
+        try:
+            return next(self.streamer)
+        except StopIteration:
+            self._ended = True  # the end marker is read once; finish() must not wait for another
+            raise
+
+    def stop(self) -> None:
+        self._flag.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._flag.is_set()
+
+    def finish(self) -> str:
+        rest = "".join(self)
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return rest
+
+
+def load_lm(spec: str, flag: str = "MODEL", precision: str = "auto", say: Callable[[str], None] = lambda s: None,
+            ) -> LM:
+    """A causal LM from any model spec; refuses reward models with a message naming what is expected."""
+    m = manifest_if_stage(spec)
+    if m is not None and m.stage == "reward":
+        raise CheckpointError(f"{flag} {spec}: is {a_stage(m.stage)} (it scores answers, it cannot write them); "
+                              f"expected a model that generates: an sft or ppo stage, made by "
+                              f"`{STAGE_COMMANDS['sft']}`, a model folder or a hub id")
+    path = resolve_model(spec, flag, say)
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(path)
+    if any("ForSequenceClassification" in a for a in (cfg.architectures or [])):
+        raise CheckpointError(f"{flag} {spec}: is a sequence classifier ({', '.join(cfg.architectures)}), not a "
+                              f"language model; expected a model that generates, such as an sft stage")
+    tok = load_tokenizer(path, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(pick_precision(precision)))
+    if torch.cuda.is_available():
+        model.to("cuda")
+    model.eval()
+    model.generation_config.pad_token_id = tok.pad_token_id
+    return LM(spec, path, model, tok)
+
+
+def seed_all(seed: int) -> None:
+    import torch
+
+    torch.manual_seed(seed)  # seeds every device; sampling draws only from torch
