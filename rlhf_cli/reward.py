@@ -45,6 +45,7 @@ from .training import (
     parent_of,
     quiet_libraries,
     save_model,
+    write_metrics,
 )
 
 DEFAULT_MAX_LENGTH = 512
@@ -273,6 +274,7 @@ def run_reward(args: RewardArgs, reporter: Reporter | None = None) -> Path:
                 f"mean margin {before.mean_margin:.3f} -> {after.mean_margin:.3f} ({after.pairs} pairs)")
         shutil.rmtree(dest / "trainer", ignore_errors=True)
         save_model(trainer, tok, dest, args)
+        write_metrics(trainer, dest)
         dump_yaml(args, dest / "rlhf_config.yaml", header="# rlhf reward --config rlhf_config.yaml\n")
         data = {"train": train.summary(), "eval": evalset.summary() if evalset else None,
                 "truncated_sequences": trunc + etrunc}

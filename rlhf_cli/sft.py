@@ -41,6 +41,7 @@ from .training import (
     parent_of,
     quiet_libraries,
     save_model,
+    write_metrics,
 )
 
 DEFAULT_MAX_LENGTH = 1024
@@ -130,6 +131,7 @@ def run_sft(args: SFTArgs, reporter: Reporter | None = None) -> Path:
             metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         shutil.rmtree(dest / "trainer", ignore_errors=True)
         save_model(trainer, tok, dest, args)
+        write_metrics(trainer, dest)
         dump_yaml(args, dest / "rlhf_config.yaml", header="# rlhf sft --config rlhf_config.yaml\n")
         data = {"train": train.summary(), "eval": evalset.summary() if evalset else None}
         write_manifest(dest, stage="sft", parents=[str(parent.path) if parent else args.model],

@@ -231,6 +231,21 @@ def make_progress_callback(reporter: Reporter, total_steps_hint: int | None = No
     return _Progress()
 
 
+def write_metrics(trainer: Any, dest: Path) -> None:
+    """`metrics.jsonl`: one JSON object per logged training step (step, loss, learning_rate, and the stage's own
+    figures such as accuracy and margin for reward), then eval entries; what `rlhf report` plots."""
+    import json
+
+    keep = ("loss", "learning_rate", "grad_norm", "accuracy", "margin", "mean_token_accuracy", "entropy",
+            "eval_loss", "epoch", "num_input_tokens_seen")
+    with (dest / "metrics.jsonl").open("w", encoding="utf-8") as f:
+        for h in trainer.state.log_history:
+            if "loss" not in h and "eval_loss" not in h:
+                continue
+            row = {"step": h.get("step")} | {k: h[k] for k in keep if k in h}
+            f.write(json.dumps(row) + "\n")
+
+
 def drop_printer(trainer: Any) -> None:
     """With tqdm off, transformers prints every log dict to stdout; our reporter shows them instead."""
     from transformers.trainer_callback import PrinterCallback, ProgressCallback

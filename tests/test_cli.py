@@ -566,3 +566,12 @@ def test_top_level_and_other_help():
         assert f"  {flag} " in ev, flag
     assert "  --prepare " in ok(invoke("models", "--help")).stdout
     assert "  reward " in ok(invoke("eval", "--help")).stdout
+
+
+def test_stages_write_metrics_jsonl_per_step(run):
+    ok(run.sft)
+    ok(run.reward)
+    sft = [json.loads(x) for x in (run.dir / "sft" / "metrics.jsonl").read_text().splitlines()]
+    rm = [json.loads(x) for x in (run.dir / "reward" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in sft] == [1, 2] and all(r["loss"] > 0 and "learning_rate" in r for r in sft)
+    assert [r["step"] for r in rm] == [1, 2] and all(0 <= r["accuracy"] <= 1 and "margin" in r for r in rm)
