@@ -34,10 +34,18 @@ demo: install
 	  else $(BIN)/rlhf reward --config examples/configs/demo_reward.yaml --run $(RUN); fi
 	$(BIN)/rlhf eval reward --run $(RUN) --data examples/data/prefs_ranked.jsonl
 
-test: install
+# The report tests open the HTML report in Debian's headless Chromium.
+$(STAMPS)/chromium:
+	@mkdir -p $(STAMPS)
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null); } || \
+	  echo "warning: chromium is not installed (apt-get install chromium); the report test will fail"
+	@command -v chromium >/dev/null 2>&1 && touch $@ || true
+
+test: install $(STAMPS)/chromium
 	$(BIN)/python -m pytest -q
 
-test-fast: install
+test-fast: install $(STAMPS)/chromium
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: install

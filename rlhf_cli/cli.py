@@ -137,11 +137,134 @@ def _eval_reward(args: Any, json_out: bool = False) -> None:
     if json_out:
         print(json.dumps(res, ensure_ascii=False))
     else:
-        out.print(table(f"reward model {res['model']} on {res['data']}", res))
+        rows = {k: v for k, v in res.items() if k != "by_prompt_length"}
+        for b in res.get("by_prompt_length", []):
+            rows[f"accuracy, prompts of {b['bucket']} tokens"] = f"{b['accuracy']:.4g} ({b['pairs']} pairs)"
+        out.print(table(f"reward model {res['model']} on {res['data']}", rows))
+
+
+def _eval_policy(args: Any, json_out: bool = False) -> None:
+    from .display import RichReporter, out, table
+    from .eval_policy import eval_policy
+    from .report import fmt
+
+    res = eval_policy(args, RichReporter("eval policy"))
+    if json_out:
+        print(json.dumps(res, ensure_ascii=False))
+        return
+    rows = dict(res)
+    lo, hi = rows.pop("win_rate_ci")
+    rows["win_rate"] = f"{fmt(res['win_rate'])} (ties count half; 95% CI {fmt(lo)}-{fmt(hi)})"
+    out.print(table(f"{res['model']} against {res['baseline']}, judged by {res['reward']}", rows))
+    if res.get("eval_file"):
+        _next(f"rlhf report {Path(res['eval_file']).parent.parent}")
+
+
+def _report(args: Any, json_out: bool = False) -> None:
+    from .display import RichReporter, out
+    from .report_run import make_report
+
+    res = make_report(args, RichReporter("report"))
+    if json_out:
+        print(json.dumps(res, ensure_ascii=False))
+        return
+    out.print(f"report: {_esc(res['report'])} ({len(res['stages'])} stages, {len(res['plots'])} plots in "
+              f"{_esc(res['plot_dir'])})", highlight=False, soft_wrap=True)
+
+
+def _ppo(args: Any) -> None:
+    from rich.markup import escape
+
+    from .display import RichReporter, out, table
+    from .manifest import read_manifest
+    from .ppo import run_ppo
+    from .report import fmt
+
+    class _Figures(RichReporter):  # RichReporter shows a fixed set of names; run_ppo picks its own few figures
+        def update(self, step, total, figures, elapsed):
+            super().update(step, total, {}, elapsed)
+            self.progress.update(self.task, figures=escape("  ".join(f"{k} {fmt(v)}" for k, v in figures.items())))
+
+    folder = run_ppo(args, _Figures("ppo"))
+    m = read_manifest(folder)
+    if m is None:  # --stop-after: a checkpoint in OUT.partial, not a finished stage
+        out.print(f"stopped: checkpoint in {folder}; run the same command with --resume to continue",
+                  highlight=False, soft_wrap=True)
+        return
+    out.print(table(f"ppo finished: {folder}", m.metrics))
+    _next(f"rlhf chat {folder}")
+
+
+# ------------------------------------------------------------------------------------------- generate, chat
+
+def positional_command(parent: typer.Typer, name: str, args_cls: type, body: Callable[..., None], help: str,
+                       positional: str, extra: dict[str, tuple[Any, Any]] | None = None) -> None:
+    """`args_command`, with the field `positional` taken as an optional positional argument instead of a flag."""
+    scratch = typer.Typer()
+    args_command(scratch, name, args_cls, body, help, extra)
+    info = scratch.registered_commands[0]
+    f = next(f for f, _ in fields_of(args_cls) if f.name == positional)
+    arg = typer.Argument(None, metavar=positional.upper(), show_default=False,
+                         help=f"{f.metadata.get('help', '')} [default: {f.default}]")
+    sig = inspect.signature(info.callback)
+    info.callback.__signature__ = sig.replace(parameters=[p.replace(default=arg) if p.name == positional else p
+                                                          for p in sig.parameters.values()])
+    parent.registered_commands.append(info)
+
+
+def _generate(args: Any) -> None:
+    from .display import RichReporter, err, out, table
+    from .generate import run_generate
+
+    try:
+        res = run_generate(args, RichReporter("generate"))
+    except KeyboardInterrupt:
+        err.print(f"[red]interrupted[/]: the prompts finished so far are saved in {_esc(str(args.out))}; run the "
+                  f"same command again to resume", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    out.print(table(f"generate finished: {res.out}", res.summary()))
+    out.print(_esc("order each line's responses best first (or add \"ranking\": [best, ..., worst]), then"),
+              highlight=False, soft_wrap=True)
+    _next(f"rlhf reward --data {res.out}")
+
+
+def _chat(args: Any) -> None:
+    import sys
+
+    from .chat import ChatSession, answer_once, chat_loop, check_args
+    from .display import RichReporter, err, out
+    from .errors import ConfigError
+
+    check_args(args)
+    text = args.prompt
+    if text is None and not args.interactive and not sys.stdin.isatty():
+        text = sys.stdin.read()  # piped: all of stdin is one message
+        if not text.strip():
+            raise ConfigError("stdin: empty, so no message to answer; pipe a message, pass --prompt TEXT, or -i to "
+                              "read turns line by line")
+        if args.save_preferences:
+            raise ConfigError("--save-preferences: needs the interactive chat (/prefer N); stdin is not a terminal "
+                              "(pass -i to read turns line by line)")
+    try:
+        session = ChatSession.from_args(args, RichReporter("chat").info)
+        if text is not None:
+            rnd = answer_once(session, text.strip("\r\n"))
+            sys.stdout.flush()
+            code = 130 if rnd.stopped else 0
+        else:
+            if sys.stdin.isatty():
+                import readline  # noqa: F401 (line editing and history for input())
+            code = chat_loop(session, input, out)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]", highlight=False)
+        code = 130
+    raise typer.Exit(code)
 
 
 def _register() -> None:
+    from .chat import ChatArgs
     from .evaluate import EvalRewardArgs
+    from .generate import GenerateArgs
     from .reward import RewardArgs
     from .sft import SFTArgs
 
@@ -149,10 +272,29 @@ def _register() -> None:
                  "Stage 1: supervised fine-tuning on <prompt, answer> demonstrations.")
     args_command(app, "reward", RewardArgs, lambda a: _reward(a),
                  "Stage 2: train a reward model on preference pairs or ranked lists.")
+    from .ppo import PPOArgs
+
+    args_command(app, "ppo", PPOArgs, lambda a: _ppo(a),
+                 "Stage 3: PPO against the reward model with a KL penalty to the SFT policy (or --algo grpo|rloo).")
     json_opt = (bool, typer.Option(False, "--json", help="Print one JSON object instead of a table."))
     args_command(eval_app, "reward", EvalRewardArgs, lambda a, json_out: _eval_reward(a, json_out),
                  "Pairwise accuracy and mean margin of a reward model on a preference file.",
                  extra={"json_out": json_opt})
+    from .eval_policy import EvalPolicyArgs
+    from .report_run import ReportArgs
+
+    args_command(eval_app, "policy", EvalPolicyArgs, lambda a, json_out: _eval_policy(a, json_out),
+                 "Win rate of a policy against a baseline judged by a reward model, its KL to the baseline, "
+                 "lengths and diversity.", extra={"json_out": json_opt})
+    positional_command(app, "generate", GenerateArgs, lambda a: _generate(a),
+                       "Sample K answers per prompt from any model into a JSONL file to rank (resumable).", "model")
+    positional_command(app, "chat", ChatArgs, lambda a: _chat(a),
+                       "Talk to any model; --compare several side by side and record the answer you prefer.",
+                       "model")
+    positional_command(app, "report", ReportArgs, lambda a, json_out: _report(a, json_out),
+                       "Plots and a one-page HTML or Markdown report of a run's stages.", "run",
+                       extra={"json_out": (bool, typer.Option(False, "--json", help="Print a JSON summary (report "
+                                                              "and plot paths, metrics) instead of a line."))})
 
 
 @app.command("models")

@@ -2,6 +2,9 @@
 
 `rlhf eval reward` scores every pair of a preference file with a reward model and reports pairwise accuracy
 (the share of pairs where the chosen answer scores higher) and the mean margin (chosen minus rejected score).
+Accuracy is also given per prompt length (`by_prompt_length`): the prompt's tokens as the RM reads them (its chat
+template, up to where the answer starts), in fixed power-of-two buckets 0-63, 64-127, 128-255, ... 2048+, so the
+same bucket means the same thing across checkpoints and data sets; empty buckets are left out.
 
     rlhf eval reward --model runs/demo/reward --data ../shared/data/prefs/test.jsonl --json
 """
@@ -32,6 +35,30 @@ class EvalRewardArgs:
     max_length: int | None = opt(None, "Longest sequence in tokens (default: the reward stage's).")
     batch_size: int = opt(16, "Sequences scored per forward pass.")
     threads: int | None = opt(None, "CPU threads for torch (default: the cores this process may use).")
+
+
+LENGTH_EDGES = (64, 128, 256, 512, 1024, 2048)
+
+
+def length_bucket(n: int) -> str:
+    lo = 0
+    for hi in LENGTH_EDGES:
+        if n < hi:
+            return f"{lo}-{hi - 1}"
+        lo = hi
+    return f"{lo}+"
+
+
+def accuracy_by_length(lengths: list[int], correct: list[bool]) -> list[dict[str, Any]]:
+    """Pairwise accuracy per prompt-length bucket, shortest first; empty buckets are left out."""
+    counts: dict[str, list[int]] = {}
+    for n, ok in zip(lengths, correct, strict=True):
+        c = counts.setdefault(length_bucket(n), [0, 0])
+        c[0] += 1
+        c[1] += bool(ok)
+    order = [length_bucket(e - 1) for e in LENGTH_EDGES] + [length_bucket(LENGTH_EDGES[-1])]
+    return [{"bucket": b, "pairs": counts[b][0], "accuracy": counts[b][1] / counts[b][0]}
+            for b in order if b in counts]
 
 
 def resolve_reward_model(model: str | None, run: str | None, flag: str = "--model") -> tuple[str, Any]:
@@ -73,6 +100,7 @@ def eval_reward(args: EvalRewardArgs, reporter: Reporter | None = None) -> dict[
     max_length = args.max_length or (manifest.args.get("max_length") if manifest else None) or 512
     path = resolve_model(model_name, say=reporter.info)
 
+    from .generation import render_chat
     from .reward import encode_pairs, pair_metrics
     from .training import quiet_libraries
 
@@ -82,7 +110,9 @@ def eval_reward(args: EvalRewardArgs, reporter: Reporter | None = None) -> dict[
     model, tok = load_reward_model(path)
     rows, truncated = encode_pairs(ds, tok, max_length)
     s = pair_metrics(model, rows, tok.pad_token_id, args.batch_size)
+    lengths = [len(tok(render_chat(tok, r["prompt"]), add_special_tokens=False)["input_ids"]) for r in ds.rows]
+    by_length = accuracy_by_length(lengths, [c > r for c, r in zip(s.chosen, s.rejected, strict=True)])
     return {"model": model_name, "data": args.data, "accuracy": s.accuracy, "mean_margin": s.mean_margin,
             "pairs": s.pairs, "prompts": ds.prompts, "mean_chosen_score": sum(s.chosen) / s.pairs,
             "mean_rejected_score": sum(s.rejected) / s.pairs, "truncated_sequences": truncated,
-            "seconds": round(time.time() - t0, 2)}
+            "by_prompt_length": by_length, "seconds": round(time.time() - t0, 2)}

@@ -1,0 +1,410 @@
+"""`rlhf eval policy`: is the trained policy better than its baseline, and how far did it move to get there?
+
+For every prompt both MODEL (say the PPO policy) and BASE (say the SFT model it started from) sample one answer;
+the reward model (RM) scores both, rendered as prompt + answer through the RM tokenizer's own chat template.
+
+- win / tie / loss: MODEL's score against BASE's on the same prompt; a tie when they differ by at most
+  `--tie-margin` (default 0: only exactly equal scores). `win_rate` counts a tie as half a win (so a model
+  compared with itself scores 0.5), `tie_rate` and `loss_rate` are the plain shares of ties and losses.
+  `win_rate_ci` is the 95% Wilson score interval of `win_rate` over the prompts (ties as half a success).
+- `kl`: KL(MODEL || BASE) per answer, the sequence-level k1 estimate on MODEL's own samples: the sum over the
+  answer's tokens (up to and including EOS; all of them when cut at --max-new-tokens) of log p_MODEL - log p_BASE,
+  both by teacher forcing, then averaged over prompts. Log-probabilities use the sampling temperature (logits / T,
+  as `rlhf ppo` does, so the figure is comparable with its `kl`; T = 1 when greedy), over the full vocabulary
+  (--top-p does not truncate them). Needs the same vocabulary in both models; otherwise it is left out.
+- lengths: answer tokens up to and including EOS (as `rlhf ppo` counts `response_length`); distinct-1/2: distinct
+  token unigrams / bigrams over all of a model's answers, divided by their total count (EOS not counted).
+
+Sampling settings not given are inherited from MODEL's ppo manifest (the distribution it was trained to sample
+from), else temperature 0.7, top-p 1, max-new-tokens 64. Each batch of prompts is seeded from `--seed` and its
+index, the same for both models: a model compared with itself samples identical answers (all ties, KL 0), and
+two similar models draw from common random numbers, so they often give the same answer where they agree (a tie).
+Means, KL, lengths and diversity do not depend on this coupling; the win and tie rates do: `--baseline-seed`
+draws BASE's answers independently of MODEL's.
+
+    rlhf eval policy --run runs/demo --prompts examples/data/prompts.jsonl --json
+    rlhf eval policy --model runs/demo/ppo --baseline runs/demo/sft --reward runs/demo/reward \\
+        --prompts examples/data/prompts.jsonl --save runs/demo/eval_policy.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import check_choices, opt
+from .data import load_prompts
+from .errors import CheckpointError, ConfigError
+from .manifest import STAGE_COMMANDS, a_stage, manifest_if_stage, require_stage
+from .report import Reporter
+
+EVAL_FILE = "eval_policy.json"
+Z95 = 1.959963984540054
+DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "max_new_tokens": 64}
+
+
+@dataclass
+class EvalPolicyArgs:
+    model: str | None = opt(None, "Policy to measure: a ppo stage (default: RUN/ppo), any stage that generates, "
+                                  "a model folder or a hub id.")
+    baseline: str | None = opt(None, "Model to compare it with (default: RUN/sft).")
+    reward: str | None = opt(None, "Reward model that judges both (default: RUN/reward).")
+    prompts: str | None = opt(None, "Prompts: a prompt file, or any SFT or preference file (its prompts are "
+                                    "used).")
+    run: str | None = opt(None, "Run folder: uses RUN/ppo, RUN/sft and RUN/reward for what is not given.")
+    save: str | None = opt(None, "JSONL file for the per-prompt results (both answers, scores, outcome, KL).")
+    tie_margin: float = opt(0.0, "Scores closer than this (inclusive) are a tie; 0 = only equal scores.")
+    temperature: float | None = opt(None, "Sampling temperature, 0 = greedy (default: the ppo stage's, else 0.7).")
+    top_p: float | None = opt(None, "Nucleus sampling, 1 = off (default: the ppo stage's, else 1).")
+    top_k: int | None = opt(None, "Sample from the K most likely tokens, 0 = off (default: the ppo stage's, "
+                                  "else 0).")
+    max_new_tokens: int | None = opt(None, "Longest answer in tokens (default: the ppo stage's, else 64).")
+    seed: int = opt(42, "Random seed: each batch of prompts is seeded from it, the same for both models.")
+    baseline_seed: int | None = opt(None, "Another seed for BASE's answers, to draw them independently of "
+                                          "MODEL's (default: --seed, the same random numbers for both).")
+    batch_size: int = opt(8, "Prompts per generation and scoring batch.")
+    max_samples: int | None = opt(None, "Use at most this many prompts.")
+    precision: str = opt("auto", "Numeric precision: auto = bf16 on GPUs that have it, fp32 on CPU.",
+                         choices=("auto", "fp32", "bf16", "fp16"))
+    threads: int | None = opt(None, "CPU threads for torch (default: the cores this process may use).")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistics (pure Python, unit-tested on their own)
+
+
+def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval of a proportion; `successes` may be fractional (ties counted as half)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def distinct_n(sequences: list[list[int]], n: int) -> float | None:
+    """Distinct n-grams over all sequences divided by their total count (Li et al. 2016); None if there are none."""
+    grams = [tuple(s[i:i + n]) for s in sequences for i in range(len(s) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else None
+
+
+def outcomes(scores: list[float], base_scores: list[float], tie_margin: float) -> list[str]:
+    return ["tie" if abs(a - b) <= tie_margin else "win" if a > b else "loss"
+            for a, b in zip(scores, base_scores, strict=True)]
+
+
+def cut_at_eos(ids: list[int], eos_ids: list[int]) -> tuple[list[int], bool]:
+    """The answer's tokens up to and including the first EOS (all of them when there is none), and whether it
+    reached EOS. Generation pads finished rows after their EOS; a row without EOS is never padded."""
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            return ids[:i + 1], True
+    return ids, False
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks before any model loads
+
+
+def _pick_lm(spec: str | None, run: str | None, stage: str, flag: str) -> str:
+    if spec is None:
+        if run is None:
+            raise ConfigError(f"{flag}: missing; pass {flag} DIR or --run DIR (uses DIR/{stage})")
+        return str(require_stage(Path(run) / stage, stage, "--run").path)
+    m = manifest_if_stage(spec)
+    if m is not None and m.stage == "reward":
+        raise CheckpointError(f"{flag} {spec}: is {a_stage(m.stage)} (it scores answers, it cannot write them); "
+                              f"expected a model that generates: an sft or ppo stage, made by "
+                              f"`{STAGE_COMMANDS['sft']}`, a model folder or a hub id")
+    return spec
+
+
+def _sampling(args: EvalPolicyArgs, model_manifest: Any, say) -> Any:
+    from .generation import Sampling
+
+    parent = model_manifest.args if model_manifest is not None and model_manifest.stage == "ppo" else {}
+    values = {}
+    for name, fallback in DEFAULTS.items():
+        given = getattr(args, name)
+        if given is not None:
+            values[name] = given
+        elif parent.get(name) is not None or (name == "top_k" and name in parent):
+            values[name] = parent[name] or 0
+            say(f"inherited {name}={values[name]} from {model_manifest.path}")
+        else:
+            values[name] = fallback
+    return Sampling(**values).check()
+
+
+def _check(args: EvalPolicyArgs) -> None:
+    check_choices(args)
+    if args.run is not None and not Path(args.run).is_dir():
+        raise CheckpointError(f"--run {args.run}: no such folder; expected a run folder holding finished sft, "
+                              f"reward and ppo stages (made by `rlhf sft --run {args.run}`, `rlhf reward ...`)")
+    if args.prompts is None:
+        raise ConfigError("--prompts: missing; expected a prompt file (or any SFT or preference file)")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size {args.batch_size}: expected a whole number >= 1")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise ConfigError(f"--max-samples {args.max_samples}: expected a whole number >= 1")
+    if not args.tie_margin >= 0:
+        raise ConfigError(f"--tie-margin {args.tie_margin}: expected a number >= 0")
+    if args.save is not None and Path(args.save).is_dir():
+        raise ConfigError(f"--save {args.save}: is a folder; expected a .jsonl file path")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sampling, teacher forcing, scoring
+
+
+def sample_ids(lm: Any, prompts: list[list[int]], sampling: Any) -> list[list[int]]:
+    """One answer per prompt as raw token ids (what `LM.sample` decodes): left-padded batch, KV cache."""
+    import torch
+
+    width = max(len(p) for p in prompts)
+    pad = lm.tok.pad_token_id
+    x = torch.full((len(prompts), width), pad, dtype=torch.long)
+    att = torch.zeros_like(x)
+    for row, ids in enumerate(prompts):
+        x[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        att[row, width - len(ids):] = 1
+    with torch.inference_mode():
+        out = lm.model.generate(input_ids=x.to(lm.device), attention_mask=att.to(lm.device), use_cache=True,
+                                pad_token_id=pad, eos_token_id=lm.eos_ids, **sampling.generate_kwargs())
+    return [cut_at_eos(row, lm.eos_ids)[0] for row in out[:, width:].cpu().tolist()]
+
+
+def answer_logprob(model: Any, prompts: list[list[int]], answers: list[list[int]], temperature: float,
+                   pad_id: int) -> list[float]:
+    """Sum of log p(answer token | prompt, earlier answer tokens) per row, by teacher forcing (right padding, so
+    positions are those of the unpadded sequence)."""
+    import torch
+
+    from .ppo_core import logprobs_from_logits
+
+    seqs = [p + a for p, a in zip(prompts, answers, strict=True)]
+    width = max(len(s) for s in seqs)
+    x = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    att = torch.zeros_like(x)
+    for row, s in enumerate(seqs):
+        x[row, :len(s)] = torch.tensor(s, dtype=torch.long)
+        att[row, :len(s)] = 1
+    dev = next(model.parameters()).device
+    with torch.inference_mode():
+        logits = model(input_ids=x.to(dev), attention_mask=att.to(dev)).logits
+        out = []
+        for row, (p, a) in enumerate(zip(prompts, answers, strict=True)):
+            lg = logits[row, len(p) - 1:len(p) + len(a) - 1].float() / temperature  # position t predicts t + 1
+            lp = logprobs_from_logits(lg.unsqueeze(0), torch.tensor([a], device=lg.device))
+            out.append(float(lp.sum()))
+    return out
+
+
+class _Judge:
+    """The RM, scoring `<prompt, answer text>` through its tokenizer's chat template."""
+
+    def __init__(self, spec: str, manifest: Any, precision: str, say) -> None:
+        from .evaluate import load_reward_model
+        from .models import resolve_model
+
+        self.max_length = (manifest.args.get("max_length") if manifest else None) or 1024
+        self.model, self.tok = load_reward_model(resolve_model(spec, "--reward", say), precision)
+        import torch
+
+        if torch.cuda.is_available():
+            self.model.to("cuda")
+        self.truncated = 0
+
+    def scores(self, prompts: list[list[dict]], answers: list[str], batch_size: int) -> list[float]:
+        from .generation import render_chat
+        from .reward import score_ids
+
+        ids = []
+        for p, a in zip(prompts, answers, strict=True):
+            text = render_chat(self.tok, p + [{"role": "assistant", "content": a}], generation_prompt=False)
+            x = self.tok(text, add_special_tokens=False)["input_ids"]
+            if len(x) > self.max_length:
+                x = x[-self.max_length:]
+                self.truncated += 1
+            ids.append(x)
+        return score_ids(self.model, ids, self.tok.pad_token_id, batch_size)
+
+
+def _fit_prompts(lm: Any, prompts: list[list[dict]], max_new_tokens: int, flag: str) -> tuple[list[list[int]], int]:
+    room = (lm.context - max_new_tokens) if lm.context else None
+    if room is not None and room < 1:
+        raise ConfigError(f"--max-new-tokens {max_new_tokens}: leaves no room for the prompt in {flag} "
+                          f"{lm.name}'s {lm.context}-token context; expected fewer")
+    out, cut = [], 0
+    for p in prompts:
+        ids = lm.encode(p)
+        if room is not None and len(ids) > room:
+            ids, cut = ids[-room:], cut + 1
+        out.append(ids)
+    return out, cut
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command
+
+
+def eval_policy(args: EvalPolicyArgs, reporter: Reporter | None = None) -> dict[str, Any]:
+    """Sample MODEL and BASE on every prompt, judge both with the RM; returns the summary (see the module doc).
+
+    Writes per-prompt rows to `args.save` when given, and `eval_policy.json` into MODEL when it is a stage
+    folder (for `rlhf report`)."""
+    reporter = reporter or Reporter()
+    say = reporter.info
+    t0 = time.time()
+    _check(args)
+    from .evaluate import resolve_reward_model
+
+    model_spec = _pick_lm(args.model, args.run, "ppo", "--model")
+    base_spec = _pick_lm(args.baseline, args.run, "sft", "--baseline")
+    rm_spec, rm_manifest = resolve_reward_model(args.reward, args.run, "--reward")
+    model_manifest = manifest_if_stage(model_spec)
+    sampling = _sampling(args, model_manifest, say)
+    ds = load_prompts(args.prompts, args.max_samples)
+    say(ds.describe())
+    prompts = [r["prompt"] for r in ds.rows]
+    n = len(prompts)
+
+    from .generation import load_lm, seed_all
+    from .models import configure_threads, resolve_model
+    from .training import quiet_libraries
+
+    # every model is found (and the RM's head checked) before the first one loads
+    model_path = resolve_model(model_spec, "--model", say)
+    same = Path(resolve_model(base_spec, "--baseline", say)).resolve() == Path(model_path).resolve()
+    quiet_libraries()
+    threads = configure_threads(args.threads)
+    judge = _Judge(rm_spec, rm_manifest, args.precision, say)
+    model = load_lm(model_spec, "--model", args.precision, say)
+    base = model if same else load_lm(base_spec, "--baseline", args.precision, say)
+    same_vocab = same or model.tok.get_vocab() == base.tok.get_vocab()
+    if not same_vocab:
+        say(f"--baseline {base_spec}: its vocabulary differs from --model {model_spec}'s, so the KL between them "
+            f"is not measured")
+    model_prompts, cut = _fit_prompts(model, prompts, sampling.max_new_tokens, "--model")
+    base_prompts, base_cut = (model_prompts, cut) if same else _fit_prompts(base, prompts, sampling.max_new_tokens,
+                                                                             "--baseline")
+    if cut or base_cut:
+        say(f"{max(cut, base_cut)} prompts too long for the context kept their last tokens")
+    say(f"sampling one answer per prompt from {model_spec} and from {base_spec} ({threads} thread"
+        f"{'s' if threads != 1 else ''}, temperature {sampling.temperature:g}, top_p {sampling.top_p:g}, top_k "
+        f"{sampling.top_k}, max_new_tokens {sampling.max_new_tokens}); judged by {rm_spec}")
+
+    temp = sampling.temperature or 1.0
+    bs = args.batch_size
+    ans: list[list[int]] = []
+    base_ans: list[list[int]] = []
+    kls: list[float | None] = []
+    reporter.start(n)
+    t1 = time.time()
+    new_tokens = 0
+    try:
+        for b, start in enumerate(range(0, n, bs)):
+            idx = range(start, min(start + bs, n))
+            # the same seed per batch for both models: identical models sample identical answers
+            seed_all(args.seed * 100_003 + b)
+            a = sample_ids(model, [model_prompts[i] for i in idx], sampling)
+            seed_all((args.seed if args.baseline_seed is None else args.baseline_seed) * 100_003 + b)
+            ba = sample_ids(base, [base_prompts[i] for i in idx], sampling)
+            if same_vocab:
+                lp = answer_logprob(model.model, [model_prompts[i] for i in idx], a, temp, model.tok.pad_token_id)
+                lq = answer_logprob(base.model, [base_prompts[i] for i in idx], a, temp, base.tok.pad_token_id)
+                kls.extend(x - y for x, y in zip(lp, lq, strict=True))
+            else:
+                kls.extend([None] * len(a))
+            ans.extend(a)
+            base_ans.extend(ba)
+            new_tokens += sum(map(len, a)) + sum(map(len, ba))
+            elapsed = time.time() - t1
+            reporter.update(len(ans), n, {"tokens/s": new_tokens / max(elapsed, 1e-9)}, elapsed)
+    finally:
+        reporter.finish()
+
+    def texts(lm: Any, rows: list[list[int]]) -> list[str]:
+        return [lm._answer(r).text for r in rows]
+
+    model_texts, base_texts = texts(model, ans), texts(base, base_ans)
+    say(f"scoring {2 * n} answers with {rm_spec}")
+    scores = judge.scores(prompts, model_texts, bs)
+    base_scores = judge.scores(prompts, base_texts, bs)
+    if judge.truncated:
+        say(f"{judge.truncated} prompt + answer sequences longer than {judge.max_length} tokens kept their last "
+            f"{judge.max_length} tokens for the reward model")
+    oc = outcomes(scores, base_scores, args.tie_margin)
+    per_prompt = [{"prompt": prompts[i], "response": model_texts[i], "baseline_response": base_texts[i],
+                   "score": scores[i], "baseline_score": base_scores[i], "outcome": oc[i], "kl": kls[i],
+                   "length": len(ans[i]), "baseline_length": len(base_ans[i]),
+                   "finished": cut_at_eos(ans[i], model.eos_ids)[1],
+                   "baseline_finished": cut_at_eos(base_ans[i], base.eos_ids)[1]}
+                  for i in range(n)]
+    res = {"model": model_spec, "baseline": base_spec, "reward": rm_spec, "prompts_file": args.prompts}
+    res |= summarize(per_prompt, ans, base_ans, model.eos_ids, base.eos_ids)
+    res |= {"tie_margin": args.tie_margin, "temperature": sampling.temperature, "top_p": sampling.top_p,
+            "top_k": sampling.top_k, "max_new_tokens": sampling.max_new_tokens, "seed": args.seed,
+            "baseline_seed": args.seed if args.baseline_seed is None else args.baseline_seed,
+            "truncated_prompts": max(cut, base_cut), "seconds": round(time.time() - t0, 2)}
+    _write(args, res, per_prompt, model_manifest, say)
+    return res
+
+
+def summarize(per_prompt: list[dict], ans: list[list[int]], base_ans: list[list[int]], eos: list[int],
+              base_eos: list[int]) -> dict[str, Any]:
+    """The figures of the module docstring from the per-prompt rows and the answers' token ids."""
+    n = len(per_prompt)
+    wins = sum(r["outcome"] == "win" for r in per_prompt)
+    ties = sum(r["outcome"] == "tie" for r in per_prompt)
+    losses = n - wins - ties
+    lo, hi = wilson_interval(wins + ties / 2, n)
+    kls = [r["kl"] for r in per_prompt if r["kl"] is not None]
+
+    def mean(xs: list[float]) -> float | None:
+        return sum(xs) / len(xs) if xs else None
+
+    def content(rows: list[list[int]], eos_ids: list[int]) -> list[list[int]]:
+        return [r[:-1] if r and r[-1] in eos_ids else r for r in rows]
+
+    text, base_text = content(ans, eos), content(base_ans, base_eos)
+    return {
+        "prompts": n, "win_rate": (wins + ties / 2) / n, "win_rate_ci": [lo, hi], "tie_rate": ties / n,
+        "loss_rate": losses / n, "wins": wins, "ties": ties, "losses": losses,
+        "mean_score": mean([r["score"] for r in per_prompt]),
+        "baseline_mean_score": mean([r["baseline_score"] for r in per_prompt]),
+        "mean_score_diff": mean([r["score"] - r["baseline_score"] for r in per_prompt]),
+        "kl": mean(kls) if len(kls) == n else None,
+        "mean_length": mean([r["length"] for r in per_prompt]),
+        "baseline_mean_length": mean([r["baseline_length"] for r in per_prompt]),
+        "finished_rate": mean([float(r["finished"]) for r in per_prompt]),
+        "baseline_finished_rate": mean([float(r["baseline_finished"]) for r in per_prompt]),
+        "distinct_1": distinct_n(text, 1), "distinct_2": distinct_n(text, 2),
+        "baseline_distinct_1": distinct_n(base_text, 1), "baseline_distinct_2": distinct_n(base_text, 2),
+    }
+
+
+def _write(args: EvalPolicyArgs, res: dict[str, Any], per_prompt: list[dict], model_manifest: Any, say) -> None:
+    if args.save:
+        path = Path(args.save)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as f:
+            for r in per_prompt:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        res["save"] = str(path)
+        say(f"per-prompt results: {path}")
+    if model_manifest is not None:  # a stage folder: `rlhf report` finds the figures there
+        dest = Path(model_manifest.path) / EVAL_FILE
+        keep = ("score", "baseline_score", "outcome", "kl", "length", "baseline_length")
+        body = res | {"per_prompt": [{k: r[k] for k in keep} for r in per_prompt]}
+        tmp = dest.with_name(dest.name + ".tmp")
+        tmp.write_text(json.dumps(body, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+        os.replace(tmp, dest)
+        res["eval_file"] = str(dest)

@@ -1,0 +1,313 @@
+"""`rlhf eval reward` by prompt length and `rlhf eval policy`, on cases whose answers are known.
+
+The reward model is built by hand, so what it prefers is known exactly: a Llama sequence classifier with no
+transformer layers whose tokenizer's chat template writes nothing after the answer, so its score reads only the
+answer's last token, `score = w . RMSNorm(embedding(last token))`, with `w` the unit embedding of the token " !".
+An answer ending in " !" scores sqrt(hidden) (the most any token can), every other one less: it prefers the
+chosen answers of `conftest.learnable_prefs` every time, and their rejected answers never.
+
+Policies are tiny random Llamas with the real tokenizer: a model compared with itself (the same folder, or a copy
+of it loaded separately) samples identical answers with the same seed, so every prompt is a tie (tie_rate 1,
+win_rate 0.5 as ties count half) and the KL is 0; a differently initialised model has KL > 0.
+
+`--threads 1` throughout: on a small shared machine, two torch threads fighting other processes are several
+times slower than one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import build_tiny, learnable_prefs, write_jsonl
+from typer.testing import CliRunner
+
+from rlhf_cli.cli import app
+from rlhf_cli.eval_policy import EVAL_FILE, answer_logprob, cut_at_eos, distinct_n, outcomes, wilson_interval
+from rlhf_cli.evaluate import accuracy_by_length, length_bucket
+from rlhf_cli.manifest import MANIFEST, STAGE_COMMANDS, write_manifest
+
+PLAIN_TEMPLATE = ("{% for m in messages %}{% if not loop.first %}{{ '\n' }}{% endif %}"
+                  "{{ m['role'] + ': ' + m['content'] }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '\nassistant: ' }}{% endif %}")
+SAMPLE = ["--threads", "1", "--max-new-tokens", "6", "--batch-size", "4"]
+KEYS = {"win_rate", "tie_rate", "loss_rate", "kl", "mean_score", "baseline_mean_score", "mean_length", "prompts",
+        "win_rate_ci", "baseline_mean_length", "distinct_1", "distinct_2", "baseline_distinct_1",
+        "baseline_distinct_2", "wins", "ties", "losses", "model", "baseline", "reward"}
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ok(result):
+    assert result.exit_code == 0, (f"exit {result.exit_code}\n--- stdout\n{result.stdout}\n--- stderr\n"
+                                   f"{result.stderr}\n--- exception\n{result.exception!r}")
+    assert "Traceback" not in result.output
+    return result
+
+
+def one_error(result, code: int, *fragments: str) -> str:
+    """Exit `code`, nothing on stdout, exactly one `error:` line on stderr (the last), no traceback."""
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert "Traceback" not in result.output and "unexpected" not in errors[0], errors[0]
+    for f in fragments:
+        assert f in errors[0], (f, errors[0])
+    return errors[0]
+
+
+def stage(folder: Path, name: str, **args) -> Path:
+    write_manifest(folder, stage=name, parents=["test"], args=args, data={}, metrics={}, started=time.time())
+    return folder
+
+
+def build_rm(dest: Path, policy: Path) -> Path:
+    """The hand-set reward model of the module docstring, as a finished reward stage."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(policy)
+    tok.chat_template = PLAIN_TEMPLATE
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=0,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_config(cfg)
+    bang = tok("help with a book !", add_special_tokens=False)["input_ids"][-1]
+    assert tok.decode([bang]) == " !"
+    with torch.no_grad():
+        e = rm.model.embed_tokens.weight[bang]
+        rm.score.weight.copy_((e / e.norm()).unsqueeze(0))
+    rm.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return stage(dest, "reward", max_length=256)
+
+
+@pytest.fixture(scope="module")
+def w(tiny, tmp_path_factory):
+    """A run folder (sft = the tiny policy, reward = the hand-set RM, ppo = another tiny policy), prompts, and
+    preference files whose answers the RM gets right (and wrong, swapped) at known prompt lengths."""
+    root = tmp_path_factory.mktemp("evalpolicy")
+    run = root / "run"
+    sft = stage(Path(shutil.copytree(tiny, run / "sft")), "sft", max_length=128)
+    other = build_tiny(root / "other", seed=1)
+    ppo = stage(Path(shutil.copytree(other, run / "ppo")), "ppo", temperature=0.9, top_p=1.0, top_k=None,
+                max_new_tokens=5)
+    rm = build_rm(run / "reward", tiny)
+    prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": f"Tell me about topic {i}."} for i in range(10)])
+    prefs = learnable_prefs(12)
+    swapped = [r | {"chosen": r["rejected"], "rejected": r["chosen"]} for r in prefs]
+    # 8 short prompts answered right, 4 long ones (over 64 tokens) swapped: 1.0 and 0.0 by prompt length
+    long = [r | {"prompt": r["prompt"] + " Please" * 70} for r in swapped[:4]]
+    return SimpleNamespace(root=root, run=run, sft=sft, other=other, ppo=ppo, rm=rm, prompts=prompts,
+                           prefs=write_jsonl(root / "prefs.jsonl", prefs),
+                           swapped=write_jsonl(root / "swapped.jsonl", swapped),
+                           mixed=write_jsonl(root / "mixed.jsonl", prefs[:8] + long))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# eval reward: accuracy, and accuracy by prompt length
+
+
+def test_eval_reward_known_accuracy_and_length_buckets(w):
+    right = json.loads(ok(invoke("eval", "reward", "--model", w.rm, "--data", w.prefs, "--json", "--threads", 1))
+                       .stdout)
+    assert right["accuracy"] == 1.0 and right["pairs"] == 12
+    assert right["by_prompt_length"] == [{"bucket": "0-63", "pairs": 12, "accuracy": 1.0}]
+    assert right["mean_chosen_score"] == pytest.approx(math.sqrt(32), rel=1e-2)  # the largest score (RMSNorm eps aside)
+    wrong = json.loads(ok(invoke("eval", "reward", "--model", w.rm, "--data", w.swapped, "--json", "--threads", 1))
+                       .stdout)
+    assert wrong["accuracy"] == 0.0 and wrong["mean_margin"] == pytest.approx(-right["mean_margin"])
+    mixed = json.loads(ok(invoke("eval", "reward", "--run", w.run, "--data", w.mixed, "--json", "--threads", 1))
+                       .stdout)
+    assert mixed["accuracy"] == pytest.approx(8 / 12)
+    assert mixed["by_prompt_length"] == [{"bucket": "0-63", "pairs": 8, "accuracy": 1.0},
+                                         {"bucket": "64-127", "pairs": 4, "accuracy": 0.0}]
+    table = ok(invoke("eval", "reward", "--run", w.run, "--data", w.mixed, "--threads", 1)).stdout
+    assert "accuracy, prompts of 0-63 tokens" in table and "1 (8 pairs)" in table
+    assert "accuracy, prompts of 64-127 tokens" in table and "0 (4 pairs)" in table
+
+
+def test_length_buckets():
+    assert [length_bucket(n) for n in (0, 63, 64, 127, 128, 2047, 2048, 10**6)] == \
+        ["0-63", "0-63", "64-127", "64-127", "128-255", "1024-2047", "2048+", "2048+"]
+    got = accuracy_by_length([300, 5, 70, 5000, 6], [True, False, True, True, True])
+    assert got == [{"bucket": "0-63", "pairs": 2, "accuracy": 0.5}, {"bucket": "64-127", "pairs": 1, "accuracy": 1.0},
+                   {"bucket": "256-511", "pairs": 1, "accuracy": 1.0}, {"bucket": "2048+", "pairs": 1, "accuracy": 1.0}]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# eval policy: the statistics on their own
+
+
+def test_wilson_interval_known_values():
+    assert wilson_interval(5, 10) == pytest.approx((0.2366, 0.7634), abs=1e-4)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.2775), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.7225, 1.0), abs=1e-4)
+    assert wilson_interval(81, 263) == pytest.approx((0.2553, 0.3662), abs=1e-4)  # Wilson (1927)-style example
+    lo, hi = wilson_interval(3.5, 7)  # ties as half a success
+    assert lo < 0.5 < hi and hi - 0.5 == pytest.approx(0.5 - lo)
+
+
+def test_outcomes_distinct_and_eos_cut():
+    assert outcomes([1.0, 0.5, 0.2, 0.3], [0.5, 0.5, 0.25, 0.0], 0.0) == ["win", "tie", "loss", "win"]
+    assert outcomes([1.0, 0.2], [0.9, 0.25], 0.1) == ["tie", "tie"]
+    assert distinct_n([[1, 2, 1, 2]], 1) == 0.5 and distinct_n([[1, 2, 1, 2]], 2) == pytest.approx(2 / 3)
+    assert distinct_n([[1], [1]], 2) is None
+    assert cut_at_eos([5, 6, 2, 0, 0], [2]) == ([5, 6, 2], True)  # EOS kept, the pads after it dropped
+    assert cut_at_eos([5, 0, 6], [2]) == ([5, 0, 6], False)  # no EOS: every token is real, even a pad id
+    assert cut_at_eos([9, 7], [2, 7]) == ([9, 7], True)
+
+
+def test_teacher_forced_logprob_matches_token_by_token(w):
+    """The batched, right-padded sum of answer log-probabilities equals one forward per token, at a temperature."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(w.other).eval()
+    prompts = [[1, 17, 300, 41], [1, 5], [1, 900, 901, 902, 903, 904]]
+    answers = [[60, 61, 2], [70], [80, 81, 82, 83, 84]]  # different lengths: padding in both dimensions
+    got = answer_logprob(model, prompts, answers, 0.7, pad_id=0)
+    for p, a, g in zip(prompts, answers, got, strict=True):
+        want = 0.0
+        with torch.no_grad():
+            for t in range(len(a)):
+                logits = model(torch.tensor([p + a[:t]])).logits[0, -1] / 0.7
+                want += float(torch.log_softmax(logits.double(), -1)[a[t]])
+        assert g == pytest.approx(want, abs=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# eval policy: end to end
+
+
+@pytest.mark.parametrize("copy", [False, True], ids=["same folder", "separate copy"])
+def test_policy_against_itself_ties_everywhere_with_zero_kl(w, copy):
+    (w.sft / EVAL_FILE).unlink(missing_ok=True)
+    model = w.sft
+    if copy:  # the same weights as a plain model folder, loaded on its own
+        model = Path(shutil.copytree(w.sft, w.root / "sft_copy", dirs_exist_ok=True))
+        (model / MANIFEST).unlink()
+    result = ok(invoke("eval", "policy", "--model", model, "--baseline", w.sft, "--reward", w.rm, "--prompts",
+                       w.prompts, "--temperature", 1.0, "--json", *SAMPLE))
+    res = json.loads(result.stdout)
+    assert KEYS <= set(res)
+    assert res["prompts"] == 10 and (res["wins"], res["ties"], res["losses"]) == (0, 10, 0)
+    assert res["tie_rate"] == 1.0 and res["win_rate"] == 0.5 and res["loss_rate"] == 0.0
+    lo, hi = res["win_rate_ci"]
+    assert 0.0 <= lo < 0.5 < hi <= 1.0
+    assert res["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert res["mean_score"] == res["baseline_mean_score"] and res["mean_length"] == res["baseline_mean_length"]
+    assert (res["distinct_1"], res["distinct_2"]) == (res["baseline_distinct_1"], res["baseline_distinct_2"])
+    assert 1 <= res["mean_length"] <= 6
+    # a stage folder as --model gets eval_policy.json for `rlhf report`; a plain folder (or the baseline) does not
+    assert (w.sft / EVAL_FILE).is_file() != copy
+    assert (model / EVAL_FILE).is_file() != copy
+
+
+def test_policy_against_itself_with_independent_draws(w):
+    """--baseline-seed: other answers from the same model, so outcomes vary, but the KL is still exactly 0."""
+    res = json.loads(ok(invoke("eval", "policy", "--model", w.sft, "--baseline", w.sft, "--reward", w.rm,
+                               "--prompts", w.prompts, "--baseline-seed", 7, "--json", *SAMPLE)).stdout)
+    assert (res["seed"], res["baseline_seed"]) == (42, 7)
+    assert res["ties"] < 10 and res["wins"] + res["ties"] + res["losses"] == 10
+    assert res["kl"] == pytest.approx(0.0, abs=1e-6)
+    lo, hi = res["win_rate_ci"]
+    assert 0.0 <= lo <= res["win_rate"] <= hi <= 1.0
+
+
+def test_policy_against_a_different_policy(w):
+    save = w.root / "per_prompt.jsonl"
+    result = ok(invoke("eval", "policy", "--model", w.other, "--baseline", w.sft, "--reward", w.rm, "--prompts",
+                       w.prompts, "--json", "--save", save, "--seed", 3, *SAMPLE))
+    res = json.loads(result.stdout)
+    assert KEYS <= set(res) and res["prompts"] == 10
+    assert res["kl"] > 0
+    lo, hi = res["win_rate_ci"]
+    assert 0.0 <= lo <= res["win_rate"] <= hi <= 1.0
+    assert res["wins"] + res["ties"] + res["losses"] == 10
+    assert res["win_rate"] == pytest.approx((res["wins"] + res["ties"] / 2) / 10)
+    assert res["tie_rate"] + res["loss_rate"] + res["wins"] / 10 == pytest.approx(1.0)
+    assert res["temperature"] == 0.7 and res["max_new_tokens"] == 6  # defaults: the model is no ppo stage
+    for k in ("distinct_1", "distinct_2", "baseline_distinct_1", "baseline_distinct_2"):
+        assert 0 < res[k] <= 1
+    rows = [json.loads(x) for x in save.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 10 and res["save"] == str(save)
+    assert {"prompt", "response", "baseline_response", "score", "baseline_score", "outcome", "kl", "length",
+            "baseline_length", "finished", "baseline_finished"} <= set(rows[0])
+    assert sum(r["kl"] for r in rows) / 10 == pytest.approx(res["kl"])
+    assert sum(r["score"] for r in rows) / 10 == pytest.approx(res["mean_score"])
+    assert sum(r["length"] for r in rows) / 10 == pytest.approx(res["mean_length"])
+    assert [r["outcome"] for r in rows].count("win") == res["wins"]
+    assert all(r["prompt"][-1]["role"] == "user" for r in rows)
+    assert "eval_file" not in res  # a plain model folder: nothing written into it
+    table = ok(invoke("eval", "policy", "--model", w.other, "--baseline", w.sft, "--reward", w.rm, "--prompts",
+                      w.prompts, "--max-samples", 2, *SAMPLE)).stdout
+    assert "win_rate" in table and "ties count half; 95% CI" in table and "kl" in table
+
+
+def test_run_defaults_inherit_ppo_sampling_and_write_eval_file(w):
+    result = ok(invoke("eval", "policy", "--run", w.run, "--prompts", w.prompts, "--max-samples", 4, "--json",
+                       "--threads", 1))
+    res = json.loads(result.stdout)
+    assert (res["model"], res["baseline"], res["reward"]) == (str(w.ppo), str(w.sft), str(w.rm))
+    assert (res["temperature"], res["max_new_tokens"], res["top_k"]) == (0.9, 5, 0)
+    assert f"inherited temperature=0.9 from {w.ppo}" in result.stderr
+    assert res["mean_length"] <= 5 and res["prompts"] == 4
+    saved = json.loads((w.ppo / EVAL_FILE).read_text(encoding="utf-8"))
+    assert res["eval_file"] == str(w.ppo / EVAL_FILE)
+    assert saved["win_rate"] == res["win_rate"] and len(saved["per_prompt"]) == 4
+    assert {"score", "baseline_score", "kl", "outcome"} <= set(saved["per_prompt"][0])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# errors: one line, before any model loads
+
+
+def test_eval_policy_errors(w, tmp_path):
+    base = ["--prompts", w.prompts, "--threads", 1]
+    one_error(invoke("eval", "policy", "--model", w.other, "--baseline", w.rm, "--reward", w.rm, *base), 1,
+              f"--baseline {w.rm}: is a reward stage", "expected a model that generates")
+    one_error(invoke("eval", "policy", "--model", w.rm, "--baseline", w.sft, "--reward", w.rm, *base), 1,
+              f"--model {w.rm}: is a reward stage")
+    one_error(invoke("eval", "policy", "--model", w.other, "--baseline", w.sft, "--reward", w.sft, *base), 1,
+              f"--reward {w.sft}: is an sft stage, expected a reward stage", STAGE_COMMANDS["reward"])
+    one_error(invoke("eval", "policy", "--model", w.other, "--baseline", w.sft, "--reward", w.other, *base), 1,
+              "not a reward model", "LlamaForCausalLM")
+    missing = tmp_path / "no_run"
+    one_error(invoke("eval", "policy", "--run", missing, *base), 1, f"--run {missing}: no such folder")
+    partial = tmp_path / "partial_run"
+    shutil.copytree(w.run / "sft", partial / "sft")
+    one_error(invoke("eval", "policy", "--run", partial, *base), 1,
+              f"--run {partial / 'ppo'}: no such folder; expected a finished ppo stage", STAGE_COMMANDS["ppo"])
+    (partial / "ppo").mkdir()
+    one_error(invoke("eval", "policy", "--run", partial, *base), 1, f"no {MANIFEST}, so not a finished stage")
+    one_error(invoke("eval", "policy", "--model", w.other, "--baseline", w.sft, "--prompts", w.prompts), 2,
+              "--reward: missing; pass --reward RM_DIR or --run DIR")
+    one_error(invoke("eval", "policy", "--run", w.run), 2, "--prompts: missing")
+    one_error(invoke("eval", "policy", "--run", w.run, *base, "--tie-margin", -1), 2, "--tie-margin -1.0")
+    one_error(invoke("eval", "policy", "--run", w.run, *base, "--top-p", 0), 2, "--top-p 0.0")
+    one_error(invoke("eval", "policy", "--run", w.run, "--prompts", tmp_path / "none.jsonl"), 1, "no such file")
+
+
+def test_library_api_and_help(w):
+    from rlhf_cli import EvalPolicyArgs, eval_policy
+    from rlhf_cli.report import Quiet
+
+    res = eval_policy(EvalPolicyArgs(model=str(w.other), baseline=str(w.sft), reward=str(w.rm),
+                                     prompts=str(w.prompts), max_samples=2, max_new_tokens=3, threads=1), Quiet())
+    assert res["prompts"] == 2 and res["mean_length"] <= 3 and res["kl"] is not None
+    text = ok(invoke("eval", "policy", "--help")).stdout
+    for flag in ("--model", "--baseline", "--reward", "--prompts", "--run", "--save", "--tie-margin", "--temperature",
+                 "--top-p", "--max-new-tokens", "--seed", "--baseline-seed", "--batch-size", "--max-samples",
+                 "--threads", "--json", "--config"):
+        assert f"  {flag} " in text, flag
+    assert "  policy " in ok(invoke("eval", "--help")).stdout
