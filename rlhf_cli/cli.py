@@ -51,6 +51,15 @@ def _esc(s: str) -> str:
     return escape(s)
 
 
+_METAVARS = {"model": "MODEL", "policy": "MODEL", "reward": "RM", "baseline": "MODEL", "compare": "MODEL",
+             "data": "DATA", "eval_data": "DATA", "prompts": "DATA", "out": "DIR", "run": "DIR"}
+
+
+def metavar(name: str, tp: type) -> str:
+    """What a flag takes, for --help: DATA, DIR, MODEL, or the value's type."""
+    return _METAVARS.get(name) or {int: "INT", float: "FLOAT"}.get(tp, "TEXT")
+
+
 def args_command(parent: typer.Typer, name: str, args_cls: type, body: Callable[[Any, bool], None],
                  help: str, extra: dict[str, tuple[Any, Any]] | None = None) -> None:
     """Register `name` with one flag per field of `args_cls` (plus --config, --debug and `extra` options)."""
@@ -67,7 +76,8 @@ def args_command(parent: typer.Typer, name: str, args_cls: type, body: Callable[
             text += f" One of: {', '.join(meta['choices'])}."
         if default is not None and default != "":
             text += f" [default: {str(default).lower() if isinstance(default, bool) else default}]"
-        opt = typer.Option(None, *decls, help=text, show_default=False, hidden=meta.get("hidden", False))
+        opt = typer.Option(None, *decls, help=text, show_default=False, hidden=meta.get("hidden", False),
+                           metavar=None if tp is bool else metavar(f.name, tp))
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt,
                                         annotation=Optional[tp]))  # noqa: UP045 (Typer needs Optional here)
     for key, (annotation, option) in (extra or {}).items():
