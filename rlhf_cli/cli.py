@@ -77,7 +77,7 @@ def args_command(parent: typer.Typer, name: str, args_cls: type, body: Callable[
         if default is not None and default != "":
             text += f" [default: {str(default).lower() if isinstance(default, bool) else default}]"
         opt = typer.Option(None, *decls, help=text, show_default=False, hidden=meta.get("hidden", False),
-                           metavar=None if tp is bool else metavar(f.name, tp))
+                           metavar=None if tp is bool else meta.get("metavar") or metavar(f.name, tp))
         params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=opt,
                                         annotation=Optional[tp]))  # noqa: UP045 (Typer needs Optional here)
     for key, (annotation, option) in (extra or {}).items():

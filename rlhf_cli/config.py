@@ -17,9 +17,10 @@ from .errors import ConfigError
 
 
 def opt(default: Any = None, help: str = "", *, flag: str | None = None, short: str | None = None,
-        hidden: bool = False, choices: tuple[str, ...] | None = None) -> Any:
-    """A documented args field. `choices` restricts a string field; `flag` renames the CLI flag."""
-    meta = {"help": help, "flag": flag, "short": short, "hidden": hidden, "choices": choices}
+        hidden: bool = False, choices: tuple[str, ...] | None = None, metavar: str | None = None) -> Any:
+    """A documented args field. `choices` restricts a string field; `flag` renames the CLI flag; `metavar` names
+    the value in --help."""
+    meta = {"help": help, "flag": flag, "short": short, "hidden": hidden, "choices": choices, "metavar": metavar}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)

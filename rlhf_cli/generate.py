@@ -34,7 +34,8 @@ from .report import Reporter
 class GenerateArgs:
     model: str = opt(DEFAULT_MODEL, "Model to sample from: a stage folder (sft, ppo), a model folder or a hub id.")
     prompts: str | None = opt(None, "Prompts: a prompt file, or any SFT or preference file (its prompts are used).")
-    out: str | None = opt(None, "JSONL file to write, one line per prompt; an existing file is resumed.")
+    out: str | None = opt(None, "JSONL file to write, one line per prompt; an existing file is resumed.",
+                          metavar="FILE")
     num_samples: int = opt(4, "Answers sampled per prompt (K).", short="-k")
     temperature: float = opt(1.0, "Sampling temperature; 0 is greedy decoding (only with -k 1).")
     top_p: float = opt(1.0, "Nucleus sampling: sample from the most likely tokens holding this much probability "

@@ -47,7 +47,7 @@ class ReportArgs:
     run: str | None = opt(None, "Run folder holding stage folders (sft, reward, ppo, ...), or a single stage "
                                 "folder.")
     out: str | None = opt(None, "Report file: .html (self-contained, plots embedded) or .md (plots beside it) "
-                                "(default: RUN/report.html).")
+                                "(default: RUN/report.html).", metavar="FILE")
     title: str | None = opt(None, "Title of the report (default: rlhf report: RUN).")
 
 
