@@ -183,19 +183,11 @@ def _report(args: Any, json_out: bool = False) -> None:
 
 
 def _ppo(args: Any) -> None:
-    from rich.markup import escape
-
     from .display import RichReporter, out, table
     from .manifest import read_manifest
     from .ppo import run_ppo
-    from .report import fmt
 
-    class _Figures(RichReporter):  # RichReporter shows a fixed set of names; run_ppo picks its own few figures
-        def update(self, step, total, figures, elapsed):
-            super().update(step, total, {}, elapsed)
-            self.progress.update(self.task, figures=escape("  ".join(f"{k} {fmt(v)}" for k, v in figures.items())))
-
-    folder = run_ppo(args, _Figures("ppo"))
+    folder = run_ppo(args, RichReporter("ppo", shown=None))  # run_ppo picks its own few live figures
     m = read_manifest(folder)
     if m is None:  # --stop-after: a checkpoint in OUT.partial, not a finished stage
         out.print(f"stopped: checkpoint in {folder}; run the same command with --resume to continue",

@@ -28,8 +28,10 @@ SHOWN = ("loss", "accuracy", "margin", "learning_rate", "tokens/s")
 class RichReporter(Reporter):
     """One live display per run: step/total, the stage's live figures, elapsed time and ETA."""
 
-    def __init__(self, title: str):
+    def __init__(self, title: str, shown: tuple[str, ...] | None = SHOWN):
+        """`shown`: the figure names to display (None: every figure the stage reports)."""
         self.title = title
+        self.shown = shown
         self.progress: Progress | None = None
         self.task: Any = None
 
@@ -49,7 +51,7 @@ class RichReporter(Reporter):
         if self.progress is None:
             self.start(total)
         shown = "  ".join(f"{'lr' if k == 'learning_rate' else k} {fmt(v)}" for k, v in figures.items()
-                          if k in SHOWN)
+                          if self.shown is None or k in self.shown)
         self.progress.update(self.task, completed=step, total=total or None, figures=escape(shown))
 
     def finish(self) -> None:

@@ -152,9 +152,10 @@ def set_distinct_pad(tok: Any, model: Any = None) -> None:
                 break
         else:
             tok.add_special_tokens({"pad_token": "<|pad|>"})
-            if model is not None:
-                model.resize_token_embeddings(len(tok))
     if model is not None:
+        # A pad token added above (or earlier, when the tokenizer was loaded) needs an embedding row.
+        if max(tok.pad_token_id, len(tok) - 1) >= model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(len(tok))
         model.config.pad_token_id = tok.pad_token_id
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.pad_token_id = tok.pad_token_id

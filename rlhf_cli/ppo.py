@@ -741,9 +741,7 @@ def run_ppo(args: PPOArgs, reporter: Reporter | None = None) -> Path:
 
 def fit_vocab(m: Any, t: Any) -> Any:
     """A pad token the tokenizer had to add (no unused special token to reuse) needs an embedding row."""
-    if max(t.pad_token_id, len(t) - 1) >= m.get_input_embeddings().num_embeddings:
-        m.resize_token_embeddings(len(t))
-    m.config.pad_token_id = t.pad_token_id
+    set_distinct_pad(t, m)
     return m
 
 

@@ -219,3 +219,23 @@ def test_offline_default_model_skips_the_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(models, "embedded_status", lambda mid: "available")
     assert models.resolve_model(models.DEFAULT_MODEL) == tmp_path / "emb"
     assert calls == [True]  # the cache was looked at, the hub never
+
+
+def test_added_pad_token_gets_an_embedding_row(tiny):
+    """A tokenizer with no spare special token gets a new <|pad|>; the model's embeddings grow to match."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rlhf_cli.models import set_distinct_pad
+
+    tok = AutoTokenizer.from_pretrained(tiny)
+    tok.pad_token = tok.eos_token
+    vocab = dict(tok.get_vocab())  # hide the spare token the default tokenizer would reuse
+    vocab.pop("<|endoftext|>")
+    tok.get_vocab = lambda: vocab
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    n = model.get_input_embeddings().num_embeddings
+    set_distinct_pad(tok)  # as load_tokenizer does, before the model exists
+    assert tok.pad_token == "<|pad|>" and tok.pad_token_id == n
+    set_distinct_pad(tok, model)  # as the stages do once the model is loaded
+    assert model.get_input_embeddings().num_embeddings == len(tok) == n + 1
+    assert model.config.pad_token_id == tok.pad_token_id
