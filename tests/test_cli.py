@@ -575,3 +575,9 @@ def test_stages_write_metrics_jsonl_per_step(run):
     rm = [json.loads(x) for x in (run.dir / "reward" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in sft] == [1, 2] and all(r["loss"] > 0 and "learning_rate" in r for r in sft)
     assert [r["step"] for r in rm] == [1, 2] and all(0 <= r["accuracy"] <= 1 and "margin" in r for r in rm)
+
+
+def test_python_dash_m_and_console_script_answer_help():
+    for cmd in ([sys.executable, "-m", "rlhf_cli", "--help"], [str(Path(sys.executable).parent / "rlhf"), "--help"]):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0 and "sft" in r.stdout and "reward" in r.stdout and "ppo" in r.stdout

@@ -1,0 +1,244 @@
+"""`rlhf ppo` against the last PPO TRL shipped (trl==1.12.0, `trl.experimental.ppo.PPOTrainer`, run by
+bench/trl112_ppo.py in its own virtualenv bench/.venv-trl112, never a project dependency).
+
+Both sides get the same tiny policy (4-layer, hidden-64 Llama with the real SmolLM2 tokenizer, embeddings scaled
+10x as in tests/test_ppo.py so that sampling is peaky enough to learn from in a few updates), the same reward model
+(the policy's own backbone plus a hand-set score head: score = w . final hidden state at the last token, w a fixed
+unit vector, so a policy raises its score by ending on tokens whose embedding points along w), the value model
+started from that reward model, the same prompts (rendered with the chat template + generation prompt), batch 8,
+32 response tokens, 2 PPO epochs x 2 minibatches, lr, KL coefficient, temperature, missing-EOS penalty, seed,
+fp32, 2 torch threads, no gradient checkpointing. TRL 1.12's PPO does not clip gradients, so ours runs with
+--max-grad-norm 1e6 (no clipping) to match.
+
+Runs alternate ours, theirs, ours, theirs (one warm-up pair, then -n pairs; pair i uses seed 42 + i on both
+sides). Printed: whole-process wall time and episodes/s, steady-state episodes/s (updates 2..N, from each side's
+own per-update times), reward gain (mean shaped RM score of the last update minus the first, and of the last 3
+minus the first 3; shaped = raw score minus the missing-EOS penalty, which is what TRL logs as objective/scores),
+medians, and the medians of the pairwise ratios ours/theirs (target: episodes/s ratio >= 1.5; reward gain: ours
+equal or better). Also our time split per update from metrics.jsonl.
+
+    bench/.venv-trl112 must exist (see the commands in the report / docs/BENCHMARKS.md), then:
+    .venv/bin/python bench/ppo_vs_trl112.py [-n 3] [--updates 10] [--rebuild]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from common import BIN, ENV, SHARED  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("-n", type=int, default=3, help="measured pairs (after one warm-up pair)")
+p.add_argument("--updates", type=int, default=10)
+p.add_argument("--batch-size", type=int, default=8)
+p.add_argument("--ppo-epochs", type=int, default=2)
+p.add_argument("--num-minibatches", type=int, default=2)
+p.add_argument("--response-length", type=int, default=32)
+p.add_argument("--lr", type=float, default=1e-3)
+p.add_argument("--kl-coef", type=float, default=0.05)
+p.add_argument("--temperature", type=float, default=0.7)
+p.add_argument("--missing-eos-penalty", type=float, default=1.0)
+p.add_argument("--n-prompts", type=int, default=64)
+p.add_argument("--max-prompt-tokens", type=int, default=128,
+               help="keep the first prompts whose rendered length is at most this (0: no limit)")
+p.add_argument("--layers", type=int, default=4)
+p.add_argument("--hidden", type=int, default=64)
+p.add_argument("--rebuild", action="store_true", help="rebuild the models and prompts")
+p.add_argument("--bench-venv", default=str(ROOT / "bench" / ".venv-trl112"))
+a = p.parse_args()
+
+WORK = ROOT / "bench" / "results" / "ppo_bench"
+POLICY, RM, PROMPTS = WORK / "policy", WORK / "rm", WORK / "prompts.jsonl"
+BENCH_PY = Path(a.bench_venv) / "bin" / "python"
+
+
+def setup() -> None:
+    """The tiny policy, the hand-set reward model (a finished reward stage) and the prompts file."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from conftest import build_tiny
+
+    from rlhf_cli.manifest import write_manifest
+
+    shutil.rmtree(WORK, ignore_errors=True)
+    WORK.mkdir(parents=True)
+    started = time.time()
+    build_tiny(POLICY, layers=a.layers, hidden=a.hidden, seed=0)
+    policy = AutoModelForCausalLM.from_pretrained(POLICY)
+    with torch.no_grad():
+        policy.model.embed_tokens.weight.mul_(10.0)  # tied: the LM head too
+    policy.save_pretrained(POLICY)
+    tok = AutoTokenizer.from_pretrained(POLICY)
+
+    cfg = LlamaConfig(**{k: v for k, v in policy.config.to_dict().items()
+                         if k not in ("architectures", "model_type", "transformers_version", "dtype")})
+    cfg.num_labels = 1
+    rm = AutoModelForSequenceClassification.from_config(cfg)
+    missing = rm.model.load_state_dict(policy.model.state_dict())
+    assert not missing.missing_keys and not missing.unexpected_keys, missing
+    w = torch.randn(cfg.hidden_size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        rm.score.weight.copy_((w / w.norm()).unsqueeze(0))
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(RM)
+    tok.save_pretrained(RM)
+    write_manifest(RM, stage="reward", parents=[str(POLICY)], args={"max_length": 512},
+                   data={"note": "hand-set reward model for bench/ppo_vs_trl112.py"}, metrics={}, started=started)
+
+    src = SHARED / "prompts" / "train.jsonl"
+    if not src.is_file():
+        src = ROOT / "examples" / "data" / "prompts.jsonl"
+    kept = []
+    for line in src.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        text = tok.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+        n = len(tok(text, add_special_tokens=False)["input_ids"])
+        if not a.max_prompt_tokens or n <= a.max_prompt_tokens:
+            kept.append((row, n))
+        if len(kept) == a.n_prompts:
+            break
+    PROMPTS.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r, _ in kept), encoding="utf-8")
+    lengths = sorted(n for _, n in kept)
+    (WORK / "setup.json").write_text(json.dumps({
+        "prompts_from": str(src), "prompts": len(kept), "prompt_tokens_median": statistics.median(lengths),
+        "prompt_tokens_max": lengths[-1], "layers": a.layers, "hidden": a.hidden,
+        "policy_parameters": sum(x.numel() for x in policy.parameters())}, indent=2), encoding="utf-8")
+    # Both virtualenvs must read the folders.
+    check = ("import sys; from transformers import AutoModelForCausalLM as C, AutoModelForSequenceClassification as S;"
+             "C.from_pretrained(sys.argv[1]); S.from_pretrained(sys.argv[2], num_labels=1); print('ok')")
+    for py in (sys.executable, str(BENCH_PY)):
+        subprocess.run([py, "-c", check, str(POLICY), str(RM)], env=ENV, check=True, stdout=subprocess.DEVNULL)
+
+
+def ours_cmd(out: Path, seed: int) -> list[str]:
+    return [str(BIN / "rlhf"), "ppo", "--policy", str(POLICY), "--reward", str(RM), "--prompts", str(PROMPTS),
+            "--out", str(out), "--overwrite", "--max-steps", str(a.updates), "--batch-size", str(a.batch_size),
+            "--ppo-epochs", str(a.ppo_epochs), "--num-minibatches", str(a.num_minibatches),
+            "--max-new-tokens", str(a.response_length), "--lr", str(a.lr), "--kl-coef", str(a.kl_coef),
+            "--temperature", str(a.temperature), "--missing-eos-penalty", str(a.missing_eos_penalty),
+            "--seed", str(seed), "--threads", "2", "--precision", "fp32", "--sample-every", "0",
+            "--max-grad-norm", "1e6", "--value-init", "reward"]
+
+
+def theirs_cmd(out: Path, seed: int) -> list[str]:
+    return [str(BENCH_PY), str(ROOT / "bench" / "trl112_ppo.py"), "--policy", str(POLICY), "--reward", str(RM),
+            "--prompts", str(PROMPTS), "--out", str(out), "--updates", str(a.updates),
+            "--batch-size", str(a.batch_size), "--ppo-epochs", str(a.ppo_epochs),
+            "--num-minibatches", str(a.num_minibatches), "--response-length", str(a.response_length),
+            "--lr", str(a.lr), "--kl-coef", str(a.kl_coef), "--temperature", str(a.temperature),
+            "--missing-eos-penalty", str(a.missing_eos_penalty), "--seed", str(seed), "--threads", "2"]
+
+
+def timed(cmd: list[str], out: Path) -> float:
+    shutil.rmtree(out, ignore_errors=True)
+    t = time.perf_counter()
+    r = subprocess.run(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    dt = time.perf_counter() - t
+    if r.returncode != 0:
+        sys.exit(f"benchmark command failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
+    return dt
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def gains(scores: list[float]) -> dict:
+    k = min(3, len(scores) // 2)
+    return {"gain_last_first": scores[-1] - scores[0],
+            "gain_last3_first3": statistics.mean(scores[-k:]) - statistics.mean(scores[:k]), "scores": scores}
+
+
+def summarise(side: str, wall: float, out: Path) -> dict:
+    bs = a.batch_size
+    if side == "ours":
+        rows = jsonl(out / "metrics.jsonl")
+        scores = [r["reward_mean"] for r in rows]  # raw RM score minus the missing-EOS penalty
+        extra = {k: statistics.mean(r[k] for r in rows) for k in
+                 ("time/generate", "time/score", "time/forward", "time/train", "time/update")}
+        extra |= {"raw_" + k: v for k, v in gains([r["score_mean"] for r in rows]).items() if k != "scores"}
+        extra |= {"final_kl": rows[-1]["kl"], "eos_fraction": statistics.mean(r["eos_fraction"] for r in rows)}
+    else:
+        rows = [r for r in jsonl(out / "log_history.jsonl") if "objective/scores" in r]
+        scores = [r["objective/scores"] for r in rows]
+        extra = {"final_kl": rows[-1]["objective/kl"],
+                 "time/update": statistics.mean(r["time/update"] for r in rows),
+                 "startup": json.loads((out / "timing.json").read_text())}
+    assert len(rows) == a.updates, (side, len(rows))
+    per = [r["time/update"] for r in rows]
+    return {"wall_s": wall, "eps_wall": a.updates * bs / wall,
+            "eps_steady": (len(per) - 1) * bs / sum(per[1:]), "first_update_s": per[0],
+            **gains(scores), **extra}
+
+
+if a.rebuild or not (RM / "rlhf_manifest.json").exists() or not PROMPTS.is_file():
+    setup()
+if not BENCH_PY.exists():
+    sys.exit(f"{BENCH_PY}: missing; create the benchmark virtualenv first (python3 -m venv, pip install "
+             f"torch==2.13.0, trl==1.12.0 ...)")
+
+load_before = os.getloadavg()
+print(f"setup: {json.loads((WORK / 'setup.json').read_text())}", flush=True)
+print(f"load average before: {load_before[0]:.2f} {load_before[1]:.2f} {load_before[2]:.2f}", flush=True)
+t_bench = time.time()
+ours_out, theirs_out = WORK / "ours", WORK / "theirs"
+runs: dict[str, list[dict]] = {"ours": [], "theirs": []}
+for i in range(-1, a.n):  # -1: the warm-up pair, not counted
+    seed = 42 + max(i, 0) if i >= 0 else 41
+    for side, cmd, out in (("ours", ours_cmd, ours_out), ("theirs", theirs_cmd, theirs_out)):
+        wall = timed(cmd(out, seed), out)
+        res = summarise(side, wall, out) | {"seed": seed}
+        tag = "warm-up" if i < 0 else f"pair {i + 1}"
+        print(f"{tag} {side:6s} seed {seed}: wall {wall:6.2f}s  eps(wall) {res['eps_wall']:.3f}  "
+              f"eps(steady) {res['eps_steady']:.3f}  first update {res['first_update_s']:.2f}s  "
+              f"gain last-first {res['gain_last_first']:+.3f}  last3-first3 {res['gain_last3_first3']:+.3f}  "
+              f"final kl {res['final_kl']:.3f}", flush=True)
+        if i >= 0:
+            runs[side].append(res)
+load_after = os.getloadavg()
+
+
+def med(side: str, key: str) -> float:
+    return statistics.median(r[key] for r in runs[side])
+
+
+def ratio(key: str) -> tuple[float, float, float]:
+    rs = [o[key] / t[key] for o, t in zip(runs["ours"], runs["theirs"], strict=True)]
+    return statistics.median(rs), min(rs), max(rs)
+
+
+print(f"\n== medians over {a.n} pairs ({a.updates} updates x {a.batch_size} episodes, {a.response_length} tokens, "
+      f"{a.ppo_epochs} PPO epochs x {a.num_minibatches} minibatches, lr {a.lr:g}) ==")
+for key, label in (("wall_s", "whole-process wall s"), ("eps_wall", "episodes/s (whole process)"),
+                   ("eps_steady", "episodes/s (steady, updates 2..N)"), ("first_update_s", "first update s"),
+                   ("gain_last_first", "reward gain last - first"),
+                   ("gain_last3_first3", "reward gain last3 - first3"), ("final_kl", "final KL (nats/response)")):
+    print(f"{label:38s} ours {med('ours', key):8.3f}   trl 1.12 {med('theirs', key):8.3f}")
+summary = {}
+for key in ("eps_wall", "eps_steady"):
+    m, lo, hi = ratio(key)
+    summary[f"ratio_{key}"] = {"median": m, "min": lo, "max": hi}
+    print(f"ours/trl {key:11s} median {m:.3f} (min {lo:.3f}, max {hi:.3f})  target >= 1.5")
+print(f"mean over pairs, reward gain last3-first3: ours "
+      f"{statistics.mean(r['gain_last3_first3'] for r in runs['ours']):+.3f}  trl 1.12 "
+      f"{statistics.mean(r['gain_last3_first3'] for r in runs['theirs']):+.3f}  (target: ours equal or better)")
+print("our time split per update (s, median of run means): " + "  ".join(
+    f"{k[5:]} {med('ours', k):.3f}" for k in ("time/generate", "time/score", "time/forward", "time/train",
+                                               "time/update")))
+print(f"load average after: {load_after[0]:.2f} {load_after[1]:.2f} {load_after[2]:.2f}; "
+      f"benchmark took {time.time() - t_bench:.0f}s")
+(WORK / "results.json").write_text(json.dumps({"args": vars(a), "runs": runs, "summary": summary,
+                                               "load_before": load_before, "load_after": load_after}, indent=2),
+                                   encoding="utf-8")
