@@ -18,6 +18,7 @@ p.add_argument("-n", type=int, default=3)
 p.add_argument("--steps", type=int, default=4)
 p.add_argument("--batch-size", type=int, default=4)
 p.add_argument("--max-length", type=int, default=256)
+p.add_argument("--stages", default="sft,reward", help="comma list: sft, reward")
 a = p.parse_args()
 
 work = ROOT / "bench" / "results" / "overhead"
@@ -49,18 +50,20 @@ def clean():
         shutil.rmtree(work / d, ignore_errors=True)
 
 
-results = [
-    ab("sft: rlhf sft / direct TRL SFTTrainer",
+stages = a.stages.split(",")
+results = []
+if "sft" in stages:
+    results.append(ab("sft: rlhf sft / direct TRL SFTTrainer",
        [rlhf, "sft", "--model", str(base), "--data", str(work / "sft.jsonl"), "--out", str(work / "ours"), *common],
        [py, str(ROOT / "bench" / "direct_trl.py"), "sft", str(base), str(work / "sft.jsonl"), str(work / "theirs"),
         "--steps", str(a.steps), "--batch-size", str(a.batch_size), "--max-length", str(a.max_length)],
-       a.n, setup=clean),
-    ab("reward: rlhf reward / direct TRL RewardTrainer",
+       a.n, setup=clean))
+if "reward" in stages:
+    results.append(ab("reward: rlhf reward / direct TRL RewardTrainer",
        [rlhf, "reward", "--model", str(base), "--data", str(work / "prefs.jsonl"), "--out", str(work / "ours"),
         "--no-group-by-prompt", *common],
        [py, str(ROOT / "bench" / "direct_trl.py"), "reward", str(base), str(work / "prefs.jsonl"),
         str(work / "theirs"), "--steps", str(a.steps), "--batch-size", str(a.batch_size),
         "--max-length", str(a.max_length)],
-       a.n, setup=clean),
-]
+       a.n, setup=clean))
 (work / "results.json").write_text(json.dumps(results, indent=2))

@@ -50,10 +50,14 @@ from transformers import (  # noqa: E402
     AutoModelForSequenceClassification,
     AutoTokenizer,
     TrainerCallback,
+    set_seed,
 )
 from trl.experimental.ppo import PPOConfig, PPOTrainer  # noqa: E402
 
 torch.set_num_threads(a.threads)
+# PPOTrainer seeds torch itself but not numpy, whose global RNG shuffles its minibatches: seed everything, as a
+# training script would, so that a run is repeatable.
+set_seed(a.seed)
 tok = AutoTokenizer.from_pretrained(a.policy, padding_side="left")
 assert tok.pad_token_id is not None and tok.pad_token_id != tok.eos_token_id, "needs a pad token distinct from EOS"
 

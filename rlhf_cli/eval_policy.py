@@ -165,20 +165,8 @@ def _check(args: EvalPolicyArgs) -> None:
 
 
 def sample_ids(lm: Any, prompts: list[list[int]], sampling: Any) -> list[list[int]]:
-    """One answer per prompt as raw token ids (what `LM.sample` decodes): left-padded batch, KV cache."""
-    import torch
-
-    width = max(len(p) for p in prompts)
-    pad = lm.tok.pad_token_id
-    x = torch.full((len(prompts), width), pad, dtype=torch.long)
-    att = torch.zeros_like(x)
-    for row, ids in enumerate(prompts):
-        x[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        att[row, width - len(ids):] = 1
-    with torch.inference_mode():
-        out = lm.model.generate(input_ids=x.to(lm.device), attention_mask=att.to(lm.device), use_cache=True,
-                                pad_token_id=pad, eos_token_id=lm.eos_ids, **sampling.generate_kwargs())
-    return [cut_at_eos(row, lm.eos_ids)[0] for row in out[:, width:].cpu().tolist()]
+    """One answer per prompt as token ids, cut after the first EOS."""
+    return [cut_at_eos(row, lm.eos_ids)[0] for row in lm.sample_ids(prompts, 1, sampling)]
 
 
 def answer_logprob(model: Any, prompts: list[list[int]], answers: list[list[int]], temperature: float,

@@ -119,8 +119,9 @@ class LM:
         kept = new_ids if end is None else new_ids[:end]
         return Answer(self.tok.decode(kept, skip_special_tokens=True).strip(), end is not None, len(kept))
 
-    def sample(self, prompts: list[list[int]], n: int, sampling: Sampling) -> list[list[Answer]]:
-        """`n` answers for each prompt (token ids), generated in one left-padded batch with the KV cache."""
+    def sample_ids(self, prompts: list[list[int]], n: int, sampling: Sampling) -> list[list[int]]:
+        """The raw new token ids of `n` answers per prompt (rows: prompt 0 answer 0..n-1, prompt 1 ...),
+        generated in one left-padded batch with the KV cache."""
         import torch
 
         width = max(len(p) for p in prompts)
@@ -135,7 +136,11 @@ class LM:
             out = self.model.generate(input_ids=x.to(self.device), attention_mask=att.to(self.device),
                                       num_return_sequences=n, use_cache=True, pad_token_id=pad,
                                       eos_token_id=self.eos_ids, **sampling.generate_kwargs())
-        new = out[:, width:].cpu().tolist()  # rows: prompt 0 answer 0..n-1, prompt 1 answer 0..n-1, ...
+        return out[:, width:].cpu().tolist()
+
+    def sample(self, prompts: list[list[int]], n: int, sampling: Sampling) -> list[list[Answer]]:
+        """`n` answers for each prompt (token ids), decoded."""
+        new = self.sample_ids(prompts, n, sampling)
         return [[self._answer(new[p * n + j]) for j in range(n)] for p in range(len(prompts))]
 
     def stream(self, messages: list[dict[str, str]], sampling: Sampling) -> Stream:

@@ -119,8 +119,6 @@ def resolve_model(name: str, flag: str = "--model", say: Callable[[str], None] =
         return Path(snapshot_download(name, local_files_only=True))
     except Exception:
         pass
-    if name in EMBEDDED and embedded_status(name) == "ready":
-        return embedded_folder(name)
     if not offline():
         try:
             say(f"downloading {name} from the hub")
