@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -61,3 +62,34 @@ def learnable_prefs(n: int, seed: int = 0) -> list[dict]:
                      "chosen": f"thanks for asking, happy to help with {t} !",
                      "rejected": f"no . go away , {t} is boring"})
     return rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Driving the CLI
+
+
+def invoke(*args):
+    from rlhf_cli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def ok(result):
+    assert result.exit_code == 0, (f"exit {result.exit_code}\n--- stdout\n{result.stdout}\n--- stderr\n"
+                                   f"{result.stderr}\n--- exception\n{result.exception!r}")
+    assert "Traceback" not in result.output
+    return result
+
+
+def one_error(result, code: int, *fragments: str) -> str:
+    """Exit `code`, nothing on stdout, exactly one `error:` line on stderr (the last), no traceback."""
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert "Traceback" not in result.output
+    assert "unexpected" not in errors[0], errors[0]  # a library error, not a crash caught at the top
+    for f in fragments:
+        assert f in errors[0], (f, errors[0])
+    return errors[0]

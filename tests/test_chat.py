@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny
+from conftest import build_tiny, ok, one_error
 from typer.testing import CliRunner
 
 from rlhf_cli.chat import ChatSession, RewardScorer, chat_loop
@@ -27,25 +27,6 @@ TITLE = re.compile(r"[╭┌]─ (\d) · ")
 
 def invoke(*args, input=None):
     return CliRunner().invoke(app, [str(a) for a in args], input=input)
-
-
-def ok(result):
-    assert result.exit_code == 0, (f"exit {result.exit_code}\n--- stdout\n{result.stdout}\n--- stderr\n"
-                                   f"{result.stderr}\n--- exception\n{result.exception!r}")
-    assert "Traceback" not in result.output
-    return result
-
-
-def one_error(result, code: int, *fragments: str) -> str:
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    assert "Traceback" not in result.output and "unexpected" not in errors[0]
-    for f in fragments:
-        assert f in errors[0], (f, errors[0])
-    return errors[0]
 
 
 def chat(*args, input: str):

@@ -18,10 +18,8 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import EXAMPLES, SHARED, write_jsonl
-from typer.testing import CliRunner
+from conftest import EXAMPLES, SHARED, invoke, ok, one_error, write_jsonl
 
-from rlhf_cli.cli import app
 from rlhf_cli.config import resolve
 from rlhf_cli.data import load_prefs, load_sft
 from rlhf_cli.errors import DataError
@@ -32,31 +30,6 @@ from rlhf_cli.sft import SFTArgs
 FAST = ["--max-steps", "2", "--batch-size", "2", "--threads", "1"]
 SHARED_FLAGS = ["--model", "--data", "--eval-data", "--out", "--run", "--config", "--max-steps", "--epochs", "--lr",
                 "--batch-size", "--grad-accum", "--max-length", "--seed", "--lora", "--max-samples"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(result):
-    assert result.exit_code == 0, (f"exit {result.exit_code}\n--- stdout\n{result.stdout}\n--- stderr\n"
-                                   f"{result.stderr}\n--- exception\n{result.exception!r}")
-    assert "Traceback" not in result.output
-    return result
-
-
-def one_error(result, code: int, *fragments: str) -> str:
-    """Exit `code`, nothing on stdout, exactly one `error:` line on stderr (the last), no traceback."""
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    assert "Traceback" not in result.output
-    assert "unexpected" not in errors[0], errors[0]  # a library error, not a crash caught at the top
-    for f in fragments:
-        assert f in errors[0], (f, errors[0])
-    return errors[0]
 
 
 def manifest(folder: Path) -> dict:

@@ -25,10 +25,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import build_tiny, learnable_prefs, write_jsonl
-from typer.testing import CliRunner
+from conftest import build_tiny, invoke, learnable_prefs, ok, one_error, write_jsonl
 
-from rlhf_cli.cli import app
 from rlhf_cli.eval_policy import EVAL_FILE, answer_logprob, cut_at_eos, distinct_n, outcomes, wilson_interval
 from rlhf_cli.evaluate import accuracy_by_length, length_bucket
 from rlhf_cli.manifest import MANIFEST, STAGE_COMMANDS, write_manifest
@@ -40,30 +38,6 @@ SAMPLE = ["--threads", "1", "--max-new-tokens", "6", "--batch-size", "4"]
 KEYS = {"win_rate", "tie_rate", "loss_rate", "kl", "mean_score", "baseline_mean_score", "mean_length", "prompts",
         "win_rate_ci", "baseline_mean_length", "distinct_1", "distinct_2", "baseline_distinct_1",
         "baseline_distinct_2", "wins", "ties", "losses", "model", "baseline", "reward"}
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(result):
-    assert result.exit_code == 0, (f"exit {result.exit_code}\n--- stdout\n{result.stdout}\n--- stderr\n"
-                                   f"{result.stderr}\n--- exception\n{result.exception!r}")
-    assert "Traceback" not in result.output
-    return result
-
-
-def one_error(result, code: int, *fragments: str) -> str:
-    """Exit `code`, nothing on stdout, exactly one `error:` line on stderr (the last), no traceback."""
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    assert "Traceback" not in result.output and "unexpected" not in errors[0], errors[0]
-    for f in fragments:
-        assert f in errors[0], (f, errors[0])
-    return errors[0]
 
 
 def stage(folder: Path, name: str, **args) -> Path:

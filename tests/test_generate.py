@@ -6,40 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, write_jsonl
-from typer.testing import CliRunner
+from conftest import EXAMPLES, invoke, ok, one_error, write_jsonl
 
 from rlhf_cli import GenerateArgs, run_generate
-from rlhf_cli.cli import app
 from rlhf_cli.data import load_prefs, load_prompts
 from rlhf_cli.manifest import write_manifest
 from rlhf_cli.report import Quiet
 
 PROMPTS = EXAMPLES / "prompts.jsonl"
 FAST = ["--threads", "1", "--max-new-tokens", "6"]
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(result):
-    assert result.exit_code == 0, (f"exit {result.exit_code}\n--- stdout\n{result.stdout}\n--- stderr\n"
-                                   f"{result.stderr}\n--- exception\n{result.exception!r}")
-    assert "Traceback" not in result.output
-    return result
-
-
-def one_error(result, code: int, *fragments: str) -> str:
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    assert "Traceback" not in result.output and "unexpected" not in errors[0]
-    for f in fragments:
-        assert f in errors[0], (f, errors[0])
-    return errors[0]
 
 
 def rows(path: Path) -> list[dict]:

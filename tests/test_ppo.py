@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import build_tiny, write_jsonl
+from conftest import build_tiny, invoke, ok, one_error, write_jsonl
 from typer.testing import CliRunner
 
 from rlhf_cli.cli import app
@@ -38,30 +38,6 @@ FAST = ["--threads", "1", "--max-new-tokens", "4", "--sample-every", "0"]
 PLAIN_TEMPLATE = ("{% for m in messages %}{% if not loop.first %}{{ '\n' }}{% endif %}"
                   "{{ m['role'] + ': ' + m['content'] }}{% endfor %}"
                   "{% if add_generation_prompt %}{{ '\nassistant: ' }}{% endif %}")
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(result):
-    assert result.exit_code == 0, (f"exit {result.exit_code}\n--- stdout\n{result.stdout}\n--- stderr\n"
-                                   f"{result.stderr}\n--- exception\n{result.exception!r}")
-    assert "Traceback" not in result.output
-    return result
-
-
-def one_error(result, code: int, *fragments: str) -> str:
-    """Exit `code`, nothing on stdout, exactly one `error:` line on stderr (the last), no traceback."""
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
-    assert result.stdout == ""
-    lines_ = result.stderr.strip().splitlines()
-    errors = [line for line in lines_ if line.startswith("error:")]
-    assert len(errors) == 1 and lines_[-1] == errors[0], result.stderr
-    assert "Traceback" not in result.output and "unexpected" not in errors[0], errors[0]
-    for f in fragments:
-        assert f in errors[0], (f, errors[0])
-    return errors[0]
 
 
 def manifest(folder: Path) -> dict:

@@ -22,10 +22,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import EXAMPLES, write_jsonl
-from typer.testing import CliRunner
+from conftest import EXAMPLES, invoke, ok, one_error, write_jsonl
 
-from rlhf_cli.cli import app
 from rlhf_cli.manifest import MANIFEST, write_manifest
 from rlhf_cli.report import fmt
 from rlhf_cli.report_run import DPI, FIGSIZE, read_metrics
@@ -34,30 +32,6 @@ FAST = ["--max-steps", "2", "--batch-size", "2", "--threads", "1"]
 PX = (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI))
 PLOTS = {"sft_loss", "reward_loss", "reward_accuracy", "ppo_loss", "ppo_score", "ppo_kl", "ppo_response_length",
          "ppo_eval_scores"}
-
-
-def invoke(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def ok(result):
-    assert result.exit_code == 0, (f"exit {result.exit_code}\n--- stdout\n{result.stdout}\n--- stderr\n"
-                                   f"{result.stderr}\n--- exception\n{result.exception!r}")
-    assert "Traceback" not in result.output
-    return result
-
-
-def one_error(result, code: int, *fragments: str) -> str:
-    """Exit `code`, nothing on stdout, exactly one `error:` line on stderr (the last), no traceback."""
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr, result.exception)
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    assert "Traceback" not in result.output and "unexpected" not in errors[0], errors[0]
-    for f in fragments:
-        assert f in errors[0], (f, errors[0])
-    return errors[0]
 
 
 def png_size(data: bytes) -> tuple[int, int]:
