@@ -273,14 +273,9 @@ def _pick_policy(a: PPOArgs, say) -> tuple[str, Path, Manifest | None]:
 
 
 def _pick_reward(a: PPOArgs, say) -> tuple[str, Path, Manifest | None]:
-    if a.reward is None:
-        if not a.run:
-            raise ConfigError("--reward: missing; pass --reward RM_DIR or --run DIR (uses DIR/reward)")
-        a.reward = str(require_stage(Path(a.run) / "reward", "reward", "--run").path)
-    m = manifest_if_stage(a.reward)
-    if m is not None and m.stage != "reward":
-        raise CheckpointError(f"--reward {a.reward}: is {a_stage(m.stage)}, expected a reward stage, made by "
-                              f"`{STAGE_COMMANDS['reward']}`")
+    from .evaluate import resolve_reward_model
+
+    a.reward, m = resolve_reward_model(a.reward, a.run, "--reward")
     path = resolve_model(a.reward, flag="--reward", say=say)
     cfg = _config_json(path, "--reward")
     archs = cfg.get("architectures") or []

@@ -19,6 +19,19 @@ EXAMPLES = ROOT / "examples" / "data"
 SHARED = ROOT.parent / "shared" / "data"
 
 
+def U(text: str) -> dict:
+    """A user message (A: assistant, S: system)."""
+    return {"role": "user", "content": text}
+
+
+def A(text: str) -> dict:
+    return {"role": "assistant", "content": text}
+
+
+def S(text: str) -> dict:
+    return {"role": "system", "content": text}
+
+
 def build_tiny(dest: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
     """A random Llama with the default model's real tokenizer and chat template (fast, offline)."""
     import torch

@@ -12,22 +12,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, SHARED, write_jsonl
+from conftest import EXAMPLES, SHARED, A, S, U, write_jsonl
 
 from rlhf_cli.data import load_prefs, load_prompts, load_sft, parse_transcript, read_records, split_eval
 from rlhf_cli.errors import DataError
-
-
-def U(text: str) -> dict:
-    return {"role": "user", "content": text}
-
-
-def A(text: str) -> dict:
-    return {"role": "assistant", "content": text}
-
-
-def S(text: str) -> dict:
-    return {"role": "system", "content": text}
 
 
 def jsonl_rows(path: Path) -> int:

@@ -3,24 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from conftest import A, S, U
 from typer.testing import CliRunner
 
 from rlhf_cli.chat_template import renders_identically, training_template
 from rlhf_cli.errors import CheckpointError, ConfigError, ModelNotFoundError
 from rlhf_cli.models import DEFAULT_MODEL, load_tokenizer, resolve_model, set_distinct_pad
-
-
-def U(text: str) -> dict:
-    return {"role": "user", "content": text}
-
-
-def A(text: str) -> dict:
-    return {"role": "assistant", "content": text}
-
-
-def S(text: str) -> dict:
-    return {"role": "system", "content": text}
-
 
 CONVERSATIONS = [
     [U("hi"), A("hello there")],
