@@ -31,6 +31,14 @@ the same as the project venv's so both sides run the same model code):
 then (about 5 minutes on 2 quiet cores with -n 6 --updates 10):
 
     .venv/bin/python bench/ppo_vs_trl112.py [-n 6] [--updates 10] [--rebuild]
+
+On real models instead of the tiny ones: --policy SFT_DIR --reward RM_DIR (for example the demo's runs/demo/sft and
+runs/demo/reward; the same prompts are used). TRL 1.12 takes minutes per update on the 135M default model, so:
+
+    .venv/bin/python bench/ppo_vs_trl112.py --policy runs/demo/sft --reward runs/demo/reward -n 1 --warmup 0 \
+        --updates 3 --lr 3e-6
+
+Each run's peak resident memory is read from the kernel's accounting of that child process (wait4).
 """
 
 from __future__ import annotations
@@ -67,14 +75,21 @@ p.add_argument("--max-prompt-tokens", type=int, default=128,
 p.add_argument("--layers", type=int, default=4)
 p.add_argument("--hidden", type=int, default=64)
 p.add_argument("--rebuild", action="store_true", help="rebuild the models and prompts")
+p.add_argument("--policy", help="a real policy folder (an sft stage) instead of the tiny built one")
+p.add_argument("--reward", help="a real reward folder (a reward stage) instead of the hand-set one; with --policy")
+p.add_argument("--warmup", type=int, default=1, help="warm-up pairs before the measured ones (not counted)")
 p.add_argument("--max-foreign", type=float, default=0.15,
                help="redo a pair when other processes used more than this many cores during either run")
 p.add_argument("--retries", type=int, default=4, help="redos allowed per pair")
 p.add_argument("--bench-venv", default=str(ROOT / "bench" / ".venv-trl112"))
 a = p.parse_args()
 
-WORK = ROOT / "bench" / "results" / "ppo_bench"
+if bool(a.policy) != bool(a.reward):
+    sys.exit("--policy and --reward go together")
+WORK = ROOT / "bench" / "results" / ("ppo_bench_real" if a.policy else "ppo_bench")
 POLICY, RM, PROMPTS = WORK / "policy", WORK / "rm", WORK / "prompts.jsonl"
+if a.policy:
+    POLICY, RM = Path(a.policy).resolve(), Path(a.reward).resolve()
 BENCH_PY = Path(a.bench_venv) / "bin" / "python"
 
 
@@ -91,6 +106,11 @@ def setup() -> None:
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)
     started = time.time()
+    if a.policy:
+        tok = AutoTokenizer.from_pretrained(POLICY)
+        write_prompts(tok, {"policy": str(POLICY), "reward": str(RM), "policy_parameters": sum(
+            x.numel() for x in AutoModelForCausalLM.from_pretrained(POLICY).parameters())})
+        return
     build_tiny(POLICY, layers=a.layers, hidden=a.hidden, seed=0)
     policy = AutoModelForCausalLM.from_pretrained(POLICY)
     with torch.no_grad():
@@ -112,7 +132,12 @@ def setup() -> None:
     tok.save_pretrained(RM)
     write_manifest(RM, stage="reward", parents=[str(POLICY)], args={"max_length": 512},
                    data={"note": "hand-set reward model for bench/ppo_vs_trl112.py"}, metrics={}, started=started)
+    write_prompts(tok, {"layers": a.layers, "hidden": a.hidden,
+                        "policy_parameters": sum(x.numel() for x in policy.parameters())})
 
+
+def write_prompts(tok, about: dict) -> None:
+    """The first --n-prompts training prompts whose rendered length is at most --max-prompt-tokens."""
     src = SHARED / "prompts" / "train.jsonl"
     if not src.is_file():
         src = ROOT / "examples" / "data" / "prompts.jsonl"
@@ -129,9 +154,12 @@ def setup() -> None:
     lengths = sorted(n for _, n in kept)
     (WORK / "setup.json").write_text(json.dumps({
         "prompts_from": str(src), "prompts": len(kept), "prompt_tokens_median": statistics.median(lengths),
-        "prompt_tokens_max": lengths[-1], "layers": a.layers, "hidden": a.hidden,
-        "policy_parameters": sum(x.numel() for x in policy.parameters())}, indent=2), encoding="utf-8")
-    # Both virtualenvs must read the folders.
+        "prompt_tokens_max": lengths[-1], **about}, indent=2), encoding="utf-8")
+    check_both_read()
+
+
+def check_both_read() -> None:
+    """Both virtualenvs must read the folders."""
     check = ("import sys; from transformers import AutoModelForCausalLM as C, AutoModelForSequenceClassification as S;"
              "C.from_pretrained(sys.argv[1]); S.from_pretrained(sys.argv[2], num_labels=1); print('ok')")
     for py in (sys.executable, str(BENCH_PY)):
@@ -184,17 +212,22 @@ def wait_idle(limit_s: float = 600, foreign_cores: float = 0.1) -> float:
         time.sleep(10)
 
 
-def timed(cmd: list[str], out: Path) -> tuple[float, float]:
-    """Whole-process wall time, and the cores other processes used meanwhile (0 on a quiet machine)."""
+def timed(cmd: list[str], out: Path) -> tuple[float, float, float]:
+    """Whole-process wall time, the cores other processes used meanwhile (0 on a quiet machine), and the
+    process's peak resident memory in GiB."""
     shutil.rmtree(out, ignore_errors=True)
+    err = WORK / "stderr.txt"
     b0, c0 = busy_s(), children_cpu_s()
     t = time.perf_counter()
-    r = subprocess.run(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with err.open("w") as f:
+        proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=f)
+        _, status, usage = os.wait4(proc.pid, 0)
     dt = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
     foreign = max(0.0, (busy_s() - b0) - (children_cpu_s() - c0)) / dt
-    if r.returncode != 0:
-        sys.exit(f"benchmark command failed ({r.returncode}): {' '.join(cmd)}\n{r.stderr[-3000:]}")
-    return dt, foreign
+    if proc.returncode != 0:
+        sys.exit(f"benchmark command failed ({proc.returncode}): {' '.join(cmd)}\n{err.read_text()[-3000:]}")
+    return dt, foreign, usage.ru_maxrss / 2**20
 
 
 def jsonl(path: Path) -> list[dict]:
@@ -230,7 +263,15 @@ def summarise(side: str, wall: float, out: Path) -> dict:
             **gains(scores), **extra}
 
 
-if a.rebuild or not (RM / "rlhf_manifest.json").exists() or not PROMPTS.is_file():
+def needs_setup() -> bool:
+    if a.rebuild or not PROMPTS.is_file() or not (WORK / "setup.json").is_file():
+        return True
+    if a.policy:
+        return json.loads((WORK / "setup.json").read_text()).get("policy") != str(POLICY)
+    return not (RM / "rlhf_manifest.json").exists()
+
+
+if needs_setup():
     setup()
 if not BENCH_PY.exists():
     sys.exit(f"{BENCH_PY}: missing; create the benchmark virtualenv first (python3 -m venv, pip install "
@@ -243,19 +284,19 @@ t_bench = time.time()
 ours_out, theirs_out = WORK / "ours", WORK / "theirs"
 runs: dict[str, list[dict]] = {"ours": [], "theirs": []}
 contended = 0
-for i in range(-1, a.n):  # -1: the warm-up pair, not counted
-    seed = 42 + i if i >= 0 else 41
+for i in range(-a.warmup, a.n):  # negative: warm-up pairs, not counted
+    seed = 42 + i if i >= 0 else 41 + i + 1
     tag = "warm-up" if i < 0 else f"pair {i + 1}"
     for attempt in range(a.retries + 1):
         wait_idle()
         pair = {}
         for side, cmd, out in (("ours", ours_cmd, ours_out), ("theirs", theirs_cmd, theirs_out)):
-            wall, foreign = timed(cmd(out, seed), out)
-            res = summarise(side, wall, out) | {"seed": seed, "foreign_cores": foreign}
+            wall, foreign, peak = timed(cmd(out, seed), out)
+            res = summarise(side, wall, out) | {"seed": seed, "foreign_cores": foreign, "peak_rss_gib": peak}
             print(f"{tag} {side:6s} seed {seed}: wall {wall:6.2f}s  eps(wall) {res['eps_wall']:.3f}  "
                   f"eps(steady) {res['eps_steady']:.3f}  first update {res['first_update_s']:.2f}s  "
                   f"gain last-first {res['gain_last_first']:+.3f}  last3-first3 {res['gain_last3_first3']:+.3f}  "
-                  f"final kl {res['final_kl']:.3f}  other load {foreign:.2f} cores", flush=True)
+                  f"final kl {res['final_kl']:.3f}  peak {peak:.2f} GiB  other load {foreign:.2f} cores", flush=True)
             pair[side] = res
         if max(r["foreign_cores"] for r in pair.values()) <= a.max_foreign or attempt == a.retries:
             break
@@ -282,7 +323,8 @@ for key, label in (("wall_s", "whole-process wall s"), ("eps_wall", "episodes/s 
                    ("eps_steady", "episodes/s (steady, updates 2..N)"), ("first_update_s", "first update s"),
                    ("outside_updates_s", "s outside the updates (start, save)"),
                    ("gain_last_first", "reward gain last - first"),
-                   ("gain_last3_first3", "reward gain last3 - first3"), ("final_kl", "final KL (nats/response)")):
+                   ("gain_last3_first3", "reward gain last3 - first3"), ("final_kl", "final KL (nats/response)"),
+                   ("peak_rss_gib", "peak resident memory GiB")):
     print(f"{label:38s} ours {med('ours', key):8.3f}   trl 1.12 {med('theirs', key):8.3f}")
 summary = {}
 for key in ("eps_wall", "eps_steady"):

@@ -54,6 +54,16 @@ class RichReporter(Reporter):
                           if self.shown is None or k in self.shown)
         self.progress.update(self.task, completed=step, total=total or None, figures=escape(shown))
 
+    def samples(self, title: str, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        t = Table(title=title, title_justify="left", show_lines=True, expand=True)
+        for k in rows[0]:
+            t.add_column(k, ratio=None if k == "score" else 1, justify="right" if k == "score" else "left")
+        for r in rows:
+            t.add_row(*(escape(fmt(v) if isinstance(v, float) else str(v)) for v in r.values()))
+        (self.progress.console if self.progress else err).print(t)
+
     def finish(self) -> None:
         if self.progress is not None:
             self.progress.stop()

@@ -14,9 +14,13 @@ Huang et al. (2024), "The N+ Implementation Details of RLHF with PPO". Every upd
    score added on the last one; beta fixed or adapted towards `--kl-target` (Ziegler et al. 2019, 2.2).
 4. Advantages: a value model (started from the RM, or from the policy with a fresh one-output head; its head is
    applied to every hidden state) predicts a value per token; GAE(gamma, lambda), then whitened advantages.
-5. PPO: `--ppo-epochs` passes over shuffled minibatches of the rollouts with the clipped surrogate for the
-   policy and the clipped value loss, gradient accumulation and clipping, a decaying learning rate, and an
-   optional early stop of the update when the approximate KL to the rollout policy passes `--target-kl`.
+5. PPO: `--ppo-epochs` passes over minibatches of the rollouts (rollouts of similar length together, in a
+   shuffled order; or random minibatches) with the clipped surrogate for the policy and the clipped value loss,
+   gradient accumulation and clipping, a decaying learning rate, and an optional early stop of the update when
+   the approximate KL to the rollout policy passes `--target-kl`.
+
+Every forward pass (old and reference log-probabilities, values, RM scores, training) runs its rows without the
+columns that are padding in all of them: with prompts of mixed lengths, padding is a large part of a batch.
 
 The reference is a frozen copy of the SFT policy (with `--lora`, the same weights with the adapters switched
 off). Old log-probabilities come from the same forward path as the training passes, dropout off and logits
@@ -25,9 +29,9 @@ metrics.jsonl as check/first_logratio_max). Masks come from the first EOS, never
 tokenizer whose pad token is its EOS corrupts nothing. `--algo grpo` and `--algo rloo` give the same prompts
 and RM to TRL's GRPOTrainer / RLOOTrainer instead (group baselines, no value model).
 
-The run folder: the policy at the top (a normal Hugging Face folder), OUT/value, OUT/state (optimiser,
-scheduler, RNG, KL controller and reward statistics: enough for `--resume`), metrics.jsonl (one line per
-update), samples.jsonl, and the manifest, written last.
+The run folder: the policy at the top (a normal Hugging Face folder), OUT/value, OUT/state (scheduler, RNG, KL
+controller and reward statistics; the checkpoints in OUT.partial also hold the optimiser state: enough for
+`--resume`), metrics.jsonl (one line per update), samples.jsonl, and the manifest, written last.
 
     rlhf ppo --run runs/demo --prompts examples/data/prompts.jsonl --max-steps 20 --max-new-tokens 48
 """
@@ -74,7 +78,7 @@ RESUME_KEYS = ("algo", "policy", "reward", "prompts", "max_samples", "batch_size
                "max_new_tokens")
 # PPO settings that GRPO/RLOO do not use; given with those, they are named as ignored.
 PPO_ONLY = ("minibatch_size", "num_minibatches", "kl_estimator", "adaptive_kl", "kl_target", "kl_horizon", "gamma",
-            "lam", "whiten_advantages", "clip_value", "vf_coef", "target_kl", "value_init")
+            "lam", "whiten_advantages", "clip_value", "vf_coef", "target_kl", "value_init", "group_by_length")
 
 
 @dataclass
@@ -133,6 +137,9 @@ class PPOArgs:
     clip_value: float = opt(0.2, "Value clip range around the rollout-time values.")
     vf_coef: float = opt(0.1, "Weight of the value loss.")
     max_grad_norm: float = opt(1.0, "Clip the gradient norm to this.")
+    group_by_length: bool = opt(True, "Make each update's minibatches of rollouts of similar length (less padding, "
+                                      "faster on prompts of mixed lengths; their order is shuffled every epoch), "
+                                      "else random minibatches.")
     target_kl: float | None = opt(None, "Stop an update's remaining PPO epochs once the approximate KL to the "
                                         "rollout policy passes this (e.g. 0.1).")
     value_init: str = opt("reward", "Start the value model from the reward model, or from the policy with a "
@@ -474,28 +481,70 @@ def chunks(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def leading_pad(attn: Any) -> int:
+    """How many leading columns are padding in every row."""
+    return int((attn == 0).all(0).long().cumprod(0).sum())
+
+
+def trimmed(ro: Rollout, rows: Any) -> tuple[Any, Any, int, int]:
+    """Rows of a rollout without the columns that are padding in every one of them (the leading prompt padding
+    and the response padding after the longest response): (seq, attn, prompt_len, response_len). Those columns
+    are masked out everywhere, so results do not change; on prompts of mixed lengths it saves much of the work."""
+    attn = ro.attn[rows]
+    k = leading_pad(attn[:, :ro.prompt_len])
+    r = max(1, int(ro.mask[rows].sum(1).max()))
+    end = ro.prompt_len + r
+    return ro.seq[rows][:, k:end], attn[:, k:end], ro.prompt_len - k, r
+
+
+def by_length(ro: Rollout) -> Any:
+    """Row indices from the shortest to the longest prompt + response (stable)."""
+    import torch
+
+    return torch.argsort(ro.attn.sum(1), stable=True)
+
+
+def minibatches(ro: Rollout, size: int, group_by_length: bool) -> list[Any]:
+    """One PPO epoch's minibatches of row indices, in a random order. Grouped by length: consecutive rows of the
+    length order (less padding per minibatch); else a random partition."""
+    import torch
+
+    n = ro.seq.shape[0]
+    if not group_by_length:
+        return list(torch.randperm(n).split(size))
+    groups = list(by_length(ro).split(size))
+    return [groups[i] for i in torch.randperm(len(groups)).tolist()]
+
+
 def rollout_forward(policy: Any, ref: Any, value: Any, ro: Rollout, temperature: float, size: int,
                     lora: bool) -> tuple[Any, Any, Any, Any]:
-    """Old log-probabilities, reference log-probabilities, values and entropies of the response tokens."""
+    """Old log-probabilities, reference log-probabilities, values and entropies of the response tokens (what
+    stands after a row's end means nothing and is masked everywhere). Rows go through in chunks of similar
+    length, each without its all-padding columns."""
     import contextlib
 
     import torch
 
     from .ppo_core import entropy_from_logits, logprobs_from_logits
 
-    logps, refs, values, ents = [], [], [], []
+    n, width = ro.response.shape
+    logps, refs, values, ents = (torch.zeros(n, width, device=ro.seq.device) for _ in range(4))
+    order = by_length(ro)
     with torch.no_grad():
-        for s in chunks(ro.seq.shape[0], size):
-            logits = response_logits(policy, ro.seq[s], ro.attn[s], ro.prompt_len, temperature)
-            logps.append(logprobs_from_logits(logits, ro.response[s]))
-            ents.append(entropy_from_logits(logits))
+        for s in chunks(n, size):
+            rows = order[s]
+            seq, attn, pl, r = trimmed(ro, rows)
+            resp = ro.response[rows][:, :r]
+            logits = response_logits(policy, seq, attn, pl, temperature)
+            logps[rows, :r] = logprobs_from_logits(logits, resp)
+            ents[rows, :r] = entropy_from_logits(logits)
             del logits
             with policy.disable_adapter() if lora else contextlib.nullcontext():
-                ref_logits = response_logits(ref, ro.seq[s], ro.attn[s], ro.prompt_len, temperature)
-            refs.append(logprobs_from_logits(ref_logits, ro.response[s]))
+                ref_logits = response_logits(ref, seq, attn, pl, temperature)
+            refs[rows, :r] = logprobs_from_logits(ref_logits, resp)
             del ref_logits
-            values.append(token_scores(value, ro.seq[s], ro.attn[s])[:, ro.prompt_len - 1:-1])
-    return torch.cat(logps), torch.cat(refs), torch.cat(values), torch.cat(ents)
+            values[rows, :r] = token_scores(value, seq, attn)[:, pl - 1:-1]
+    return logps, refs, values, ents
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -558,12 +607,17 @@ class RewardScorer:
     def _score_ids(self, seq: Any, attn: Any, last: Any, batch: int) -> Any:
         import torch
 
-        out = []
+        out = torch.zeros(seq.shape[0], device=seq.device)
+        order = torch.argsort(attn.sum(1), stable=True)  # chunks of similar length waste less on padding
         with torch.no_grad():
             for s in chunks(seq.shape[0], batch):
-                scores = token_scores(self.rm, seq[s], attn[s])
-                out.append(scores.gather(1, last[s].unsqueeze(1)).squeeze(1))
-        return torch.cat(out)
+                rows = order[s]
+                a = attn[rows]
+                k = leading_pad(a)
+                end = int(last[rows].max()) + 1
+                scores = token_scores(self.rm, seq[rows][:, k:end], a[:, k:end])
+                out[rows] = scores.gather(1, (last[rows] - k).unsqueeze(1)).squeeze(1)
+        return out
 
     def shape(self, raw: Any, ends: Any) -> Any:
         """Raw scores -> the scores PPO optimises: normalised, penalised without EOS, clipped."""
@@ -867,8 +921,10 @@ def _run_ppo(a: PPOArgs, plan: Plan, staged: ResumableOutput, reporter: Reporter
         ref_model = policy if lora else ref
         t_start = time.time()
 
-        def state_for(step: int) -> dict:
-            return {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        def state_for(step: int, with_optimizer: bool = True) -> dict:
+            # the finished folder keeps everything but the optimiser moments (twice the trainable weights' size)
+            opt_state = {"optimizer": optimizer.state_dict()} if with_optimizer else {}
+            return {"step": step, **opt_state, "scheduler": scheduler.state_dict(),
                     "kl_ctl": kl_ctl.state_dict(), "moments": scorer.moments.state_dict(), "rng": _rng_state(),
                     "elapsed": elapsed_before + time.time() - t_start,
                     "summary": {"step": step, "total": total, "args": to_dict(a),
@@ -904,24 +960,24 @@ def _run_ppo(a: PPOArgs, plan: Plan, staged: ResumableOutput, reporter: Reporter
             epochs_done, steps_done, stopped = 0, 0, False
             n = ro.seq.shape[0]
             for _ in range(epochs):
-                perm = torch.randperm(n)
-                for start in range(0, n, mb):
-                    ids_mb = perm[start:start + mb].to(device)
+                for ids_mb in minibatches(ro, mb, a.group_by_length):
+                    ids_mb = ids_mb.to(device)
                     n_tok = mask[ids_mb].sum().clamp_min(1.0)
                     optimizer.zero_grad(set_to_none=True)
                     mb_stats: dict[str, float] = {}
                     for part in ids_mb.split(micro):
-                        m = mask[part]
-                        logits = response_logits(policy, ro.seq[part], ro.attn[part], ro.prompt_len, a.temperature)
-                        new_logp = logprobs_from_logits(logits, ro.response[part])
+                        seq, attn, pl, r = trimmed(ro, part)
+                        m = mask[part][:, :r]
+                        logits = response_logits(policy, seq, attn, pl, a.temperature)
+                        new_logp = logprobs_from_logits(logits, ro.response[part][:, :r])
                         del logits
-                        vpred = token_scores(value, ro.seq[part], ro.attn[part])[:, ro.prompt_len - 1:-1]
-                        pg, pgs = policy_loss(new_logp, old_logp[part], adv[part], m, a.clip_eps)
-                        vf, vfs = value_loss(vpred, old_values[part], returns[part], m, a.clip_value)
+                        vpred = token_scores(value, seq, attn)[:, pl - 1:-1]
+                        pg, pgs = policy_loss(new_logp, old_logp[part][:, :r], adv[part][:, :r], m, a.clip_eps)
+                        vf, vfs = value_loss(vpred, old_values[part][:, :r], returns[part][:, :r], m, a.clip_value)
                         w = m.sum() / n_tok  # token-weighted: grad accumulation gives the minibatch's exact loss
                         ((pg + a.vf_coef * vf) * w).backward()
                         if not first_check:
-                            dev = (new_logp - old_logp[part]).detach().abs() * m
+                            dev = (new_logp - old_logp[part][:, :r]).detach().abs() * m
                             first_check = {"check/first_logratio_max": float(dev.max()),
                                            "check/first_approx_kl": float(pgs["approx_kl"])}
                         for k, v in {"policy_loss": pg, "value_loss": vf, **pgs, **vfs}.items():
@@ -965,13 +1021,16 @@ def _run_ppo(a: PPOArgs, plan: Plan, staged: ResumableOutput, reporter: Reporter
             _jsonl_append(metrics_path, row)
             if a.sample_every and (step % a.sample_every == 0 or step == 1):
                 texts = response_texts(tok, ro, N_SAMPLES)
+                shown = []
                 for r, t, s in zip(rows, texts, raw.tolist(), strict=False):
                     _jsonl_append(samples_path, {"step": step, "prompt": r["prompt"], "response": t, "score": s})
-                    say(f"  [update {step}] score {s:+.3f}  {r['prompt'][-1]['content'][:60]!r} -> {t[:120]!r}")
+                    shown.append({"prompt": r["prompt"][-1]["content"][:200], "response": t[:400], "score": s})
+                reporter.samples(f"samples at update {step}", shown)
             reporter.update(step, total, {
-                "score": row["score_mean"], "kl": row["kl"], "entropy": row["entropy"], "clipfrac": row["clipfrac"],
-                "approx_kl": row["approx_kl"], "vf_loss": row["value_loss"], "len": row["response_length"],
-                "eps/s": row["episodes_per_second"]}, elapsed_before + time.time() - t_start)
+                "score": row["score_mean"], "score_std": row["score_std"], "kl": row["kl"], "entropy": row["entropy"],
+                "clipfrac": row["clipfrac"], "approx_kl": row["approx_kl"], "vf_loss": row["value_loss"],
+                "len": row["response_length"], "eps/s": row["episodes_per_second"],
+            }, elapsed_before + time.time() - t_start)
             if a.save_every and step % a.save_every == 0 and step < total:
                 save_checkpoint(dest, policy, value, tok, a, state_for(step))
             if a.stop_after is not None and step >= a.stop_after and step < total:
@@ -980,7 +1039,7 @@ def _run_ppo(a: PPOArgs, plan: Plan, staged: ResumableOutput, reporter: Reporter
                 raise _Stopped()
         reporter.finish()
 
-        save_checkpoint(dest, policy, value, tok, a, state_for(step))
+        save_checkpoint(dest, policy, value, tok, a, state_for(step, with_optimizer=False))
         if a.lora:
             _finish_lora(dest, policy, value, tok, a)
         dump_yaml(a, dest / "rlhf_config.yaml", header="# rlhf ppo --config rlhf_config.yaml\n")
@@ -1108,8 +1167,9 @@ def _run_trl(a: PPOArgs, plan: Plan, staged: ResumableOutput, reporter: Reporter
             self.last_step_time = now
             history.append(row)
             _jsonl_append(dest / "metrics.jsonl", row)
-            fig = {"score": row["score_mean"], "kl": row["kl"], "entropy": row["entropy"],
-                   "clipfrac": logs.get("clip_ratio/region_mean"), "len": row["response_length"]}
+            fig = {"score": row["score_mean"], "score_std": row["score_std"], "kl": row["kl"],
+                   "entropy": row["entropy"], "clipfrac": logs.get("clip_ratio/region_mean"),
+                   "len": row["response_length"]}
             reporter.update(state.global_step, state.max_steps, {k: v for k, v in fig.items() if v is not None},
                             now - self.t0)
 

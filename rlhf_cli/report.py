@@ -27,6 +27,12 @@ class Reporter:
             shown = "  ".join(f"{k} {fmt(v)}" for k, v in figures.items())
             self.info(f"step {step}/{total}  {shown}  {elapsed:.0f}s")
 
+    def samples(self, title: str, rows: list[dict[str, Any]]) -> None:
+        """A few examples (e.g. prompt, response, score) to show while training."""
+        self.info(title)
+        for r in rows:
+            self.info("  " + "  ".join(f"{k}: {fmt(v) if isinstance(v, float) else v!r}" for k, v in r.items()))
+
     def finish(self) -> None:
         pass
 
@@ -36,6 +42,9 @@ class Quiet(Reporter):
         pass
 
     def update(self, step: int, total: int, figures: dict[str, float], elapsed: float) -> None:
+        pass
+
+    def samples(self, title: str, rows: list[dict[str, Any]]) -> None:
         pass
 
 

@@ -21,6 +21,7 @@ times slower than one.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -145,6 +146,9 @@ def test_ppo_raises_the_score_with_bounded_kl(w):
     assert "ppo finished" in result.stdout and f"next: rlhf chat {out}" in result.stdout
     samples = lines(out / "samples.jsonl")
     assert {s["step"] for s in samples} == {1, 12, 24} and all("response" in s for s in samples)
+    # the same samples shown as a table while training (the first update's, then every --sample-every)
+    assert "samples at update 1" in result.stderr and "samples at update 12" in result.stderr
+    assert not re.search(r"samples at update 2\b", result.stderr) and "response" in result.stderr
 
     # a normal Hugging Face folder on top, the value model, the state for --resume
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -154,6 +158,9 @@ def test_ppo_raises_the_score_with_bounded_kl(w):
     assert AutoModelForSequenceClassification.from_pretrained(out / "value").config.num_labels == 1
     assert {"trainer.pt", "state.json"} <= {p.name for p in (out / "state").iterdir()}
     assert json.loads((out / "state" / "state.json").read_text())["step"] == 24
+    # the finished folder drops the optimiser moments (only a --resume checkpoint needs them)
+    final = torch.load(out / "state" / "trainer.pt", weights_only=False)
+    assert "optimizer" not in final and {"scheduler", "kl_ctl", "moments", "rng", "step"} <= set(final)
     assert not out.with_name("learn.partial").exists()
 
 
@@ -309,6 +316,25 @@ def test_rollout_masks_scores_and_logprobs_with_pad_equal_to_eos(w):
             scored = prompts[i] + resp.tolist() + (suffix if ro.ends[i] else [])
             expect = rm(input_ids=torch.tensor([scored])).logits[0, 0]
             torch.testing.assert_close(scores[i], expect, rtol=1e-4, atol=1e-4)
+
+    # each chunk and minibatch drops only the columns that are padding in all its rows
+    from rlhf_cli.ppo import by_length, minibatches, trimmed
+
+    order = by_length(ro).tolist()
+    total = ro.attn.sum(1).tolist()
+    assert [total[i] for i in order] == sorted(total)
+    short = torch.tensor(order[:3])
+    seq, attn, pl, r = trimmed(ro, short)
+    assert r == max(lengths[i] for i in order[:3]) and seq.shape[1] == pl + r
+    assert pl == max(len(prompts[i]) for i in order[:3]) < ro.prompt_len
+    assert attn[:, 0].any() and attn[:, pl + r - 1].any()  # the first and last columns hold a real token
+    for i, row in zip(short.tolist(), seq, strict=True):
+        assert row[attn[short.tolist().index(i)].bool()].tolist() == prompts[i] + ro.response[i, :lengths[i]].tolist()
+    torch.manual_seed(0)
+    grouped = minibatches(ro, 2, True)
+    assert sorted(tuple(g.tolist()) for g in grouped) == sorted(tuple(order[k:k + 2]) for k in (0, 2, 4))
+    shuffled = minibatches(ro, 2, False)
+    assert sorted(sum((g.tolist() for g in shuffled), [])) == list(range(6)) and all(len(g) == 2 for g in shuffled)
 
 
 # ---------------------------------------------------------------------------------------------------------
