@@ -40,6 +40,7 @@ from typing import Any
 from .config import check_choices, opt
 from .data import load_prompts
 from .errors import CheckpointError, ConfigError
+from .generation import cut_at_eos
 from .manifest import STAGE_COMMANDS, a_stage, manifest_if_stage, require_stage
 from .report import Reporter
 
@@ -98,15 +99,6 @@ def distinct_n(sequences: list[list[int]], n: int) -> float | None:
 def outcomes(scores: list[float], base_scores: list[float], tie_margin: float) -> list[str]:
     return ["tie" if abs(a - b) <= tie_margin else "win" if a > b else "loss"
             for a, b in zip(scores, base_scores, strict=True)]
-
-
-def cut_at_eos(ids: list[int], eos_ids: list[int]) -> tuple[list[int], bool]:
-    """The answer's tokens up to and including the first EOS (all of them when there is none), and whether it
-    reached EOS. Generation pads finished rows after their EOS; a row without EOS is never padded."""
-    for i, t in enumerate(ids):
-        if t in eos_ids:
-            return ids[:i + 1], True
-    return ids, False
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -175,15 +167,10 @@ def answer_logprob(model: Any, prompts: list[list[int]], answers: list[list[int]
     positions are those of the unpadded sequence)."""
     import torch
 
+    from .generation import pad_batch
     from .ppo_core import logprobs_from_logits
 
-    seqs = [p + a for p, a in zip(prompts, answers, strict=True)]
-    width = max(len(s) for s in seqs)
-    x = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    att = torch.zeros_like(x)
-    for row, s in enumerate(seqs):
-        x[row, :len(s)] = torch.tensor(s, dtype=torch.long)
-        att[row, :len(s)] = 1
+    x, att = pad_batch([p + a for p, a in zip(prompts, answers, strict=True)], pad_id)
     dev = next(model.parameters()).device
     with torch.inference_mode():
         logits = model(input_ids=x.to(dev), attention_mask=att.to(dev)).logits
@@ -211,13 +198,12 @@ class _Judge:
         self.truncated = 0
 
     def scores(self, prompts: list[list[dict]], answers: list[str], batch_size: int) -> list[float]:
-        from .generation import render_chat
+        from .generation import encode_chat
         from .reward import score_ids
 
         ids = []
         for p, a in zip(prompts, answers, strict=True):
-            text = render_chat(self.tok, p + [{"role": "assistant", "content": a}], generation_prompt=False)
-            x = self.tok(text, add_special_tokens=False)["input_ids"]
+            x = encode_chat(self.tok, p + [{"role": "assistant", "content": a}], generation_prompt=False)
             if len(x) > self.max_length:
                 x = x[-self.max_length:]
                 self.truncated += 1

@@ -100,7 +100,7 @@ def eval_reward(args: EvalRewardArgs, reporter: Reporter | None = None) -> dict[
     max_length = args.max_length or (manifest.args.get("max_length") if manifest else None) or 512
     path = resolve_model(model_name, say=reporter.info)
 
-    from .generation import render_chat
+    from .generation import encode_chat
     from .reward import encode_pairs, pair_metrics
     from .training import quiet_libraries
 
@@ -110,7 +110,7 @@ def eval_reward(args: EvalRewardArgs, reporter: Reporter | None = None) -> dict[
     model, tok = load_reward_model(path)
     rows, truncated = encode_pairs(ds, tok, max_length)
     s = pair_metrics(model, rows, tok.pad_token_id, args.batch_size)
-    lengths = [len(tok(render_chat(tok, r["prompt"]), add_special_tokens=False)["input_ids"]) for r in ds.rows]
+    lengths = [len(encode_chat(tok, r["prompt"])) for r in ds.rows]
     by_length = accuracy_by_length(lengths, [c > r for c, r in zip(s.chosen, s.rejected, strict=True)])
     return {"model": model_name, "data": args.data, "accuracy": s.accuracy, "mean_margin": s.mean_margin,
             "pairs": s.pairs, "prompts": ds.prompts, "mean_chosen_score": sum(s.chosen) / s.pairs,

@@ -77,6 +77,41 @@ def render_chat(tok: Any, messages: list[dict[str, str]], generation_prompt: boo
     return text + ("\n\nAssistant:" if generation_prompt else "")
 
 
+def encode_chat(tok: Any, messages: list[dict[str, str]], generation_prompt: bool = True) -> list[int]:
+    """Token ids of `render_chat` (the template writes the special tokens itself)."""
+    return tok(render_chat(tok, messages, generation_prompt), add_special_tokens=False)["input_ids"]
+
+
+def stop_ids(tok: Any, generation_eos: int | list[int] | None) -> list[int]:
+    """The tokenizer's EOS plus the EOS ids of the model's generation config (several chat models have two)."""
+    eos = list(generation_eos) if isinstance(generation_eos, (list, tuple)) else [generation_eos]
+    return sorted({i for i in eos + [tok.eos_token_id] if i is not None})
+
+
+def cut_at_eos(ids: list[int], eos_ids: list[int]) -> tuple[list[int], bool]:
+    """The answer's tokens up to and including the first EOS (all of them when there is none), and whether it
+    reached EOS. Generation pads finished rows after their EOS; a row without EOS is never padded."""
+    for i, t in enumerate(ids):
+        if t in eos_ids:
+            return ids[:i + 1], True
+    return ids, False
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[Any, Any]:
+    """Token id lists as one padded batch: (ids, attention mask), long tensors on the CPU. Left padding for
+    generation, right padding elsewhere."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for row, s in enumerate(seqs):
+        cols = slice(width - len(s), width) if left else slice(0, len(s))
+        ids[row, cols] = torch.tensor(s, dtype=torch.long)
+        attn[row, cols] = 1
+    return ids, attn
+
+
 @dataclass
 class Answer:
     text: str
@@ -89,9 +124,7 @@ class LM:
 
     def __init__(self, name: str, path: Path, model: Any, tok: Any):
         self.name, self.path, self.model, self.tok = name, path, model, tok
-        eos = model.generation_config.eos_token_id
-        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
-        self.eos_ids = sorted({i for i in eos + [tok.eos_token_id] if i is not None})
+        self.eos_ids = stop_ids(tok, model.generation_config.eos_token_id)
         self.context = getattr(model.config, "max_position_embeddings", None)
 
     @property
@@ -99,7 +132,7 @@ class LM:
         return next(self.model.parameters()).device
 
     def encode(self, messages: list[dict[str, str]]) -> list[int]:
-        return self.tok(render_chat(self.tok, messages), add_special_tokens=False)["input_ids"]
+        return encode_chat(self.tok, messages)
 
     def fit(self, messages: list[dict[str, str]], max_new_tokens: int) -> tuple[list[int], int]:
         """Token ids of the conversation, dropping its oldest turns (never the system prompt or the last user
@@ -115,22 +148,18 @@ class LM:
             turns, dropped = turns[cut:], dropped + cut
 
     def _answer(self, new_ids: list[int]) -> Answer:
-        end = next((i for i, t in enumerate(new_ids) if t in self.eos_ids), None)
-        kept = new_ids if end is None else new_ids[:end]
-        return Answer(self.tok.decode(kept, skip_special_tokens=True).strip(), end is not None, len(kept))
+        kept, finished = cut_at_eos(new_ids, self.eos_ids)
+        kept = kept[:-1] if finished else kept
+        return Answer(self.tok.decode(kept, skip_special_tokens=True).strip(), finished, len(kept))
 
     def sample_ids(self, prompts: list[list[int]], n: int, sampling: Sampling) -> list[list[int]]:
         """The raw new token ids of `n` answers per prompt (rows: prompt 0 answer 0..n-1, prompt 1 ...),
         generated in one left-padded batch with the KV cache."""
         import torch
 
-        width = max(len(p) for p in prompts)
         pad = self.tok.pad_token_id
-        x = torch.full((len(prompts), width), pad, dtype=torch.long)
-        att = torch.zeros_like(x)
-        for row, ids in enumerate(prompts):
-            x[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            att[row, width - len(ids):] = 1
+        x, att = pad_batch(prompts, pad, left=True)
+        width = x.shape[1]
         self.model.eval()
         with torch.inference_mode():
             out = self.model.generate(input_ids=x.to(self.device), attention_mask=att.to(self.device),

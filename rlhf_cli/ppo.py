@@ -52,6 +52,7 @@ from typing import Any
 from .config import check_choices, dump_yaml, opt, to_dict
 from .data import DataSet, load_prompts
 from .errors import CheckpointError, ConfigError, DataError
+from .generation import encode_chat
 from .manifest import (
     STAGE_COMMANDS,
     Manifest,
@@ -325,19 +326,14 @@ def template_suffix(tok: Any) -> list[int] | None:
 
 
 def eos_ids_of(tok: Any, path: Path) -> list[int]:
-    """The tokenizer's EOS plus any the model's generation config stops on (several chat models have two)."""
-    ids = {tok.eos_token_id}
+    """`generation.stop_ids` from the folder's generation_config.json, read before the weights load."""
+    from .generation import stop_ids
+
     try:
         gen = json.loads((path / "generation_config.json").read_text(encoding="utf-8")).get("eos_token_id")
     except (OSError, json.JSONDecodeError):
         gen = None
-    ids.update([gen] if isinstance(gen, int) else (gen or []))
-    return sorted(i for i in ids if i is not None)
-
-
-def render_prompt(tok: Any, messages: list[dict]) -> list[int]:
-    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tok(text, add_special_tokens=False)["input_ids"]
+    return stop_ids(tok, gen)
 
 
 def preflight(a: PPOArgs, say) -> Plan:
@@ -378,7 +374,7 @@ def preflight(a: PPOArgs, say) -> Plan:
     limit = max_length - a.max_new_tokens
     ids, rows, too_long = [], [], 0
     for r in prompts.rows:
-        x = render_prompt(tok, r["prompt"])
+        x = encode_chat(tok, r["prompt"])  # the template exists: checked above
         if len(x) > limit:
             too_long += 1
             continue
@@ -441,26 +437,15 @@ class Rollout:
     ends: Any  # [B] bool: the response ended with EOS
 
 
-def left_pad(prompt_ids: list[list[int]], pad_id: int, device: Any) -> tuple[Any, Any]:
-    import torch
-
-    width = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for i, p in enumerate(prompt_ids):
-        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
-        attn[i, width - len(p):] = 1
-    return ids.to(device), attn.to(device)
-
-
 def generate_rollouts(policy: Any, prompt_ids: list[list[int]], gen_config: Any, pad_id: int,
                       eos_ids: list[int], device: Any) -> Rollout:
     """Sample one response per prompt in one batched generate call."""
     import torch
 
+    from .generation import pad_batch
     from .ppo_core import response_mask_from_ids
 
-    ids, attn = left_pad(prompt_ids, pad_id, device)
+    ids, attn = (t.to(device) for t in pad_batch(prompt_ids, pad_id, left=True))
     with torch.no_grad():
         out = policy.generate(input_ids=ids, attention_mask=attn, generation_config=gen_config)
     p = ids.shape[1]
@@ -592,15 +577,11 @@ class RewardScorer:
         """Raw RM scores of whole conversations rendered with the RM's own chat template."""
         import torch
 
+        from .generation import encode_chat, pad_batch
+
         tok = self.plan.rm_tok
-        ids = [tok(tok.apply_chat_template(c, tokenize=False), add_special_tokens=False)["input_ids"]
-               [-self.plan.rm_max_length:] for c in convs]
-        width = max(len(x) for x in ids)
-        seq = torch.full((len(ids), width), tok.pad_token_id, dtype=torch.long)
-        attn = torch.zeros_like(seq)
-        for i, x in enumerate(ids):
-            seq[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-            attn[i, :len(x)] = 1
+        ids = [encode_chat(tok, c, generation_prompt=False)[-self.plan.rm_max_length:] for c in convs]
+        seq, attn = pad_batch(ids, tok.pad_token_id)
         last = torch.tensor([len(x) - 1 for x in ids])
         return self._score_ids(seq.to(self.device), attn.to(self.device), last.to(self.device), batch)
 

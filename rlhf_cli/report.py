@@ -44,9 +44,6 @@ class Quiet(Reporter):
     def update(self, step: int, total: int, figures: dict[str, float], elapsed: float) -> None:
         pass
 
-    def samples(self, title: str, rows: list[dict[str, Any]]) -> None:
-        pass
-
 
 def fmt(v: float) -> str:
     if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) < 1e6):

@@ -153,25 +153,20 @@ def score_ids(model: Any, ids: list[list[int]], pad_id: int, batch_size: int = 1
     """One score per sequence (right padding; the head reads the last non-pad token)."""
     import torch
 
-    scores: list[float] = []
+    from .generation import pad_batch
+
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths per batch: less padding
     out = [0.0] * len(ids)
     model.eval()
     with torch.inference_mode():
         for k in range(0, len(order), batch_size):
             idx = order[k:k + batch_size]
-            width = max(len(ids[i]) for i in idx)
-            x = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            att = torch.zeros_like(x)
-            for row, i in enumerate(idx):
-                x[row, :len(ids[i])] = torch.tensor(ids[i])
-                att[row, :len(ids[i])] = 1
+            x, att = pad_batch([ids[i] for i in idx], pad_id)
             dev = next(model.parameters()).device
             logits = model(input_ids=x.to(dev), attention_mask=att.to(dev)).logits[:, 0].float().cpu()
             for row, i in enumerate(idx):
                 out[i] = float(logits[row])
-    scores.extend(out)
-    return scores
+    return out
 
 
 def pair_metrics(model: Any, rows: list[dict], pad_id: int, batch_size: int = 16) -> PairScores:

@@ -27,8 +27,9 @@ import pytest
 import torch
 from conftest import build_tiny, invoke, learnable_prefs, ok, one_error, write_jsonl
 
-from rlhf_cli.eval_policy import EVAL_FILE, answer_logprob, cut_at_eos, distinct_n, outcomes, wilson_interval
+from rlhf_cli.eval_policy import EVAL_FILE, answer_logprob, distinct_n, outcomes, wilson_interval
 from rlhf_cli.evaluate import accuracy_by_length, length_bucket
+from rlhf_cli.generation import cut_at_eos
 from rlhf_cli.manifest import MANIFEST, STAGE_COMMANDS, write_manifest
 
 PLAIN_TEMPLATE = ("{% for m in messages %}{% if not loop.first %}{{ '\n' }}{% endif %}"

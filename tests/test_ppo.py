@@ -263,12 +263,12 @@ def test_rollout_masks_scores_and_logprobs_with_pad_equal_to_eos(w):
     and everything after EOS change nothing, and the RM reads the score where an unpadded pass would."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
+    from rlhf_cli.generation import encode_chat
     from rlhf_cli.ppo import (
         Plan,
         PPOArgs,
         RewardScorer,
         generate_rollouts,
-        render_prompt,
         rollout_forward,
         template_suffix,
         token_scores,
@@ -281,7 +281,7 @@ def test_rollout_masks_scores_and_logprobs_with_pad_equal_to_eos(w):
     assert tok.pad_token_id == eos
     policy = AutoModelForCausalLM.from_pretrained(w.policy).eval()
     rm = AutoModelForSequenceClassification.from_pretrained(w.rm).eval()
-    prompts = [render_prompt(tok, [{"role": "user", "content": "Hi" + " there" * k}]) for k in (0, 3, 7, 1, 5, 2)]
+    prompts = [encode_chat(tok, [{"role": "user", "content": "Hi" + " there" * k}]) for k in (0, 3, 7, 1, 5, 2)]
     assert len({len(p) for p in prompts}) == 6  # different lengths: real left padding
     gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=8,
                            eos_token_id=[eos], pad_token_id=eos, sequence_bias={(eos,): 9.0})
