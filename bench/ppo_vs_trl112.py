@@ -57,18 +57,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 from common import BIN, ENV, SHARED  # noqa: E402
+from ppo_settings import add_settings, setting_flags  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("-n", type=int, default=3, help="measured pairs (after one warm-up pair)")
-p.add_argument("--updates", type=int, default=10)
-p.add_argument("--batch-size", type=int, default=8)
-p.add_argument("--ppo-epochs", type=int, default=2)
-p.add_argument("--num-minibatches", type=int, default=2)
-p.add_argument("--response-length", type=int, default=32)
-p.add_argument("--lr", type=float, default=1e-3)
-p.add_argument("--kl-coef", type=float, default=0.05)
-p.add_argument("--temperature", type=float, default=0.7)
-p.add_argument("--missing-eos-penalty", type=float, default=1.0)
+add_settings(p)
 p.add_argument("--n-prompts", type=int, default=64)
 p.add_argument("--max-prompt-tokens", type=int, default=128,
                help="keep the first prompts whose rendered length is at most this (0: no limit)")
@@ -178,11 +171,7 @@ def ours_cmd(out: Path, seed: int) -> list[str]:
 
 def theirs_cmd(out: Path, seed: int) -> list[str]:
     return [str(BENCH_PY), str(ROOT / "bench" / "trl112_ppo.py"), "--policy", str(POLICY), "--reward", str(RM),
-            "--prompts", str(PROMPTS), "--out", str(out), "--updates", str(a.updates),
-            "--batch-size", str(a.batch_size), "--ppo-epochs", str(a.ppo_epochs),
-            "--num-minibatches", str(a.num_minibatches), "--response-length", str(a.response_length),
-            "--lr", str(a.lr), "--kl-coef", str(a.kl_coef), "--temperature", str(a.temperature),
-            "--missing-eos-penalty", str(a.missing_eos_penalty), "--seed", str(seed), "--threads", "2"]
+            "--prompts", str(PROMPTS), "--out", str(out), *setting_flags(a), "--seed", str(seed), "--threads", "2"]
 
 
 TICK = os.sysconf("SC_CLK_TCK")

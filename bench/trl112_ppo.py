@@ -22,20 +22,14 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 
+from ppo_settings import add_settings  # noqa: E402 (this script's folder, bench/)
+
 p = argparse.ArgumentParser()
 p.add_argument("--policy", required=True)
 p.add_argument("--reward", required=True)
 p.add_argument("--prompts", required=True)
 p.add_argument("--out", required=True)
-p.add_argument("--updates", type=int, default=10)
-p.add_argument("--batch-size", type=int, default=8)
-p.add_argument("--ppo-epochs", type=int, default=2)
-p.add_argument("--num-minibatches", type=int, default=2)
-p.add_argument("--response-length", type=int, default=32)
-p.add_argument("--lr", type=float, default=1e-3)
-p.add_argument("--kl-coef", type=float, default=0.05)
-p.add_argument("--temperature", type=float, default=0.7)
-p.add_argument("--missing-eos-penalty", type=float, default=1.0)
+add_settings(p)
 p.add_argument("--seed", type=int, default=42)
 p.add_argument("--threads", type=int, default=2)
 a = p.parse_args()
