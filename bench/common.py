@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import statistics
 import subprocess
@@ -13,6 +14,24 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 SHARED = ROOT.parent / "shared" / "data"
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false")
+
+
+def measured(cmd: list[str], log: Path) -> tuple[float, float]:
+    """Run one command with its stdout and stderr in `log` (exit with the log's tail when it fails): its wall
+    seconds and its peak resident memory in GiB, from the kernel's account of that child (wait4)."""
+    t = time.perf_counter()
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, env=ENV, stdout=f, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    dt = time.perf_counter() - t
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        sys.exit(f"benchmark command failed ({code}): {' '.join(cmd)}\n{log.read_text()[-3000:]}")
+    return dt, usage.ru_maxrss / 2**20
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
 def run(cmd: list[str], quiet: bool = True) -> float:

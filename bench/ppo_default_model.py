@@ -20,14 +20,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from common import BIN, ENV, SHARED  # noqa: E402
+from common import BIN, SHARED, jsonl, measured  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--run", default=str(ROOT / "runs" / "demo"), help="run folder with sft and reward stages")
@@ -47,17 +45,6 @@ for d in (sft, rm):
         sys.exit(f"{d}: no finished stage here; run `make demo` first (or pass --run DIR with sft and reward)")
 
 
-def timed(cmd: list[str], log: Path) -> tuple[float, float]:
-    """Wall seconds and peak resident memory (GiB) of one child process."""
-    t = time.perf_counter()
-    with log.open("w") as f:
-        proc = subprocess.Popen(cmd, env=ENV, stdout=f, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"failed: {' '.join(cmd)}\n{log.read_text()[-3000:]}")
-    return time.perf_counter() - t, usage.ru_maxrss / 2**20
-
-
 out.parent.mkdir(parents=True, exist_ok=True)
 load_before = os.getloadavg()
 res: dict = {"command": sys.argv, "load_before": load_before}
@@ -65,9 +52,9 @@ if not a.skip_train:
     cmd = [str(BIN / "rlhf"), "ppo", "--config", a.config, "--policy", str(sft), "--reward", str(rm),
            "--out", str(out), "--overwrite", *a.extra]
     print("$ " + " ".join(cmd), flush=True)
-    wall, peak = timed(cmd, out.parent / "ppo.log")
+    wall, peak = measured(cmd, out.parent / "ppo.log")
     res |= {"ppo_wall_s": wall, "ppo_peak_rss_gib": peak}
-rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+rows = jsonl(out / "metrics.jsonl")
 per = [r["time/update"] for r in rows]
 res |= {"updates": len(rows), "s_per_update_median": statistics.median(per),
         "split_median": {k[5:]: statistics.median(r[k] for r in rows)
@@ -85,11 +72,11 @@ if a.eval_samples:
     cmd += ["--max-samples", str(a.eval_samples)]
 if not a.skip_eval:
     print("$ " + " ".join(cmd), flush=True)
-    wall, peak = timed(cmd, out.parent / "eval.log")
+    wall, peak = measured(cmd, out.parent / "eval.log")
     res |= {"eval_wall_s": wall, "eval_peak_rss_gib": peak}
 text = (out.parent / "eval.log").read_text()
 ev = json.loads(text[text.index("{"):])
-per_prompt = [json.loads(x) for x in rows_file.read_text().splitlines() if x.strip()]
+per_prompt = jsonl(rows_file)
 diffs = [r["score"] - r["baseline_score"] for r in per_prompt]
 half = 1.96 * statistics.stdev(diffs) / len(diffs) ** 0.5  # normal interval of a mean of paired differences
 res |= {"score_diff_ci95": [statistics.mean(diffs) - half, statistics.mean(diffs) + half], "eval": ev,

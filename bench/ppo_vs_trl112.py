@@ -56,7 +56,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
-from common import BIN, ENV, SHARED  # noqa: E402
+from common import BIN, ENV, SHARED, jsonl, measured  # noqa: E402
 from ppo_settings import add_settings, setting_flags  # noqa: E402
 
 p = argparse.ArgumentParser()
@@ -205,22 +205,10 @@ def timed(cmd: list[str], out: Path) -> tuple[float, float, float]:
     """Whole-process wall time, the cores other processes used meanwhile (0 on a quiet machine), and the
     process's peak resident memory in GiB."""
     shutil.rmtree(out, ignore_errors=True)
-    err = WORK / "stderr.txt"
     b0, c0 = busy_s(), children_cpu_s()
-    t = time.perf_counter()
-    with err.open("w") as f:
-        proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=f)
-        _, status, usage = os.wait4(proc.pid, 0)
-    dt = time.perf_counter() - t
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    dt, peak = measured(cmd, WORK / "run.log")
     foreign = max(0.0, (busy_s() - b0) - (children_cpu_s() - c0)) / dt
-    if proc.returncode != 0:
-        sys.exit(f"benchmark command failed ({proc.returncode}): {' '.join(cmd)}\n{err.read_text()[-3000:]}")
-    return dt, foreign, usage.ru_maxrss / 2**20
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return dt, foreign, peak
 
 
 def gains(scores: list[float]) -> dict:
