@@ -784,9 +784,7 @@ def _load_models(a: PPOArgs, plan: Plan, precision: str, device: Any, resume_dir
     value_base = plan.reward_path if a.value_init == "reward" else plan.policy_path
 
     def causal(path: Path) -> Any:
-        m = fit_vocab(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), tok)
-        set_distinct_pad(tok, m)
-        return m
+        return fit_vocab(AutoModelForCausalLM.from_pretrained(path, dtype=dtype), tok)
 
     def classifier(path: Path, t: Any = tok) -> Any:
         return fit_vocab(AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype), t)
@@ -1037,13 +1035,17 @@ def _run_ppo(a: PPOArgs, plan: Plan, staged: ResumableOutput, reporter: Reporter
             "reward_input": "token ids" if plan.same_ids else "re-encoded text",
             "threads": threads, "precision": precision, "lr": lr,
         }
-        data = {"prompts": plan.prompts.summary() | {"too_long": plan.too_long, "used": len(plan.prompt_ids)}}
-        write_manifest(dest, stage="ppo", parents=[plan.policy, plan.reward],
-                       args=to_dict(a) | {"resolved_policy": str(plan.policy_path),
-                                          "resolved_reward": str(plan.reward_path), "lr": lr, "ppo_epochs": epochs,
-                                          "minibatch_size": mb},
-                       data=data, metrics=metrics, started=started)
+        _write_ppo_manifest(dest, a, plan, metrics, started, lr=lr, ppo_epochs=epochs, minibatch_size=mb)
     return staged.out
+
+
+def _write_ppo_manifest(dest: Path, a: PPOArgs, plan: Plan, metrics: dict, started: float, **resolved: Any) -> None:
+    """The stage's manifest, written last: parents = the policy and RM, args with what was resolved from them."""
+    data = {"prompts": plan.prompts.summary() | {"too_long": plan.too_long, "used": len(plan.prompt_ids)}}
+    write_manifest(dest, stage="ppo", parents=[plan.policy, plan.reward],
+                   args=to_dict(a) | {"resolved_policy": str(plan.policy_path),
+                                      "resolved_reward": str(plan.reward_path), **resolved},
+                   data=data, metrics=metrics, started=started)
 
 
 def _finish_lora(dest: Path, policy: Any, value: Any, tok: Any, a: PPOArgs) -> None:
@@ -1091,7 +1093,6 @@ def _run_trl(a: PPOArgs, plan: Plan, staged: ResumableOutput, reporter: Reporter
     transformers.set_seed(a.seed)
     dtype = torch_dtype(precision)
     policy = fit_vocab(AutoModelForCausalLM.from_pretrained(plan.policy_path, dtype=dtype), tok)
-    set_distinct_pad(tok, policy)
     policy.generation_config.eos_token_id = plan.eos_ids
     if a.freeze_layers:
         freeze_lower_layers(policy, a.freeze_layers)
@@ -1195,10 +1196,5 @@ def _run_trl(a: PPOArgs, plan: Plan, staged: ResumableOutput, reporter: Reporter
                    "final_response_length": last_row.get("response_length"),
                    "seconds_per_update": (time.time() - t0) / max(1, trainer.state.global_step),
                    "threads": threads, "precision": precision, "lr": lr}
-        data = {"prompts": plan.prompts.summary() | {"too_long": plan.too_long, "used": len(plan.prompt_ids)}}
-        write_manifest(dest, stage="ppo", parents=[plan.policy, plan.reward],
-                       args=to_dict(a) | {"resolved_policy": str(plan.policy_path),
-                                          "resolved_reward": str(plan.reward_path), "lr": lr,
-                                          "ppo_epochs": iterations},
-                       data=data, metrics=metrics, started=started)
+        _write_ppo_manifest(dest, a, plan, metrics, started, lr=lr, ppo_epochs=iterations)
     return staged.out
