@@ -94,7 +94,7 @@ def setup() -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from conftest import build_tiny
 
-    from rlhf_cli.manifest import write_manifest
+    from rlhf_cli.core.manifest import write_manifest
 
     shutil.rmtree(WORK, ignore_errors=True)
     WORK.mkdir(parents=True)

@@ -12,7 +12,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from rlhf_cli.models import DEFAULT_MODEL, resolve_model
+from rlhf_cli.core.models import DEFAULT_MODEL, resolve_model
 
 p = argparse.ArgumentParser()
 p.add_argument("--batch", type=int, default=4)

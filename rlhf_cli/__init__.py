@@ -7,15 +7,15 @@ Library API (the CLI is a thin layer over it)::
     rm_dir = run_reward(RewardArgs(model=str(sft_dir), data="examples/data/prefs_ranked.jsonl", out="runs/x/reward"))
 """
 
-from .chat import ChatArgs, ChatSession
-from .errors import CheckpointError, ConfigError, DataError, RLHFError
-from .eval_policy import EvalPolicyArgs, eval_policy
-from .evaluate import EvalRewardArgs, eval_reward
-from .generate import GenerateArgs, run_generate
-from .ppo import PPOArgs, run_ppo
-from .report_run import ReportArgs, make_report
-from .reward import RewardArgs, run_reward
-from .sft import SFTArgs, run_sft
+from rlhf_cli.core.errors import CheckpointError, ConfigError, DataError, RLHFError
+from rlhf_cli.evaluation.eval_policy import EvalPolicyArgs, eval_policy
+from rlhf_cli.evaluation.eval_reward import EvalRewardArgs, eval_reward
+from rlhf_cli.evaluation.report import ReportArgs, make_report
+from rlhf_cli.interact.chat import ChatArgs, ChatSession
+from rlhf_cli.interact.generate import GenerateArgs, run_generate
+from rlhf_cli.stages.ppo.trainer import PPOArgs, run_ppo
+from rlhf_cli.stages.reward.train import RewardArgs, run_reward
+from rlhf_cli.stages.sft.train import SFTArgs, run_sft
 
 __version__ = "0.1.0"
 __all__ = ["SFTArgs", "run_sft", "RewardArgs", "run_reward", "EvalRewardArgs", "eval_reward",

@@ -37,7 +37,7 @@ def build_tiny(dest: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> 
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from rlhf_cli.models import DEFAULT_MODEL, load_tokenizer, prepare_embedded
+    from rlhf_cli.core.models import DEFAULT_MODEL, load_tokenizer, prepare_embedded
 
     tok = load_tokenizer(prepare_embedded(DEFAULT_MODEL))
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=hidden * 2,
@@ -82,7 +82,7 @@ def learnable_prefs(n: int, seed: int = 0) -> list[dict]:
 
 
 def invoke(*args):
-    from rlhf_cli.cli import app
+    from rlhf_cli.cli.app import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
 

@@ -16,11 +16,11 @@ import pytest
 from conftest import build_tiny, ok, one_error
 from typer.testing import CliRunner
 
-from rlhf_cli.chat import ChatSession, RewardScorer, chat_loop
-from rlhf_cli.cli import app
-from rlhf_cli.data import load_prefs
-from rlhf_cli.generation import LM, Answer, Sampling, load_lm, seed_all
-from rlhf_cli.manifest import write_manifest
+from rlhf_cli.cli.app import app
+from rlhf_cli.core.generation import LM, Answer, Sampling, load_lm, seed_all
+from rlhf_cli.core.manifest import write_manifest
+from rlhf_cli.data.io import load_prefs
+from rlhf_cli.interact.chat import ChatSession, RewardScorer, chat_loop
 
 FAST = ["--threads", "1", "--max-new-tokens", "8"]
 TITLE = re.compile(r"[╭┌]─ (\d) · ")
@@ -57,7 +57,7 @@ def rm(tiny, tmp_path_factory) -> Path:
     """A reward stage folder: the tiny model with an (untrained) one-output head, and its manifest."""
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf_cli.models import load_tokenizer
+    from rlhf_cli.core.models import load_tokenizer
 
     folder = tmp_path_factory.mktemp("rm") / "reward"
     model = AutoModelForSequenceClassification.from_pretrained(tiny, num_labels=1)

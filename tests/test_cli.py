@@ -20,11 +20,11 @@ import pytest
 import yaml
 from conftest import EXAMPLES, SHARED, invoke, ok, one_error, write_jsonl
 
-from rlhf_cli.config import resolve
-from rlhf_cli.data import load_prefs, load_sft
-from rlhf_cli.errors import DataError
-from rlhf_cli.manifest import MANIFEST, STAGE_COMMANDS, write_manifest
-from rlhf_cli.sft import SFTArgs
+from rlhf_cli.core.config import resolve
+from rlhf_cli.core.errors import DataError
+from rlhf_cli.core.manifest import MANIFEST, STAGE_COMMANDS, write_manifest
+from rlhf_cli.data.io import load_prefs, load_sft
+from rlhf_cli.stages.sft.train import SFTArgs
 
 # one torch thread: on a small shared machine two threads that fight other processes are several times slower
 FAST = ["--max-steps", "2", "--batch-size", "2", "--threads", "1"]
@@ -440,12 +440,12 @@ def test_failure_mid_stage_keeps_the_finished_stage(run, tiny, tmp_path, monkeyp
     ok(run.sft)
     import shutil
 
-    import rlhf_cli.sft
+    import rlhf_cli.stages.sft.train
 
     def disk_full(*a, **k):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(rlhf_cli.sft, "save_model", disk_full)
+    monkeypatch.setattr(rlhf_cli.stages.sft.train, "save_model", disk_full)
     r = tmp_path / "r"
     shutil.copytree(run.dir / "sft", r / "sft")
     before = snapshot(r / "sft")

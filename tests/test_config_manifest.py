@@ -1,4 +1,4 @@
-"""rlhf_cli.config (defaults < YAML < flags) and rlhf_cli.manifest (finished-stage proof, staged output)."""
+"""rlhf_cli.core.config (defaults < YAML < flags) and rlhf_cli.core.manifest (finished-stage proof, staged output)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import time
 import pytest
 import yaml
 
-from rlhf_cli.config import dump_yaml, resolve, to_dict
-from rlhf_cli.errors import CheckpointError, ConfigError
-from rlhf_cli.manifest import (
+from rlhf_cli.core.config import dump_yaml, resolve, to_dict
+from rlhf_cli.core.errors import CheckpointError, ConfigError
+from rlhf_cli.core.manifest import (
     MANIFEST,
     STAGE_COMMANDS,
     StagedOutput,
@@ -20,8 +20,8 @@ from rlhf_cli.manifest import (
     stage_dir,
     write_manifest,
 )
-from rlhf_cli.reward import RewardArgs
-from rlhf_cli.sft import SFTArgs
+from rlhf_cli.stages.reward.train import RewardArgs
+from rlhf_cli.stages.sft.train import SFTArgs
 
 # ---------------------------------------------------------------------------------------------------------
 # config.resolve

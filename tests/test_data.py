@@ -1,4 +1,4 @@
-"""rlhf_cli.data: every accepted format is detected and normalised, every bad input gets a message naming where.
+"""rlhf_cli.data.io: every accepted format is detected and normalised, every bad input gets a message naming where.
 
 Pure library tests: no model is loaded. Exact counts come from small files written here; the example files
 and the shared real samples are read by path to check that what the project ships actually loads.
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from conftest import EXAMPLES, SHARED, A, S, U, write_jsonl
 
-from rlhf_cli.data import load_prefs, load_prompts, load_sft, parse_transcript, read_records, split_eval
-from rlhf_cli.errors import DataError
+from rlhf_cli.core.errors import DataError
+from rlhf_cli.data.io import load_prefs, load_prompts, load_sft, parse_transcript, read_records, split_eval
 
 
 def jsonl_rows(path: Path) -> int:

@@ -27,10 +27,10 @@ import pytest
 import torch
 from conftest import build_tiny, invoke, learnable_prefs, ok, one_error, write_jsonl
 
-from rlhf_cli.eval_policy import EVAL_FILE, answer_logprob, distinct_n, outcomes, wilson_interval
-from rlhf_cli.evaluate import accuracy_by_length, length_bucket
-from rlhf_cli.generation import cut_at_eos
-from rlhf_cli.manifest import MANIFEST, STAGE_COMMANDS, write_manifest
+from rlhf_cli.core.generation import cut_at_eos
+from rlhf_cli.core.manifest import MANIFEST, STAGE_COMMANDS, write_manifest
+from rlhf_cli.evaluation.eval_policy import EVAL_FILE, answer_logprob, distinct_n, outcomes, wilson_interval
+from rlhf_cli.evaluation.eval_reward import accuracy_by_length, length_bucket
 
 PLAIN_TEMPLATE = ("{% for m in messages %}{% if not loop.first %}{{ '\n' }}{% endif %}"
                   "{{ m['role'] + ': ' + m['content'] }}{% endfor %}"
@@ -275,7 +275,7 @@ def test_eval_policy_errors(w, tmp_path):
 
 def test_library_api_and_help(w):
     from rlhf_cli import EvalPolicyArgs, eval_policy
-    from rlhf_cli.report import Quiet
+    from rlhf_cli.core.progress import Quiet
 
     res = eval_policy(EvalPolicyArgs(model=str(w.other), baseline=str(w.sft), reward=str(w.rm),
                                      prompts=str(w.prompts), max_samples=2, max_new_tokens=3, threads=1), Quiet())

@@ -9,9 +9,9 @@ import pytest
 from conftest import EXAMPLES, invoke, ok, one_error, write_jsonl
 
 from rlhf_cli import GenerateArgs, run_generate
-from rlhf_cli.data import load_prefs, load_prompts
-from rlhf_cli.manifest import write_manifest
-from rlhf_cli.report import Quiet
+from rlhf_cli.core.manifest import write_manifest
+from rlhf_cli.core.progress import Quiet
+from rlhf_cli.data.io import load_prefs, load_prompts
 
 PROMPTS = EXAMPLES / "prompts.jsonl"
 FAST = ["--threads", "1", "--max-new-tokens", "6"]

@@ -14,9 +14,9 @@ import pytest
 from conftest import learnable_prefs, write_jsonl
 from typer.testing import CliRunner
 
-from rlhf_cli.cli import app
-from rlhf_cli.manifest import MANIFEST
-from rlhf_cli.reward import GroupBatchSampler
+from rlhf_cli.cli.app import app
+from rlhf_cli.core.manifest import MANIFEST
+from rlhf_cli.stages.reward.train import GroupBatchSampler
 
 
 def invoke(*args):

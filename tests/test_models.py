@@ -1,4 +1,4 @@
-"""rlhf_cli.models and rlhf_cli.chat_template on the tiny model (real SmolLM2 tokenizer and chat template)."""
+"""rlhf_cli.core.models and rlhf_cli.core.chat_template on the tiny model (real SmolLM2 tokenizer and chat template)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 from conftest import A, S, U
 from typer.testing import CliRunner
 
-from rlhf_cli.chat_template import renders_identically, training_template
-from rlhf_cli.errors import CheckpointError, ConfigError, ModelNotFoundError
-from rlhf_cli.models import DEFAULT_MODEL, load_tokenizer, resolve_model, set_distinct_pad
+from rlhf_cli.core.chat_template import renders_identically, training_template
+from rlhf_cli.core.errors import CheckpointError, ConfigError, ModelNotFoundError
+from rlhf_cli.core.models import DEFAULT_MODEL, load_tokenizer, resolve_model, set_distinct_pad
 
 CONVERSATIONS = [
     [U("hi"), A("hello there")],
@@ -144,7 +144,7 @@ def test_resolve_model_unknown_hub_id_offline():
 
 def test_models_command_lists_the_embedded_model(tiny, monkeypatch):
     from rlhf_cli import display
-    from rlhf_cli.cli import app
+    from rlhf_cli.cli.app import app
 
     monkeypatch.setattr(display.out, "width", 250)  # a narrow terminal would shorten the id with an ellipsis
     result = CliRunner().invoke(app, ["models"])
@@ -213,7 +213,7 @@ def test_added_pad_token_gets_an_embedding_row(tiny):
     """A tokenizer with no spare special token gets a new <|pad|>; the model's embeddings grow to match."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from rlhf_cli.models import set_distinct_pad
+    from rlhf_cli.core.models import set_distinct_pad
 
     tok = AutoTokenizer.from_pretrained(tiny)
     tok.pad_token = tok.eos_token

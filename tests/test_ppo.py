@@ -32,8 +32,8 @@ import torch
 from conftest import build_tiny, invoke, ok, one_error, write_jsonl
 from typer.testing import CliRunner
 
-from rlhf_cli.cli import app
-from rlhf_cli.manifest import MANIFEST, STAGE_COMMANDS, write_manifest
+from rlhf_cli.cli.app import app
+from rlhf_cli.core.manifest import MANIFEST, STAGE_COMMANDS, write_manifest
 
 FAST = ["--threads", "1", "--max-new-tokens", "4", "--sample-every", "0"]
 PLAIN_TEMPLATE = ("{% for m in messages %}{% if not loop.first %}{{ '\n' }}{% endif %}"
@@ -263,8 +263,9 @@ def test_rollout_masks_scores_and_logprobs_with_pad_equal_to_eos(w):
     and everything after EOS change nothing, and the RM reads the score where an unpadded pass would."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
-    from rlhf_cli.generation import encode_chat
-    from rlhf_cli.ppo import (
+    from rlhf_cli.core.generation import encode_chat
+    from rlhf_cli.stages.ppo.core import logprobs_from_logits
+    from rlhf_cli.stages.ppo.trainer import (
         Plan,
         PPOArgs,
         RewardScorer,
@@ -273,7 +274,6 @@ def test_rollout_masks_scores_and_logprobs_with_pad_equal_to_eos(w):
         template_suffix,
         token_scores,
     )
-    from rlhf_cli.ppo_core import logprobs_from_logits
 
     tok = AutoTokenizer.from_pretrained(w.policy)
     tok.pad_token = tok.eos_token
@@ -318,7 +318,7 @@ def test_rollout_masks_scores_and_logprobs_with_pad_equal_to_eos(w):
             torch.testing.assert_close(scores[i], expect, rtol=1e-4, atol=1e-4)
 
     # each chunk and minibatch drops only the columns that are padding in all its rows
-    from rlhf_cli.ppo import by_length, minibatches, trimmed
+    from rlhf_cli.stages.ppo.trainer import by_length, minibatches, trimmed
 
     order = by_length(ro).tolist()
     total = ro.attn.sum(1).tolist()
@@ -389,8 +389,8 @@ def test_preflight_errors(w, tmp_path):
 def test_help_lists_the_ppo_and_shared_flags_and_the_demo_config_resolves():
     from conftest import ROOT
 
-    from rlhf_cli.config import resolve
-    from rlhf_cli.ppo import PPOArgs
+    from rlhf_cli.core.config import resolve
+    from rlhf_cli.stages.ppo.trainer import PPOArgs
 
     demo = ROOT / "examples" / "configs" / "demo_ppo.yaml"
     assert demo.read_text().startswith("# rlhf ppo --config examples/configs/demo_ppo.yaml")

@@ -1,4 +1,4 @@
-"""Unit tests for rlhf_cli.ppo_core, checked against values worked out by hand.
+"""Unit tests for rlhf_cli.stages.ppo.core, checked against values worked out by hand.
 
 Every expected number below is a literal with the arithmetic that produced it in a comment, so a
 regression in the implementation cannot silently move the expectation along with it.
@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from rlhf_cli.ppo_core import (
+from rlhf_cli.stages.ppo.core import (
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,

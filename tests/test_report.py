@@ -24,9 +24,9 @@ from types import SimpleNamespace
 import pytest
 from conftest import EXAMPLES, invoke, ok, one_error, write_jsonl
 
-from rlhf_cli.manifest import MANIFEST, write_manifest
-from rlhf_cli.report import fmt
-from rlhf_cli.report_run import DPI, FIGSIZE, read_metrics
+from rlhf_cli.core.manifest import MANIFEST, write_manifest
+from rlhf_cli.core.progress import fmt
+from rlhf_cli.evaluation.report import DPI, FIGSIZE, read_metrics
 
 FAST = ["--max-steps", "2", "--batch-size", "2", "--threads", "1"]
 PX = (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI))
@@ -174,7 +174,8 @@ def test_stage_without_metrics_jsonl_falls_back_to_the_manifest(run, tmp_path):
 
 def test_import_stays_light():
     """`rlhf --help` stays instant: importing the CLI loads neither matplotlib nor torch."""
-    code = "import sys, rlhf_cli.cli; print(sorted({m.split('.')[0] for m in sys.modules} & {'matplotlib', 'torch'}))"
+    code = ("import sys, rlhf_cli.cli.app; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'matplotlib', 'torch'}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 

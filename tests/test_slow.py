@@ -10,9 +10,9 @@ import pytest
 from conftest import EXAMPLES, learnable_prefs, write_jsonl
 from typer.testing import CliRunner
 
-from rlhf_cli.cli import app
-from rlhf_cli.manifest import MANIFEST
-from rlhf_cli.models import DEFAULT_MODEL
+from rlhf_cli.cli.app import app
+from rlhf_cli.core.manifest import MANIFEST
+from rlhf_cli.core.models import DEFAULT_MODEL
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from .report import Reporter, fmt
+from rlhf_cli.core.progress import Reporter, fmt
 
 err = Console(stderr=True)
 out = Console()

@@ -30,10 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import opt
-from .errors import CheckpointError, ConfigError, RLHFError
-from .manifest import MANIFEST, Manifest, read_manifest
-from .report import Reporter, fmt
+from rlhf_cli.core.config import opt
+from rlhf_cli.core.errors import CheckpointError, ConfigError, RLHFError
+from rlhf_cli.core.manifest import MANIFEST, Manifest, read_manifest
+from rlhf_cli.core.progress import Reporter, fmt
 
 FIGSIZE = (6.4, 4.0)  # inches
 DPI = 100  # so every plot is 640 x 400 pixels

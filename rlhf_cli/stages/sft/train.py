@@ -15,11 +15,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import check_choices, dump_yaml, opt, to_dict
-from .data import SFT_FORMATS, load_sft, split_eval
-from .errors import CheckpointError, ConfigError
-from .manifest import STAGE_COMMANDS, StagedOutput, a_stage, stage_dir, write_manifest
-from .models import (
+from rlhf_cli.core.config import check_choices, dump_yaml, opt, to_dict
+from rlhf_cli.core.errors import CheckpointError, ConfigError
+from rlhf_cli.core.manifest import STAGE_COMMANDS, StagedOutput, a_stage, stage_dir, write_manifest
+from rlhf_cli.core.models import (
     configure_threads,
     load_tokenizer,
     pick_precision,
@@ -27,8 +26,8 @@ from .models import (
     set_distinct_pad,
     torch_dtype,
 )
-from .report import Reporter
-from .training import (
+from rlhf_cli.core.progress import Reporter
+from rlhf_cli.core.training import (
     TrainArgs,
     check_common,
     describe_setup,
@@ -43,6 +42,7 @@ from .training import (
     save_model,
     write_metrics,
 )
+from rlhf_cli.data.io import SFT_FORMATS, load_sft, split_eval
 
 DEFAULT_MAX_LENGTH = 1024
 DEFAULT_LR = 2e-5
@@ -92,7 +92,7 @@ def run_sft(args: SFTArgs, reporter: Reporter | None = None) -> Path:
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from .chat_template import training_template
+    from rlhf_cli.core.chat_template import training_template
 
     threads = configure_threads(args.threads)
     precision = pick_precision(args.precision)

@@ -6,7 +6,7 @@ the KV cache is on. `LM.sample` returns whole answers for a batch of prompts; `L
 background thread and yields text as it is decoded (transformers' TextIteratorStreamer), and can be stopped
 early through a stopping criterion (Ctrl-C in `rlhf chat`).
 
-    from rlhf_cli.generation import Sampling, load_lm
+    from rlhf_cli.core.generation import Sampling, load_lm
     lm = load_lm("runs/demo/sft")
     [[answer]] = lm.sample([lm.encode([{"role": "user", "content": "Hi"}])], 1, Sampling(max_new_tokens=32))
 """
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, ConfigError
-from .manifest import STAGE_COMMANDS, a_stage, manifest_if_stage
-from .models import load_tokenizer, pick_precision, resolve_model, torch_dtype
+from rlhf_cli.core.errors import CheckpointError, ConfigError
+from rlhf_cli.core.manifest import STAGE_COMMANDS, a_stage, manifest_if_stage
+from rlhf_cli.core.models import load_tokenizer, pick_precision, resolve_model, torch_dtype
 
 
 @dataclass

@@ -24,7 +24,7 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from .errors import DataError
+from rlhf_cli.core.errors import DataError
 
 SFT_FORMATS = ("auto", "messages", "prompt-completion", "alpaca", "prompt-response", "transcript")
 PREF_FORMATS = ("auto", "explicit", "implicit", "ranked")

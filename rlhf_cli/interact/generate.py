@@ -22,12 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import check_choices, opt
-from .data import load_prompts
-from .errors import ConfigError, DataError
-from .generation import Sampling, load_lm, seed_all
-from .models import DEFAULT_MODEL, configure_threads
-from .report import Reporter
+from rlhf_cli.core.config import check_choices, opt
+from rlhf_cli.core.errors import ConfigError, DataError
+from rlhf_cli.core.generation import Sampling, load_lm, seed_all
+from rlhf_cli.core.models import DEFAULT_MODEL, configure_threads
+from rlhf_cli.core.progress import Reporter
+from rlhf_cli.data.io import load_prompts
 
 
 @dataclass
@@ -170,7 +170,7 @@ def run_generate(args: GenerateArgs, reporter: Reporter | None = None) -> Genera
         result.seconds = round(time.time() - t0, 2)
         return result
 
-    from .training import quiet_libraries
+    from rlhf_cli.core.training import quiet_libraries
 
     quiet_libraries()
     threads = configure_threads(args.threads)

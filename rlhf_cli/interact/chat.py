@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import check_choices, opt
-from .errors import ConfigError, RLHFError
-from .generation import LM, Sampling, load_lm, render_chat, seed_all
-from .models import DEFAULT_MODEL
+from rlhf_cli.core.config import check_choices, opt
+from rlhf_cli.core.errors import ConfigError, RLHFError
+from rlhf_cli.core.generation import LM, Sampling, load_lm, render_chat, seed_all
+from rlhf_cli.core.models import DEFAULT_MODEL
 
 PROMPT = "you> "
 WIDE = 100  # columns from which --compare answers are shown side by side
@@ -106,8 +106,8 @@ class RewardScorer:
     """Scores `<conversation, answer>` with a reward model through its tokenizer's chat template."""
 
     def __init__(self, spec: str, precision: str = "auto", say: Callable[[str], None] = lambda s: None):
-        from .evaluate import load_reward_model, resolve_reward_model
-        from .models import resolve_model
+        from rlhf_cli.core.models import resolve_model
+        from rlhf_cli.evaluation.eval_reward import load_reward_model, resolve_reward_model
 
         name, manifest = resolve_reward_model(spec, None, "--reward")
         self.name = name
@@ -119,7 +119,7 @@ class RewardScorer:
             self.model.to("cuda")
 
     def score(self, messages: list[dict[str, str]]) -> float:
-        from .reward import score_ids
+        from rlhf_cli.stages.reward.train import score_ids
 
         text = render_chat(self.tok, messages, generation_prompt=False)
         ids = self.tok(text, add_special_tokens=False)["input_ids"][-self.max_length:]
@@ -145,7 +145,7 @@ def check_args(args: ChatArgs) -> Sampling:
     if args.prompt is not None and args.interactive:
         raise ConfigError("--prompt answers one message and exits; drop -i (or --prompt)")
     if args.reward:
-        from .evaluate import resolve_reward_model
+        from rlhf_cli.evaluation.eval_reward import resolve_reward_model
 
         resolve_reward_model(args.reward, None, "--reward")  # a wrong stage fails now, not after loading models
     return sampling
@@ -169,8 +169,8 @@ class ChatSession:
 
     @classmethod
     def from_args(cls, args: ChatArgs, say: Callable[[str], None] = lambda s: None) -> ChatSession:
-        from .models import configure_threads
-        from .training import quiet_libraries
+        from rlhf_cli.core.models import configure_threads
+        from rlhf_cli.core.training import quiet_libraries
 
         sampling = check_args(args)
         quiet_libraries()

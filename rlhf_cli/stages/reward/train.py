@@ -18,11 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import check_choices, dump_yaml, opt, to_dict
-from .data import PREF_FORMATS, DataSet, load_prefs, split_eval
-from .errors import CheckpointError, ConfigError
-from .manifest import STAGE_COMMANDS, StagedOutput, a_stage, require_stage, stage_dir, write_manifest
-from .models import (
+from rlhf_cli.core.config import check_choices, dump_yaml, opt, to_dict
+from rlhf_cli.core.errors import CheckpointError, ConfigError
+from rlhf_cli.core.manifest import STAGE_COMMANDS, StagedOutput, a_stage, require_stage, stage_dir, write_manifest
+from rlhf_cli.core.models import (
     DEFAULT_MODEL,
     configure_threads,
     load_tokenizer,
@@ -31,8 +30,8 @@ from .models import (
     set_distinct_pad,
     torch_dtype,
 )
-from .report import Reporter
-from .training import (
+from rlhf_cli.core.progress import Reporter
+from rlhf_cli.core.training import (
     TrainArgs,
     check_common,
     describe_setup,
@@ -47,6 +46,7 @@ from .training import (
     save_model,
     write_metrics,
 )
+from rlhf_cli.data.io import PREF_FORMATS, DataSet, load_prefs, split_eval
 
 DEFAULT_MAX_LENGTH = 512
 DEFAULT_LR = 1e-5
@@ -153,7 +153,7 @@ def score_ids(model: Any, ids: list[list[int]], pad_id: int, batch_size: int = 1
     """One score per sequence (right padding; the head reads the last non-pad token)."""
     import torch
 
-    from .generation import pad_batch
+    from rlhf_cli.core.generation import pad_batch
 
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # similar lengths per batch: less padding
     out = [0.0] * len(ids)

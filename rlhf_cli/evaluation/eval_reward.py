@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import check_choices, opt
-from .data import PREF_FORMATS, load_prefs
-from .errors import CheckpointError, ConfigError
-from .manifest import STAGE_COMMANDS, a_stage, manifest_if_stage, require_stage
-from .models import configure_threads, load_tokenizer, pick_precision, resolve_model, torch_dtype
-from .report import Reporter
+from rlhf_cli.core.config import check_choices, opt
+from rlhf_cli.core.errors import CheckpointError, ConfigError
+from rlhf_cli.core.manifest import STAGE_COMMANDS, a_stage, manifest_if_stage, require_stage
+from rlhf_cli.core.models import configure_threads, load_tokenizer, pick_precision, resolve_model, torch_dtype
+from rlhf_cli.core.progress import Reporter
+from rlhf_cli.data.io import PREF_FORMATS, load_prefs
 
 
 @dataclass
@@ -100,9 +100,9 @@ def eval_reward(args: EvalRewardArgs, reporter: Reporter | None = None) -> dict[
     max_length = args.max_length or (manifest.args.get("max_length") if manifest else None) or 512
     path = resolve_model(model_name, say=reporter.info)
 
-    from .generation import encode_chat
-    from .reward import encode_pairs, pair_metrics
-    from .training import quiet_libraries
+    from rlhf_cli.core.generation import encode_chat
+    from rlhf_cli.core.training import quiet_libraries
+    from rlhf_cli.stages.reward.train import encode_pairs, pair_metrics
 
     quiet_libraries()
     configure_threads(args.threads)

@@ -37,12 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import check_choices, opt
-from .data import load_prompts
-from .errors import CheckpointError, ConfigError
-from .generation import cut_at_eos
-from .manifest import STAGE_COMMANDS, a_stage, manifest_if_stage, require_stage
-from .report import Reporter
+from rlhf_cli.core.config import check_choices, opt
+from rlhf_cli.core.errors import CheckpointError, ConfigError
+from rlhf_cli.core.generation import cut_at_eos
+from rlhf_cli.core.manifest import STAGE_COMMANDS, a_stage, manifest_if_stage, require_stage
+from rlhf_cli.core.progress import Reporter
+from rlhf_cli.data.io import load_prompts
 
 EVAL_FILE = "eval_policy.json"
 Z95 = 1.959963984540054
@@ -119,7 +119,7 @@ def _pick_lm(spec: str | None, run: str | None, stage: str, flag: str) -> str:
 
 
 def _sampling(args: EvalPolicyArgs, model_manifest: Any, say) -> Any:
-    from .generation import Sampling
+    from rlhf_cli.core.generation import Sampling
 
     parent = model_manifest.args if model_manifest is not None and model_manifest.stage == "ppo" else {}
     values = {}
@@ -167,8 +167,8 @@ def answer_logprob(model: Any, prompts: list[list[int]], answers: list[list[int]
     positions are those of the unpadded sequence)."""
     import torch
 
-    from .generation import pad_batch
-    from .ppo_core import logprobs_from_logits
+    from rlhf_cli.core.generation import pad_batch
+    from rlhf_cli.stages.ppo.core import logprobs_from_logits
 
     x, att = pad_batch([p + a for p, a in zip(prompts, answers, strict=True)], pad_id)
     dev = next(model.parameters()).device
@@ -186,8 +186,8 @@ class _Judge:
     """The RM, scoring `<prompt, answer text>` through its tokenizer's chat template."""
 
     def __init__(self, spec: str, manifest: Any, precision: str, say) -> None:
-        from .evaluate import load_reward_model
-        from .models import resolve_model
+        from rlhf_cli.core.models import resolve_model
+        from rlhf_cli.evaluation.eval_reward import load_reward_model
 
         self.max_length = (manifest.args.get("max_length") if manifest else None) or 1024
         self.model, self.tok = load_reward_model(resolve_model(spec, "--reward", say), precision)
@@ -198,8 +198,8 @@ class _Judge:
         self.truncated = 0
 
     def scores(self, prompts: list[list[dict]], answers: list[str], batch_size: int) -> list[float]:
-        from .generation import encode_chat
-        from .reward import score_ids
+        from rlhf_cli.core.generation import encode_chat
+        from rlhf_cli.stages.reward.train import score_ids
 
         ids = []
         for p, a in zip(prompts, answers, strict=True):
@@ -238,7 +238,7 @@ def eval_policy(args: EvalPolicyArgs, reporter: Reporter | None = None) -> dict[
     say = reporter.info
     t0 = time.time()
     _check(args)
-    from .evaluate import resolve_reward_model
+    from rlhf_cli.evaluation.eval_reward import resolve_reward_model
 
     model_spec = _pick_lm(args.model, args.run, "ppo", "--model")
     base_spec = _pick_lm(args.baseline, args.run, "sft", "--baseline")
@@ -250,9 +250,9 @@ def eval_policy(args: EvalPolicyArgs, reporter: Reporter | None = None) -> dict[
     prompts = [r["prompt"] for r in ds.rows]
     n = len(prompts)
 
-    from .generation import load_lm, seed_all
-    from .models import configure_threads, resolve_model
-    from .training import quiet_libraries
+    from rlhf_cli.core.generation import load_lm, seed_all
+    from rlhf_cli.core.models import configure_threads, resolve_model
+    from rlhf_cli.core.training import quiet_libraries
 
     # every model is found (and the RM's head checked) before the first one loads
     model_path = resolve_model(model_spec, "--model", say)

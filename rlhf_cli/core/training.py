@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import opt
-from .errors import ConfigError
-from .manifest import Manifest, manifest_if_stage
-from .models import DEFAULT_MODEL
-from .report import Reporter
+from rlhf_cli.core.config import opt
+from rlhf_cli.core.errors import ConfigError
+from rlhf_cli.core.manifest import Manifest, manifest_if_stage
+from rlhf_cli.core.models import DEFAULT_MODEL
+from rlhf_cli.core.progress import Reporter
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Progress reporting, kept apart from the stages so the library knows nothing of the terminal.
 
-Stages call a `Reporter`; the plain one writes lines to stderr, the CLI passes a Rich one (`rlhf_cli.display`).
+Stages call a `Reporter`; the plain one writes lines to stderr, the CLI passes a Rich one (`rlhf_cli.cli.display`).
 """
 
 from __future__ import annotations

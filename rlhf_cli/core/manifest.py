@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, ConfigError
+from rlhf_cli.core.errors import CheckpointError, ConfigError
 
 MANIFEST = "rlhf_manifest.json"
 FORMAT_VERSION = 1

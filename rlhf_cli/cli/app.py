@@ -16,8 +16,8 @@ from typing import Any, Optional
 
 import typer
 
-from .config import fields_of, resolve
-from .errors import RLHFError
+from rlhf_cli.core.config import fields_of, resolve
+from rlhf_cli.core.errors import RLHFError
 
 app = typer.Typer(
     name="rlhf", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
@@ -30,7 +30,7 @@ app.add_typer(eval_app, name="eval")
 def fail(e: BaseException, debug: bool) -> None:
     if debug:
         raise e
-    from .display import err
+    from rlhf_cli.cli.display import err
 
     if isinstance(e, RLHFError):
         err.print(f"[red]error:[/] {_esc(str(e))}", highlight=False, soft_wrap=True)
@@ -105,7 +105,7 @@ def args_command(parent: typer.Typer, name: str, args_cls: type, body: Callable[
 
 
 def _next(cmd: str) -> None:
-    from .display import out
+    from rlhf_cli.cli.display import out
 
     out.print(f"next: [bold]{_esc(cmd)}[/]", highlight=False, soft_wrap=True)
 
@@ -113,9 +113,9 @@ def _next(cmd: str) -> None:
 # --------------------------------------------------------------------------------------------------------- sft
 
 def _sft(args: Any) -> None:
-    from .display import RichReporter, out, table
-    from .manifest import read_manifest
-    from .sft import run_sft
+    from rlhf_cli.cli.display import RichReporter, out, table
+    from rlhf_cli.core.manifest import read_manifest
+    from rlhf_cli.stages.sft.train import run_sft
 
     folder = run_sft(args, RichReporter("sft"))
     m = read_manifest(folder)
@@ -129,9 +129,9 @@ def _sft(args: Any) -> None:
 
 
 def _reward(args: Any) -> None:
-    from .display import RichReporter, out, table
-    from .manifest import read_manifest
-    from .reward import run_reward
+    from rlhf_cli.cli.display import RichReporter, out, table
+    from rlhf_cli.core.manifest import read_manifest
+    from rlhf_cli.stages.reward.train import run_reward
 
     folder = run_reward(args, RichReporter("reward"))
     m = read_manifest(folder)
@@ -140,8 +140,8 @@ def _reward(args: Any) -> None:
 
 
 def _eval_reward(args: Any, json_out: bool = False) -> None:
-    from .display import RichReporter, out, table
-    from .evaluate import eval_reward
+    from rlhf_cli.cli.display import RichReporter, out, table
+    from rlhf_cli.evaluation.eval_reward import eval_reward
 
     res = eval_reward(args, RichReporter("eval"))
     if json_out:
@@ -154,9 +154,9 @@ def _eval_reward(args: Any, json_out: bool = False) -> None:
 
 
 def _eval_policy(args: Any, json_out: bool = False) -> None:
-    from .display import RichReporter, out, table
-    from .eval_policy import eval_policy
-    from .report import fmt
+    from rlhf_cli.cli.display import RichReporter, out, table
+    from rlhf_cli.core.progress import fmt
+    from rlhf_cli.evaluation.eval_policy import eval_policy
 
     res = eval_policy(args, RichReporter("eval policy"))
     if json_out:
@@ -171,8 +171,8 @@ def _eval_policy(args: Any, json_out: bool = False) -> None:
 
 
 def _report(args: Any, json_out: bool = False) -> None:
-    from .display import RichReporter, out
-    from .report_run import make_report
+    from rlhf_cli.cli.display import RichReporter, out
+    from rlhf_cli.evaluation.report import make_report
 
     res = make_report(args, RichReporter("report"))
     if json_out:
@@ -183,9 +183,9 @@ def _report(args: Any, json_out: bool = False) -> None:
 
 
 def _ppo(args: Any) -> None:
-    from .display import RichReporter, out, table
-    from .manifest import read_manifest
-    from .ppo import run_ppo
+    from rlhf_cli.cli.display import RichReporter, out, table
+    from rlhf_cli.core.manifest import read_manifest
+    from rlhf_cli.stages.ppo.trainer import run_ppo
 
     folder = run_ppo(args, RichReporter("ppo", shown=None))  # run_ppo picks its own few live figures
     m = read_manifest(folder)
@@ -215,8 +215,8 @@ def positional_command(parent: typer.Typer, name: str, args_cls: type, body: Cal
 
 
 def _generate(args: Any) -> None:
-    from .display import RichReporter, err, out, table
-    from .generate import run_generate
+    from rlhf_cli.cli.display import RichReporter, err, out, table
+    from rlhf_cli.interact.generate import run_generate
 
     try:
         res = run_generate(args, RichReporter("generate"))
@@ -233,9 +233,9 @@ def _generate(args: Any) -> None:
 def _chat(args: Any) -> None:
     import sys
 
-    from .chat import ChatSession, answer_once, chat_loop, check_args
-    from .display import RichReporter, err, out
-    from .errors import ConfigError
+    from rlhf_cli.cli.display import RichReporter, err, out
+    from rlhf_cli.core.errors import ConfigError
+    from rlhf_cli.interact.chat import ChatSession, answer_once, chat_loop, check_args
 
     check_args(args)
     text = args.prompt
@@ -264,17 +264,17 @@ def _chat(args: Any) -> None:
 
 
 def _register() -> None:
-    from .chat import ChatArgs
-    from .evaluate import EvalRewardArgs
-    from .generate import GenerateArgs
-    from .reward import RewardArgs
-    from .sft import SFTArgs
+    from rlhf_cli.evaluation.eval_reward import EvalRewardArgs
+    from rlhf_cli.interact.chat import ChatArgs
+    from rlhf_cli.interact.generate import GenerateArgs
+    from rlhf_cli.stages.reward.train import RewardArgs
+    from rlhf_cli.stages.sft.train import SFTArgs
 
     args_command(app, "sft", SFTArgs, lambda a: _sft(a),
                  "Stage 1: supervised fine-tuning on <prompt, answer> demonstrations.")
     args_command(app, "reward", RewardArgs, lambda a: _reward(a),
                  "Stage 2: train a reward model on preference pairs or ranked lists.")
-    from .ppo import PPOArgs
+    from rlhf_cli.stages.ppo.trainer import PPOArgs
 
     args_command(app, "ppo", PPOArgs, lambda a: _ppo(a),
                  "Stage 3: PPO against the reward model with a KL penalty to the SFT policy (or --algo grpo|rloo).")
@@ -282,8 +282,8 @@ def _register() -> None:
     args_command(eval_app, "reward", EvalRewardArgs, lambda a, json_out: _eval_reward(a, json_out),
                  "Pairwise accuracy and mean margin of a reward model on a preference file.",
                  extra={"json_out": json_opt})
-    from .eval_policy import EvalPolicyArgs
-    from .report_run import ReportArgs
+    from rlhf_cli.evaluation.eval_policy import EvalPolicyArgs
+    from rlhf_cli.evaluation.report import ReportArgs
 
     args_command(eval_app, "policy", EvalPolicyArgs, lambda a, json_out: _eval_policy(a, json_out),
                  "Win rate of a policy against a baseline judged by a reward model, its KL to the baseline, "
@@ -303,8 +303,8 @@ def _register() -> None:
 def models_cmd(prepare: bool = typer.Option(False, "--prepare", help="Convert the embedded default model now."),
                debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
     """List the models available offline; --prepare converts the embedded default model."""
-    from .display import RichReporter, out
-    from .models import EMBEDDED, cache_dir, embedded_folder, embedded_status, prepare_embedded
+    from rlhf_cli.cli.display import RichReporter, out
+    from rlhf_cli.core.models import EMBEDDED, cache_dir, embedded_folder, embedded_status, prepare_embedded
 
     try:
         if prepare:

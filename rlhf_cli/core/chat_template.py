@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .errors import ConfigError
+from rlhf_cli.core.errors import ConfigError
 
 _PROBES = [
     [{"role": "user", "content": "U1"}],

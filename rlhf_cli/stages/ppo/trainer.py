@@ -49,11 +49,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import check_choices, dump_yaml, opt, to_dict
-from .data import DataSet, load_prompts
-from .errors import CheckpointError, ConfigError, DataError
-from .generation import encode_chat
-from .manifest import (
+from rlhf_cli.core.config import check_choices, dump_yaml, opt, to_dict
+from rlhf_cli.core.errors import CheckpointError, ConfigError, DataError
+from rlhf_cli.core.generation import encode_chat
+from rlhf_cli.core.manifest import (
     STAGE_COMMANDS,
     Manifest,
     StagedOutput,
@@ -63,9 +62,10 @@ from .manifest import (
     stage_dir,
     write_manifest,
 )
-from .models import configure_threads, pick_precision, resolve_model, set_distinct_pad, torch_dtype
-from .report import Reporter
-from .training import freeze_lower_layers, inherit, lora_config, quiet_libraries
+from rlhf_cli.core.models import configure_threads, pick_precision, resolve_model, set_distinct_pad, torch_dtype
+from rlhf_cli.core.progress import Reporter
+from rlhf_cli.core.training import freeze_lower_layers, inherit, lora_config, quiet_libraries
+from rlhf_cli.data.io import DataSet, load_prompts
 
 ALGOS = ("ppo", "grpo", "rloo")
 DEFAULT_MAX_LENGTH = 512
@@ -281,7 +281,7 @@ def _pick_policy(a: PPOArgs, say) -> tuple[str, Path, Manifest | None]:
 
 
 def _pick_reward(a: PPOArgs, say) -> tuple[str, Path, Manifest | None]:
-    from .evaluate import resolve_reward_model
+    from rlhf_cli.evaluation.eval_reward import resolve_reward_model
 
     a.reward, m = resolve_reward_model(a.reward, a.run, "--reward")
     path = resolve_model(a.reward, flag="--reward", say=say)
@@ -327,7 +327,7 @@ def template_suffix(tok: Any) -> list[int] | None:
 
 def eos_ids_of(tok: Any, path: Path) -> list[int]:
     """`generation.stop_ids` from the folder's generation_config.json, read before the weights load."""
-    from .generation import stop_ids
+    from rlhf_cli.core.generation import stop_ids
 
     try:
         gen = json.loads((path / "generation_config.json").read_text(encoding="utf-8")).get("eos_token_id")
@@ -442,8 +442,8 @@ def generate_rollouts(policy: Any, prompt_ids: list[list[int]], gen_config: Any,
     """Sample one response per prompt in one batched generate call."""
     import torch
 
-    from .generation import pad_batch
-    from .ppo_core import response_mask_from_ids
+    from rlhf_cli.core.generation import pad_batch
+    from rlhf_cli.stages.ppo.core import response_mask_from_ids
 
     ids, attn = (t.to(device) for t in pad_batch(prompt_ids, pad_id, left=True))
     with torch.no_grad():
@@ -510,7 +510,7 @@ def rollout_forward(policy: Any, ref: Any, value: Any, ro: Rollout, temperature:
 
     import torch
 
-    from .ppo_core import entropy_from_logits, logprobs_from_logits
+    from rlhf_cli.stages.ppo.core import entropy_from_logits, logprobs_from_logits
 
     n, width = ro.response.shape
     logps, refs, values, ents = (torch.zeros(n, width, device=ro.seq.device) for _ in range(4))
@@ -541,7 +541,7 @@ class RewardScorer:
     re-encoded with the RM's template; then the missing-EOS penalty, running normalisation and clipping."""
 
     def __init__(self, rm: Any, plan: Plan, a: PPOArgs, device: Any):
-        from .ppo_core import RunningMoments
+        from rlhf_cli.stages.ppo.core import RunningMoments
 
         self.rm, self.plan, self.a, self.device = rm, plan, a, device
         self.suffix = template_suffix(plan.tok) if plan.same_ids else None
@@ -577,7 +577,7 @@ class RewardScorer:
         """Raw RM scores of whole conversations rendered with the RM's own chat template."""
         import torch
 
-        from .generation import encode_chat, pad_batch
+        from rlhf_cli.core.generation import encode_chat, pad_batch
 
         tok = self.plan.rm_tok
         ids = [encode_chat(tok, c, generation_prompt=False)[-self.plan.rm_max_length:] for c in convs]
@@ -824,7 +824,7 @@ def _run_ppo(a: PPOArgs, plan: Plan, staged: ResumableOutput, reporter: Reporter
     import transformers
     from transformers import GenerationConfig
 
-    from .ppo_core import (
+    from rlhf_cli.stages.ppo.core import (
         AdaptiveKLController,
         FixedKLController,
         compute_gae,
@@ -1070,7 +1070,7 @@ def _run_trl(a: PPOArgs, plan: Plan, staged: ResumableOutput, reporter: Reporter
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, TrainerCallback
 
-    from .training import drop_printer, save_model
+    from rlhf_cli.core.training import drop_printer, save_model
 
     defaults = PPOArgs()
     ignored = [f"--{k.replace('_', '-')}" for k in PPO_ONLY if getattr(a, k) != getattr(defaults, k)]

@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError
+from rlhf_cli.core.errors import ConfigError
 
 
 def opt(default: Any = None, help: str = "", *, flag: str | None = None, short: str | None = None,
