@@ -1,3 +1,3 @@
-from rlhf_cli.cli.app import main
+from rlhf_cli.cli import main
 
 main()

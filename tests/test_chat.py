@@ -13,21 +13,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import build_tiny, ok, one_error
-from typer.testing import CliRunner
+from helpers import build_tiny, invoke, ok, one_error
 
-from rlhf_cli.cli.app import app
-from rlhf_cli.core.generation import LM, Answer, Sampling, load_lm, seed_all
+from rlhf_cli.core.generation import LM, Answer, Sampling, load_lm
 from rlhf_cli.core.manifest import write_manifest
-from rlhf_cli.data.io import load_prefs
-from rlhf_cli.interact.chat import ChatSession, RewardScorer, chat_loop
+from rlhf_cli.core.reward_model import RewardModel
+from rlhf_cli.core.runtime import seed_all
+from rlhf_cli.data import load_prefs
+from rlhf_cli.interact.chat import ChatSession, chat_loop
 
 FAST = ["--threads", "1", "--max-new-tokens", "8"]
 TITLE = re.compile(r"[╭┌]─ (\d) · ")
-
-
-def invoke(*args, input=None):
-    return CliRunner().invoke(app, [str(a) for a in args], input=input)
 
 
 def chat(*args, input: str):
@@ -38,7 +34,7 @@ def chat(*args, input: str):
 @pytest.fixture
 def width(monkeypatch):
     """Set the width of the terminal the chat draws on."""
-    from rlhf_cli import display
+    from rlhf_cli.cli import display
 
     def set_width(n: int) -> None:
         monkeypatch.setattr(display.out, "width", n)
@@ -257,8 +253,8 @@ def test_piped_stdin_is_one_message(tiny):
 def test_reward_score_under_each_answer(tiny, rm, width):
     result = ok(chat(tiny, "--reward", rm, "--seed", 2, input="hello there\n"))
     [answer] = expected_answers(tiny, ["hello there"], 2)
-    score = RewardScorer(str(rm)).score([{"role": "user", "content": "hello there"},
-                                         {"role": "assistant", "content": answer}])
+    score = RewardModel.load(RewardModel.locate(str(rm))).score([{"role": "user", "content": "hello there"},
+                                                                 {"role": "assistant", "content": answer}])
     assert f"reward {score:.3f}" in result.stdout
     assert f"reward model {rm}" in result.stderr
 

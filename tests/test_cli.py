@@ -18,13 +18,14 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import EXAMPLES, SHARED, invoke, ok, one_error, write_jsonl
+from helpers import EXAMPLES, SHARED, invoke, ok, one_error, write_jsonl
 
 from rlhf_cli.core.config import resolve
 from rlhf_cli.core.errors import DataError
-from rlhf_cli.core.manifest import MANIFEST, STAGE_COMMANDS, write_manifest
-from rlhf_cli.data.io import load_prefs, load_sft
-from rlhf_cli.stages.sft.train import SFTArgs
+from rlhf_cli.core.manifest import MANIFEST, write_manifest
+from rlhf_cli.core.stages import command_for
+from rlhf_cli.data import load_prefs, load_sft
+from rlhf_cli.stages.sft.args import SFTArgs
 
 # one torch thread: on a small shared machine two threads that fight other processes are several times slower
 FAST = ["--max-steps", "2", "--batch-size", "2", "--threads", "1"]
@@ -51,7 +52,7 @@ def snapshot(folder: Path) -> dict[str, tuple[int, bytes | None]]:
 @pytest.fixture(scope="module", autouse=True)
 def wide_stdout():
     """Rich wraps stdout at 80 columns when it is not a terminal; a wide console keeps each result on one line."""
-    from rlhf_cli import display
+    from rlhf_cli.cli import display
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(display.out, "width", 400)
@@ -392,20 +393,20 @@ def test_missing_out_and_run():
 def test_sft_refuses_a_reward_stage(run, tmp_path):
     ok(run.reward)
     one_error(invoke("sft", "--model", run.dir / "reward", "--data", EXAMPLES / "sft_alpaca.jsonl", "--out",
-                     tmp_path / "o"), 1, f"--model {run.dir / 'reward'}: is a reward stage", STAGE_COMMANDS["sft"])
+                     tmp_path / "o"), 1, f"--model {run.dir / 'reward'}: is a reward stage", command_for("sft"))
     assert not (tmp_path / "o").exists()
 
 
 def test_reward_refuses_a_reward_stage(run, tmp_path):
     ok(run.reward)
     one_error(invoke("reward", "--model", run.dir / "reward", "--data", EXAMPLES / "prefs_explicit.jsonl", "--out",
-                     tmp_path / "o"), 1, "is a reward stage, expected an sft stage", STAGE_COMMANDS["sft"])
+                     tmp_path / "o"), 1, "is a reward stage, expected an sft stage", command_for("sft"))
 
 
 def test_eval_reward_refuses_an_sft_stage(run):
     ok(run.sft)
     one_error(invoke("eval", "reward", "--model", run.dir / "sft", "--data", EXAMPLES / "prefs_explicit.jsonl"), 1,
-              f"--model {run.dir / 'sft'}: is an sft stage, expected a reward stage", STAGE_COMMANDS["reward"])
+              f"--model {run.dir / 'sft'}: is an sft stage, expected a reward stage", command_for("reward"))
 
 
 def test_eval_reward_refuses_a_plain_causal_lm(tiny):
@@ -420,7 +421,7 @@ def test_run_folder_without_finished_parent(tmp_path):
     (r / "sft").mkdir(parents=True)
     (r / "sft" / "config.json").write_text("{}")  # an interrupted stage: files but no manifest
     one_error(invoke("reward", "--run", r, "--data", EXAMPLES / "prefs_explicit.jsonl"), 1,
-              f"--run {r / 'sft'}: no {MANIFEST}, so not a finished stage", STAGE_COMMANDS["sft"])
+              f"--run {r / 'sft'}: no {MANIFEST}, so not a finished stage", command_for("sft"))
     assert not (r / "reward").exists()
     one_error(invoke("eval", "reward", "--run", r, "--data", EXAMPLES / "prefs_explicit.jsonl"), 1,
               f"--run {r / 'reward'}: no such folder; expected a finished reward stage")
@@ -440,12 +441,12 @@ def test_failure_mid_stage_keeps_the_finished_stage(run, tiny, tmp_path, monkeyp
     ok(run.sft)
     import shutil
 
-    import rlhf_cli.stages.sft.train
+    import rlhf_cli.core.training
 
     def disk_full(*a, **k):
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(rlhf_cli.stages.sft.train, "save_model", disk_full)
+    monkeypatch.setattr(rlhf_cli.core.training, "save_model", disk_full)
     r = tmp_path / "r"
     shutil.copytree(run.dir / "sft", r / "sft")
     before = snapshot(r / "sft")

@@ -12,16 +12,15 @@ from rlhf_cli.core.config import dump_yaml, resolve, to_dict
 from rlhf_cli.core.errors import CheckpointError, ConfigError
 from rlhf_cli.core.manifest import (
     MANIFEST,
-    STAGE_COMMANDS,
     StagedOutput,
-    a_stage,
     read_manifest,
     require_stage,
     stage_dir,
     write_manifest,
 )
-from rlhf_cli.stages.reward.train import RewardArgs
-from rlhf_cli.stages.sft.train import SFTArgs
+from rlhf_cli.core.stages import a_stage, command_for
+from rlhf_cli.stages.reward.args import RewardArgs
+from rlhf_cli.stages.sft.args import SFTArgs
 
 # ---------------------------------------------------------------------------------------------------------
 # config.resolve
@@ -162,7 +161,7 @@ def test_require_stage_missing_folder(tmp_path):
     with pytest.raises(CheckpointError) as e:
         require_stage(tmp_path / "nope", "sft", "--run")
     assert str(e.value) == (f"--run {tmp_path / 'nope'}: no such folder; expected a finished sft stage, made by "
-                            f"`{STAGE_COMMANDS['sft']}`")
+                            f"`{command_for('sft')}`")
 
 
 def test_require_stage_folder_without_manifest(tmp_path):
@@ -181,7 +180,7 @@ def test_require_stage_wrong_stage_names_expected_stage_and_command(tmp_path, fo
     with pytest.raises(CheckpointError) as e:
         require_stage(folder, expected, "--model")
     assert str(e.value) == (f"--model {folder}: is {a_stage(found)}, expected {a_stage(expected)}, made by "
-                            f"`{STAGE_COMMANDS[expected]}`")
+                            f"`{command_for(expected)}`")
     assert e.value.exit_code == 1
 
 

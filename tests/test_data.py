@@ -12,10 +12,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, SHARED, A, S, U, write_jsonl
+from helpers import EXAMPLES, SHARED, A, S, U, write_jsonl
 
 from rlhf_cli.core.errors import DataError
-from rlhf_cli.data.io import load_prefs, load_prompts, load_sft, parse_transcript, read_records, split_eval
+from rlhf_cli.data import load_prefs, load_prompts, load_sft, parse_transcript, read_records, split_eval
 
 
 def jsonl_rows(path: Path) -> int:

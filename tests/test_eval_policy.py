@@ -4,7 +4,7 @@ The reward model is built by hand, so what it prefers is known exactly: a Llama 
 transformer layers whose tokenizer's chat template writes nothing after the answer, so its score reads only the
 answer's last token, `score = w . RMSNorm(embedding(last token))`, with `w` the unit embedding of the token " !".
 An answer ending in " !" scores sqrt(hidden) (the most any token can), every other one less: it prefers the
-chosen answers of `conftest.learnable_prefs` every time, and their rejected answers never.
+chosen answers of `helpers.learnable_prefs` every time, and their rejected answers never.
 
 Policies are tiny random Llamas with the real tokenizer: a model compared with itself (the same folder, or a copy
 of it loaded separately) samples identical answers with the same seed, so every prompt is a tie (tie_rate 1,
@@ -25,10 +25,11 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import build_tiny, invoke, learnable_prefs, ok, one_error, write_jsonl
+from helpers import build_tiny, invoke, learnable_prefs, ok, one_error, write_jsonl
 
 from rlhf_cli.core.generation import cut_at_eos
-from rlhf_cli.core.manifest import MANIFEST, STAGE_COMMANDS, write_manifest
+from rlhf_cli.core.manifest import MANIFEST, write_manifest
+from rlhf_cli.core.stages import command_for
 from rlhf_cli.evaluation.eval_policy import EVAL_FILE, answer_logprob, distinct_n, outcomes, wilson_interval
 from rlhf_cli.evaluation.eval_reward import accuracy_by_length, length_bucket
 
@@ -254,7 +255,7 @@ def test_eval_policy_errors(w, tmp_path):
     one_error(invoke("eval", "policy", "--model", w.rm, "--baseline", w.sft, "--reward", w.rm, *base), 1,
               f"--model {w.rm}: is a reward stage")
     one_error(invoke("eval", "policy", "--model", w.other, "--baseline", w.sft, "--reward", w.sft, *base), 1,
-              f"--reward {w.sft}: is an sft stage, expected a reward stage", STAGE_COMMANDS["reward"])
+              f"--reward {w.sft}: is an sft stage, expected a reward stage", command_for("reward"))
     one_error(invoke("eval", "policy", "--model", w.other, "--baseline", w.sft, "--reward", w.other, *base), 1,
               "not a reward model", "LlamaForCausalLM")
     missing = tmp_path / "no_run"
@@ -262,7 +263,7 @@ def test_eval_policy_errors(w, tmp_path):
     partial = tmp_path / "partial_run"
     shutil.copytree(w.run / "sft", partial / "sft")
     one_error(invoke("eval", "policy", "--run", partial, *base), 1,
-              f"--run {partial / 'ppo'}: no such folder; expected a finished ppo stage", STAGE_COMMANDS["ppo"])
+              f"--run {partial / 'ppo'}: no such folder; expected a finished ppo stage", command_for("ppo"))
     (partial / "ppo").mkdir()
     one_error(invoke("eval", "policy", "--run", partial, *base), 1, f"no {MANIFEST}, so not a finished stage")
     one_error(invoke("eval", "policy", "--model", w.other, "--baseline", w.sft, "--prompts", w.prompts), 2,

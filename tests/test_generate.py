@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, invoke, ok, one_error, write_jsonl
+from helpers import EXAMPLES, invoke, ok, one_error, write_jsonl
 
 from rlhf_cli import GenerateArgs, run_generate
 from rlhf_cli.core.manifest import write_manifest
 from rlhf_cli.core.progress import Quiet
-from rlhf_cli.data.io import load_prefs, load_prompts
+from rlhf_cli.data import load_prefs, load_prompts
 
 PROMPTS = EXAMPLES / "prompts.jsonl"
 FAST = ["--threads", "1", "--max-new-tokens", "6"]
@@ -23,7 +23,7 @@ def rows(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module", autouse=True)
 def wide_stdout():
-    from rlhf_cli import display
+    from rlhf_cli.cli import display
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(display.out, "width", 400)

@@ -11,18 +11,10 @@ import json
 from collections import Counter
 
 import pytest
-from conftest import learnable_prefs, write_jsonl
-from typer.testing import CliRunner
+from helpers import invoke, learnable_prefs, write_jsonl
 
-from rlhf_cli.cli.app import app
 from rlhf_cli.core.manifest import MANIFEST
 from rlhf_cli.stages.reward.train import GroupBatchSampler
-
-
-def invoke(*args):
-    result = CliRunner().invoke(app, [str(a) for a in args])
-    assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
-    return result
 
 
 def metrics(folder) -> dict:
@@ -37,7 +29,7 @@ def test_sft_loss_falls(tiny, tmp_path):
     data = write_jsonl(tmp_path / "facts.jsonl", rows)
     out = tmp_path / "sft"
     invoke("sft", "--model", tiny, "--data", data, "--eval-data", data, "--out", out, "--max-steps", 30,
-           "--batch-size", 4, "--lr", "1e-2", "--max-length", 64, "--threads", 1)
+           "--batch-size", 4, "--lr", "1e-2", "--max-length", 64, "--threads", 1, check=True)
     m = metrics(out)
     assert m["steps"] == 30
     # a random model starts near ln(vocab) = ln(49152) ~ 10.8 nats per token
@@ -51,7 +43,7 @@ def test_reward_model_learns_a_learnable_preference(tiny, tmp_path):
     data = write_jsonl(tmp_path / "prefs.jsonl", learnable_prefs(64))
     out = tmp_path / "rm"
     result = invoke("reward", "--model", tiny, "--data", data, "--eval-split", 0.25, "--out", out,
-                    "--max-steps", 24, "--batch-size", 8, "--lr", "1e-3", "--seed", 42, "--threads", 1)
+                    "--max-steps", 24, "--batch-size", 8, "--lr", "1e-3", "--seed", 42, "--threads", 1, check=True)
     m = metrics(out)
     assert (m["pairs"], m["eval_pairs"]) == (48, 16)
     # the fresh head scores both answers alike: near-zero margins, no real preference yet
@@ -63,7 +55,8 @@ def test_reward_model_learns_a_learnable_preference(tiny, tmp_path):
 
     # the saved model scores the held-out style of pair the same way through `rlhf eval reward`
     fresh = write_jsonl(tmp_path / "fresh.jsonl", learnable_prefs(12, seed=99))
-    res = json.loads(invoke("eval", "reward", "--model", out, "--data", fresh, "--json", "--threads", 1).stdout)
+    res = json.loads(invoke("eval", "reward", "--model", out, "--data", fresh, "--json", "--threads", 1,
+                            check=True).stdout)
     assert res["pairs"] == 12 and res["accuracy"] >= 0.95 and res["mean_margin"] > 0.5
 
 

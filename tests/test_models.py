@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import A, S, U
+from helpers import A, S, U
 from typer.testing import CliRunner
 
 from rlhf_cli.core.chat_template import renders_identically, training_template
@@ -143,8 +143,7 @@ def test_resolve_model_unknown_hub_id_offline():
 
 
 def test_models_command_lists_the_embedded_model(tiny, monkeypatch):
-    from rlhf_cli import display
-    from rlhf_cli.cli.app import app
+    from rlhf_cli.cli import app, display
 
     monkeypatch.setattr(display.out, "width", 250)  # a narrow terminal would shorten the id with an ellipsis
     result = CliRunner().invoke(app, ["models"])
@@ -159,7 +158,7 @@ def test_resolution_order_cache_then_hub_then_embedded(tmp_path, monkeypatch):
     """Online: the HF cache first, then the hub; an unreachable hub falls back to the embedded copy."""
     import huggingface_hub
 
-    from rlhf_cli import models
+    from rlhf_cli.core import models
 
     calls = []
     hub_folder = tmp_path / "hub"
@@ -193,7 +192,7 @@ def test_resolution_order_cache_then_hub_then_embedded(tmp_path, monkeypatch):
 def test_offline_default_model_skips_the_hub(tmp_path, monkeypatch):
     import huggingface_hub
 
-    from rlhf_cli import models
+    from rlhf_cli.core import models
 
     calls = []
 

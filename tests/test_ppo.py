@@ -29,11 +29,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import build_tiny, invoke, ok, one_error, write_jsonl
+from helpers import build_tiny, invoke, ok, one_error, write_jsonl
 from typer.testing import CliRunner
 
-from rlhf_cli.cli.app import app
-from rlhf_cli.core.manifest import MANIFEST, STAGE_COMMANDS, write_manifest
+from rlhf_cli.cli import app
+from rlhf_cli.core.manifest import MANIFEST, write_manifest
+from rlhf_cli.core.stages import command_for
 
 FAST = ["--threads", "1", "--max-new-tokens", "4", "--sample-every", "0"]
 PLAIN_TEMPLATE = ("{% for m in messages %}{% if not loop.first %}{{ '\n' }}{% endif %}"
@@ -264,16 +265,10 @@ def test_rollout_masks_scores_and_logprobs_with_pad_equal_to_eos(w):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
     from rlhf_cli.core.generation import encode_chat
+    from rlhf_cli.core.reward_model import RewardModel, RewardSpec, token_scores
     from rlhf_cli.stages.ppo.core import logprobs_from_logits
-    from rlhf_cli.stages.ppo.trainer import (
-        Plan,
-        PPOArgs,
-        RewardScorer,
-        generate_rollouts,
-        rollout_forward,
-        template_suffix,
-        token_scores,
-    )
+    from rlhf_cli.stages.ppo.preflight import Plan, template_suffix
+    from rlhf_cli.stages.ppo.rollout import generate_rollouts, rollout_forward, score_rollout
 
     tok = AutoTokenizer.from_pretrained(w.policy)
     tok.pad_token = tok.eos_token
@@ -298,8 +293,10 @@ def test_rollout_masks_scores_and_logprobs_with_pad_equal_to_eos(w):
         assert ro.attn[i].sum() == len(prompts[i]) + n
 
     old, ref, values, _ = rollout_forward(policy, policy, rm, ro, 1.0, 4, lora=False)
-    plan = Plan("p", w.policy, None, "r", w.rm, None, tok, tok, True, "", None, prompts, [], 0, [eos], 256)
-    scores = RewardScorer(rm, plan, PPOArgs(), torch.device("cpu")).score_rollout(ro, [], 4)
+    plan = Plan(policy="p", policy_path=w.policy, policy_manifest=None, reward_spec=RewardSpec("r", w.rm, None),
+                tok=tok, rm_tok=tok, same_ids=True, why_reencode="", prompts=None, prompt_ids=prompts, rows=[],
+                too_long=0, eos_ids=[eos], rm_max_length=256)
+    scores = score_rollout(RewardModel("r", rm, tok, 256), plan, ro, [], 4)
     suffix = template_suffix(tok)
     assert suffix  # ChatML: a newline after <|im_end|>
     with torch.no_grad():
@@ -318,7 +315,7 @@ def test_rollout_masks_scores_and_logprobs_with_pad_equal_to_eos(w):
             torch.testing.assert_close(scores[i], expect, rtol=1e-4, atol=1e-4)
 
     # each chunk and minibatch drops only the columns that are padding in all its rows
-    from rlhf_cli.stages.ppo.trainer import by_length, minibatches, trimmed
+    from rlhf_cli.stages.ppo.rollout import by_length, minibatches, trimmed
 
     order = by_length(ro).tolist()
     total = ro.attn.sum(1).tolist()
@@ -351,9 +348,9 @@ def test_preflight_errors(w, tmp_path):
         assert not o.exists() and not o.with_name("o.partial").exists()
 
     fails(1, "--policy", w.policy, "--reward", w.policy,
-          [f"--reward {w.policy}: is an sft stage, expected a reward stage", STAGE_COMMANDS["reward"]])
+          [f"--reward {w.policy}: is an sft stage, expected a reward stage", command_for("reward")])
     fails(1, "--policy", w.rm, "--reward", w.rm,
-          [f"--policy {w.rm}: is a reward stage, expected an sft stage", STAGE_COMMANDS["sft"]])
+          [f"--policy {w.rm}: is a reward stage, expected an sft stage", command_for("sft")])
     plain_rm = tmp_path / "plain_rm"
     shutil.copytree(w.rm, plain_rm)
     (plain_rm / MANIFEST).unlink()
@@ -387,10 +384,10 @@ def test_preflight_errors(w, tmp_path):
 
 
 def test_help_lists_the_ppo_and_shared_flags_and_the_demo_config_resolves():
-    from conftest import ROOT
+    from helpers import ROOT
 
     from rlhf_cli.core.config import resolve
-    from rlhf_cli.stages.ppo.trainer import PPOArgs
+    from rlhf_cli.stages.ppo.args import PPOArgs
 
     demo = ROOT / "examples" / "configs" / "demo_ppo.yaml"
     assert demo.read_text().startswith("# rlhf ppo --config examples/configs/demo_ppo.yaml")

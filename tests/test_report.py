@@ -22,7 +22,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import EXAMPLES, invoke, ok, one_error, write_jsonl
+from helpers import EXAMPLES, invoke, ok, one_error, write_jsonl
 
 from rlhf_cli.core.manifest import MANIFEST, write_manifest
 from rlhf_cli.core.progress import fmt
@@ -174,7 +174,7 @@ def test_stage_without_metrics_jsonl_falls_back_to_the_manifest(run, tmp_path):
 
 def test_import_stays_light():
     """`rlhf --help` stays instant: importing the CLI loads neither matplotlib nor torch."""
-    code = ("import sys, rlhf_cli.cli.app; "
+    code = ("import sys, rlhf_cli.cli; "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'matplotlib', 'torch'}))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr

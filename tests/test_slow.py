@@ -7,25 +7,17 @@ import subprocess
 import sys
 
 import pytest
-from conftest import EXAMPLES, learnable_prefs, write_jsonl
-from typer.testing import CliRunner
+from helpers import EXAMPLES, invoke, learnable_prefs, write_jsonl
 
-from rlhf_cli.cli.app import app
 from rlhf_cli.core.manifest import MANIFEST
 from rlhf_cli.core.models import DEFAULT_MODEL
 
 pytestmark = pytest.mark.slow
 
 
-def invoke(*args):
-    r = CliRunner().invoke(app, [str(a) for a in args])
-    assert r.exit_code == 0, r.output + r.stderr
-    return r
-
-
 def test_embedded_default_model_converts_into_a_plain_hf_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("RLHF_CLI_CACHE", str(tmp_path / "cache"))
-    r = invoke("models", "--prepare")
+    r = invoke("models", "--prepare", check=True)
     folder = tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct"
     assert "ready" in r.stdout and (folder / "model.safetensors").is_file()
     cfg = json.loads((folder / "config.json").read_text())
@@ -49,16 +41,17 @@ print(tok.decode(y[0, x["input_ids"].shape[1]:], skip_special_tokens=True))
 def test_sft_then_reward_then_eval_on_the_default_model(tmp_path):
     run = tmp_path / "run"
     invoke("sft", "--model", DEFAULT_MODEL, "--data", EXAMPLES / "sft_messages.jsonl", "--run", run,
-           "--max-steps", 2, "--batch-size", 2, "--max-length", 256, "--eval-data", EXAMPLES / "sft_alpaca.jsonl")
+           "--max-steps", 2, "--batch-size", 2, "--max-length", 256, "--eval-data", EXAMPLES / "sft_alpaca.jsonl",
+           check=True)
     sft = json.loads((run / "sft" / MANIFEST).read_text())
     assert sft["stage"] == "sft" and sft["metrics"]["steps"] == 2 and sft["metrics"]["eval_loss"] > 0
     r = invoke("reward", "--run", run, "--data", EXAMPLES / "prefs_ranked.jsonl", "--max-samples", 4,
-               "--max-steps", 2, "--batch-size", 4)
+               "--max-steps", 2, "--batch-size", 4, check=True)
     assert "inherited max_length=256" in r.stderr
     rm = json.loads((run / "reward" / MANIFEST).read_text())
     assert rm["stage"] == "reward" and rm["parents"] == [str(run / "sft")]
     res = json.loads(invoke("eval", "reward", "--run", run, "--data", EXAMPLES / "prefs_explicit.jsonl",
-                            "--max-samples", 6, "--json").stdout)
+                            "--max-samples", 6, "--json", check=True).stdout)
     assert res["pairs"] == 6 and 0.0 <= res["accuracy"] <= 1.0
 
 
@@ -66,7 +59,7 @@ def test_reward_model_learns_a_clear_preference_on_the_default_model(tmp_path):
     data = write_jsonl(tmp_path / "prefs.jsonl", learnable_prefs(48, seed=3))
     out = tmp_path / "rm"
     invoke("reward", "--model", DEFAULT_MODEL, "--data", data, "--out", out, "--eval-split", 0.25,
-           "--freeze-layers", 26, "--lr", 1e-4, "--batch-size", 8, "--epochs", 2, "--max-length", 128)
+           "--freeze-layers", 26, "--lr", 1e-4, "--batch-size", 8, "--epochs", 2, "--max-length", 128, check=True)
     m = json.loads((out / MANIFEST).read_text())["metrics"]
     assert m["eval_pairs"] == 12
     assert m["eval_accuracy_before"] <= 0.75  # a fresh random head: about chance (or worse)

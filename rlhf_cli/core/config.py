@@ -17,10 +17,14 @@ from rlhf_cli.core.errors import ConfigError
 
 
 def opt(default: Any = None, help: str = "", *, flag: str | None = None, short: str | None = None,
-        hidden: bool = False, choices: tuple[str, ...] | None = None, metavar: str | None = None) -> Any:
+        hidden: bool = False, choices: tuple[str, ...] | None = None, metavar: str | None = None,
+        min: float | None = None, max: float | None = None, above: float | None = None,
+        below: float | None = None, expect: str | None = None) -> Any:
     """A documented args field. `choices` restricts a string field; `flag` renames the CLI flag; `metavar` names
-    the value in --help."""
-    meta = {"help": help, "flag": flag, "short": short, "hidden": hidden, "choices": choices, "metavar": metavar}
+    the value in --help. Bounds: `min`/`max` inclusive, `above`/`below` exclusive, checked by `validate` on every
+    value that is not None; `expect` words the expected value in the error (else it is worded from the bounds)."""
+    meta = {"help": help, "flag": flag, "short": short, "hidden": hidden, "choices": choices, "metavar": metavar,
+            "bounds": (min, max, above, below), "expect": expect}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -101,19 +105,49 @@ def resolve(cls: type, config: str | Path | None = None, flags: dict[str, Any] |
             values[name] = _coerce(value, known[name][1], f"{config}: key {key!r}")
     for name, value in (flags or {}).items():
         if value is not None:
-            values[name] = _coerce(value, known[name][1], f"--{name.replace('_', '-')}")
+            values[name] = _coerce(value, known[name][1], flag_of(name))
     args = cls(**values)
-    check_choices(args)
+    validate(args)
     return args
 
 
-def check_choices(args: Any) -> None:
-    for f, _ in fields_of(type(args)):
-        choices = f.metadata.get("choices")
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _expected(tp: type, bounds: tuple) -> str:
+    lo, hi, above, below = bounds
+    if tp is int and lo is not None and hi is None and above is None and below is None:
+        return f"a whole number >= {lo}"
+    if above == 0 and lo is None and hi is None and below is None:
+        return "a positive number"
+    if lo is not None and hi is None and above is None and below is None:
+        return f"a number >= {lo:g}"
+    low = f"{lo:g} <= " if lo is not None else f"{above:g} < " if above is not None else ""
+    high = f" <= {hi:g}" if hi is not None else f" < {below:g}" if below is not None else ""
+    return f"{low}x{high}"
+
+
+def _in_bounds(value: float, bounds: tuple) -> bool:
+    lo, hi, above, below = bounds
+    return ((lo is None or value >= lo) and (hi is None or value <= hi) and (above is None or value > above)
+            and (below is None or value < below))
+
+
+def validate(args: Any) -> None:
+    """Every field's declared choices and bounds; the first value out of them is one ConfigError naming its flag.
+    Rules that involve several fields stay with the command that has them."""
+    for f, tp in fields_of(type(args)):
         value = getattr(args, f.name)
-        if choices and value is not None and value not in choices:
-            raise ConfigError(
-                f"--{f.name.replace('_', '-')}: {value!r} is not one of: {', '.join(choices)}")
+        if value is None:
+            continue
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"{flag_of(f.name)}: {value!r} is not one of: {', '.join(choices)}")
+        bounds = f.metadata.get("bounds", (None,) * 4)
+        if any(b is not None for b in bounds) and not _in_bounds(value, bounds):
+            expect = f.metadata.get("expect") or _expected(tp, bounds)
+            raise ConfigError(f"{flag_of(f.name)} {value}: expected {expect}")
 
 
 def to_dict(args: Any) -> dict[str, Any]:

@@ -20,9 +20,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
+
+from rlhf_cli.core import runtime
 from rlhf_cli.core.errors import CheckpointError, ConfigError
-from rlhf_cli.core.manifest import STAGE_COMMANDS, a_stage, manifest_if_stage
-from rlhf_cli.core.models import load_tokenizer, pick_precision, resolve_model, torch_dtype
+from rlhf_cli.core.manifest import manifest_if_stage
+from rlhf_cli.core.models import load_tokenizer, resolve_model
+from rlhf_cli.core.stages import a_stage, command_for
 
 
 @dataclass
@@ -67,7 +80,7 @@ class Sampling:
                 "max_new_tokens": self.max_new_tokens}
 
 
-def render_chat(tok: Any, messages: list[dict[str, str]], generation_prompt: bool = True) -> str:
+def render_chat(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool = True) -> str:
     """The conversation as the model reads it: its chat template, or a Human/Assistant transcript when the
     tokenizer has none (base models)."""
     if getattr(tok, "chat_template", None):
@@ -77,12 +90,13 @@ def render_chat(tok: Any, messages: list[dict[str, str]], generation_prompt: boo
     return text + ("\n\nAssistant:" if generation_prompt else "")
 
 
-def encode_chat(tok: Any, messages: list[dict[str, str]], generation_prompt: bool = True) -> list[int]:
+def encode_chat(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]],
+                generation_prompt: bool = True) -> list[int]:
     """Token ids of `render_chat` (the template writes the special tokens itself)."""
     return tok(render_chat(tok, messages, generation_prompt), add_special_tokens=False)["input_ids"]
 
 
-def stop_ids(tok: Any, generation_eos: int | list[int] | None) -> list[int]:
+def stop_ids(tok: PreTrainedTokenizerBase, generation_eos: int | list[int] | None) -> list[int]:
     """The tokenizer's EOS plus the EOS ids of the model's generation config (several chat models have two)."""
     eos = list(generation_eos) if isinstance(generation_eos, (list, tuple)) else [generation_eos]
     return sorted({i for i in eos + [tok.eos_token_id] if i is not None})
@@ -97,11 +111,9 @@ def cut_at_eos(ids: list[int], eos_ids: list[int]) -> tuple[list[int], bool]:
     return ids, False
 
 
-def pad_batch(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[Any, Any]:
+def pad_batch(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Token id lists as one padded batch: (ids, attention mask), long tensors on the CPU. Left padding for
     generation, right padding elsewhere."""
-    import torch
-
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
@@ -122,13 +134,13 @@ class Answer:
 class LM:
     """A causal LM with its tokenizer (left padding), ready to sample."""
 
-    def __init__(self, name: str, path: Path, model: Any, tok: Any):
+    def __init__(self, name: str, path: Path, model: PreTrainedModel, tok: PreTrainedTokenizerBase):
         self.name, self.path, self.model, self.tok = name, path, model, tok
         self.eos_ids = stop_ids(tok, model.generation_config.eos_token_id)
         self.context = getattr(model.config, "max_position_embeddings", None)
 
     @property
-    def device(self) -> Any:
+    def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     def encode(self, messages: list[dict[str, str]]) -> list[int]:
@@ -147,7 +159,24 @@ class LM:
             cut = next((i for i in range(1, len(turns)) if turns[i]["role"] == "user"), len(turns) - 1)
             turns, dropped = turns[cut:], dropped + cut
 
-    def _answer(self, new_ids: list[int]) -> Answer:
+    def fit_prompts(self, prompts: list[list[dict[str, str]]], max_new_tokens: int,
+                    flag: str = "MODEL") -> tuple[list[list[int]], int]:
+        """Token ids of one-turn prompts, each cut to its last tokens where prompt + answer would not fit the
+        context; also returns how many were cut."""
+        room = (self.context - max_new_tokens) if self.context else None
+        if room is not None and room < 1:
+            raise ConfigError(f"--max-new-tokens {max_new_tokens}: leaves no room for the prompt in {flag} "
+                              f"{self.name}'s {self.context}-token context; expected fewer")
+        out, cut = [], 0
+        for p in prompts:
+            ids = self.encode(p)
+            if room is not None and len(ids) > room:
+                ids, cut = ids[-room:], cut + 1
+            out.append(ids)
+        return out, cut
+
+    def answer(self, new_ids: list[int]) -> Answer:
+        """Generated token ids as an answer: cut at the first EOS, decoded without special tokens."""
         kept, finished = cut_at_eos(new_ids, self.eos_ids)
         kept = kept[:-1] if finished else kept
         return Answer(self.tok.decode(kept, skip_special_tokens=True).strip(), finished, len(kept))
@@ -155,8 +184,6 @@ class LM:
     def sample_ids(self, prompts: list[list[int]], n: int, sampling: Sampling) -> list[list[int]]:
         """The raw new token ids of `n` answers per prompt (rows: prompt 0 answer 0..n-1, prompt 1 ...),
         generated in one left-padded batch with the KV cache."""
-        import torch
-
         pad = self.tok.pad_token_id
         x, att = pad_batch(prompts, pad, left=True)
         width = x.shape[1]
@@ -170,7 +197,7 @@ class LM:
     def sample(self, prompts: list[list[int]], n: int, sampling: Sampling) -> list[list[Answer]]:
         """`n` answers for each prompt (token ids), decoded."""
         new = self.sample_ids(prompts, n, sampling)
-        return [[self._answer(new[p * n + j]) for j in range(n)] for p in range(len(prompts))]
+        return [[self.answer(new[p * n + j]) for j in range(n)] for p in range(len(prompts))]
 
     def stream(self, messages: list[dict[str, str]], sampling: Sampling) -> Stream:
         ids, dropped = self.fit(messages, sampling.max_new_tokens)
@@ -182,22 +209,14 @@ class Stream:
     generation after the current token; `finish()` waits for the thread and returns the text not yet read."""
 
     def __init__(self, lm: LM, ids: list[int], sampling: Sampling, dropped: int = 0):
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        flag = self._flag = threading.Event()
-
-        class _Flag(StoppingCriteria):
-            def __call__(self, input_ids: Any, scores: Any, **kw: Any) -> Any:
-                import torch
-
-                return torch.full((input_ids.shape[0],), flag.is_set(), dtype=torch.bool, device=input_ids.device)
+        self._flag = threading.Event()
 
         self.lm, self.dropped = lm, dropped
         self.answer: Answer | None = None
         self.error: BaseException | None = None
         self.streamer = TextIteratorStreamer(lm.tok, skip_prompt=True, skip_special_tokens=True)
         self._kwargs = dict(use_cache=True, pad_token_id=lm.tok.pad_token_id, eos_token_id=lm.eos_ids,
-                            streamer=self.streamer, stopping_criteria=StoppingCriteriaList([_Flag()]),
+                            streamer=self.streamer, stopping_criteria=StoppingCriteriaList([StopFlag(self._flag)]),
                             **sampling.generate_kwargs())
         self._ids = ids
         self._ended = False
@@ -205,14 +224,12 @@ class Stream:
         self._thread.start()
 
     def _run(self) -> None:
-        import torch
-
         try:
             x = torch.tensor([self._ids], dtype=torch.long, device=self.lm.device)
             self.lm.model.eval()
             with torch.inference_mode():
                 out = self.lm.model.generate(input_ids=x, attention_mask=torch.ones_like(x), **self._kwargs)
-            self.answer = self.lm._answer(out[0, len(self._ids):].cpu().tolist())
+            self.answer = self.lm.answer(out[0, len(self._ids):].cpu().tolist())
         except BaseException as e:  # surfaced by finish(); end() unblocks the reader
             self.error = e
             self.streamer.end()
@@ -244,32 +261,36 @@ class Stream:
         return rest
 
 
-def load_lm(spec: str, flag: str = "MODEL", precision: str = "auto", say: Callable[[str], None] = lambda s: None,
-            ) -> LM:
-    """A causal LM from any model spec; refuses reward models with a message naming what is expected."""
+class StopFlag(StoppingCriteria):
+    """Stops generation once its event is set (Ctrl-C in `rlhf chat`)."""
+
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kw: Any) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+def refuse_reward_stage(spec: str, flag: str) -> None:
+    """A reward stage given where a model that writes answers is expected: one clear error."""
     m = manifest_if_stage(spec)
     if m is not None and m.stage == "reward":
         raise CheckpointError(f"{flag} {spec}: is {a_stage(m.stage)} (it scores answers, it cannot write them); "
                               f"expected a model that generates: an sft or ppo stage, made by "
-                              f"`{STAGE_COMMANDS['sft']}`, a model folder or a hub id")
-    path = resolve_model(spec, flag, say)
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+                              f"`{command_for('sft')}`, a model folder or a hub id")
 
+
+def load_lm(spec: str, flag: str = "MODEL", precision: str = "auto", say: Callable[[str], None] = lambda s: None,
+            ) -> LM:
+    """A causal LM from any model spec; refuses reward models with a message naming what is expected."""
+    refuse_reward_stage(spec, flag)
+    path = resolve_model(spec, flag, say)
     cfg = AutoConfig.from_pretrained(path)
     if any("ForSequenceClassification" in a for a in (cfg.architectures or [])):
         raise CheckpointError(f"{flag} {spec}: is a sequence classifier ({', '.join(cfg.architectures)}), not a "
                               f"language model; expected a model that generates, such as an sft stage")
     tok = load_tokenizer(path, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(pick_precision(precision)))
-    if torch.cuda.is_available():
-        model.to("cuda")
-    model.eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=runtime.torch_dtype(runtime.pick_precision(precision)))
+    model = runtime.to_device(model).eval()
     model.generation_config.pad_token_id = tok.pad_token_id
     return LM(spec, path, model, tok)
-
-
-def seed_all(seed: int) -> None:
-    import torch
-
-    torch.manual_seed(seed)  # seeds every device; sampling draws only from torch

@@ -18,22 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_cli.core.errors import CheckpointError, ConfigError
+from rlhf_cli.core.stages import a_stage, command_for
 
 MANIFEST = "rlhf_manifest.json"
 FORMAT_VERSION = 1
-
-# What each stage is, and the command that makes it: used in every "wrong or missing stage" message.
-def a_stage(stage: str) -> str:
-    """'an sft stage', 'a reward stage'."""
-    return f"{'an' if stage[:1] in 'aeiou' or stage in ('sft', 'rm') else 'a'} {stage} stage"
-
-
-STAGE_COMMANDS = {
-    "sft": "rlhf sft --model MODEL --data DEMOS --out DIR",
-    "reward": "rlhf reward --model SFT_DIR --data PREFS --out DIR",
-    "ppo": "rlhf ppo --policy SFT_DIR --reward RM_DIR --prompts PROMPTS --out DIR",
-}
-
 
 @dataclass
 class Manifest:
@@ -107,10 +95,19 @@ def stage_dir(explicit: str | None, run: str | None, stage: str, flag: str) -> P
     return None
 
 
+def stage_output(out: str | None, run: str | None, stage: str, overwrite: bool,
+                 kind: type[StagedOutput] | None = None, **kw: Any) -> StagedOutput:
+    """The staged output folder of a stage: --out, else RUN/stage; one clear error when neither is given."""
+    folder = stage_dir(out, run, stage, "--out")
+    if folder is None:
+        raise ConfigError(f"--out: missing; pass --out DIR or --run DIR (writes DIR/{stage})")
+    return (kind or StagedOutput)(folder, overwrite, **kw)
+
+
 def require_stage(folder: str | Path, expected: str, flag: str) -> Manifest:
     """A finished stage folder of the expected kind, or one clear error naming the command that makes it."""
     p = Path(folder)
-    make = STAGE_COMMANDS.get(expected, f"rlhf {expected}")
+    make = command_for(expected)
     if not p.exists():
         raise CheckpointError(f"{flag} {p}: no such folder; expected a finished {expected} stage, made by `{make}`")
     m = read_manifest(p)

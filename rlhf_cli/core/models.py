@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf_cli.core.args import DEFAULT_MODEL
 from rlhf_cli.core.errors import CheckpointError, ModelNotFoundError
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+__all__ = ["DEFAULT_MODEL", "resolve_model", "load_tokenizer", "set_distinct_pad", "prepare_embedded"]
 
 
 @dataclass(frozen=True)
@@ -168,37 +169,3 @@ def load_tokenizer(path: Path, padding_side: str = "right") -> Any:
     set_distinct_pad(tok)
     tok.padding_side = padding_side
     return tok
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Hardware defaults
-
-
-def configure_threads(threads: int | None) -> int:
-    """Torch intra-op threads: the given number, else one per physical core the process may use."""
-    import torch
-
-    if threads is None or threads <= 0:
-        try:
-            threads = len(os.sched_getaffinity(0))
-        except AttributeError:
-            threads = os.cpu_count() or 1
-    torch.set_num_threads(threads)
-    return threads
-
-
-def pick_precision(precision: str) -> str:
-    """'auto': bf16 on GPUs that support it, fp32 elsewhere (CPU bf16 is emulated and slow on most CPUs)."""
-    import torch
-
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
-
-
-def torch_dtype(precision: str) -> Any:
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

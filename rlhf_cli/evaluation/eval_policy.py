@@ -33,46 +33,27 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf_cli.core.config import check_choices, opt
+import torch
+
+from rlhf_cli.core import runtime
+from rlhf_cli.core.config import validate
 from rlhf_cli.core.errors import CheckpointError, ConfigError
-from rlhf_cli.core.generation import cut_at_eos
-from rlhf_cli.core.manifest import STAGE_COMMANDS, a_stage, manifest_if_stage, require_stage
+from rlhf_cli.core.generation import LM, Sampling, cut_at_eos, load_lm, pad_batch, refuse_reward_stage
+from rlhf_cli.core.manifest import Manifest, manifest_if_stage, require_stage
+from rlhf_cli.core.models import resolve_model
 from rlhf_cli.core.progress import Reporter
-from rlhf_cli.data.io import load_prompts
+from rlhf_cli.core.reward_model import RewardModel
+from rlhf_cli.core.stages import EVAL_FILE
+from rlhf_cli.data import load_prompts
+from rlhf_cli.evaluation.args import POLICY_SAMPLING, EvalPolicyArgs
+from rlhf_cli.stages.ppo.core import logprobs_from_logits
 
-EVAL_FILE = "eval_policy.json"
 Z95 = 1.959963984540054
-DEFAULTS = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "max_new_tokens": 64}
-
-
-@dataclass
-class EvalPolicyArgs:
-    model: str | None = opt(None, "Policy to measure: a ppo stage (default: RUN/ppo), any stage that generates, "
-                                  "a model folder or a hub id.")
-    baseline: str | None = opt(None, "Model to compare it with (default: RUN/sft).")
-    reward: str | None = opt(None, "Reward model that judges both (default: RUN/reward).")
-    prompts: str | None = opt(None, "Prompts: a prompt file, or any SFT or preference file (its prompts are "
-                                    "used).")
-    run: str | None = opt(None, "Run folder: uses RUN/ppo, RUN/sft and RUN/reward for what is not given.")
-    save: str | None = opt(None, "JSONL file for the per-prompt results (both answers, scores, outcome, KL).")
-    tie_margin: float = opt(0.0, "Scores closer than this (inclusive) are a tie; 0 = only equal scores.")
-    temperature: float | None = opt(None, "Sampling temperature, 0 = greedy (default: the ppo stage's, else 0.7).")
-    top_p: float | None = opt(None, "Nucleus sampling, 1 = off (default: the ppo stage's, else 1).")
-    top_k: int | None = opt(None, "Sample from the K most likely tokens, 0 = off (default: the ppo stage's, "
-                                  "else 0).")
-    max_new_tokens: int | None = opt(None, "Longest answer in tokens (default: the ppo stage's, else 64).")
-    seed: int = opt(42, "Random seed: each batch of prompts is seeded from it, the same for both models.")
-    baseline_seed: int | None = opt(None, "Another seed for BASE's answers, to draw them independently of "
-                                          "MODEL's (default: --seed, the same random numbers for both).")
-    batch_size: int = opt(8, "Prompts per generation and scoring batch.")
-    max_samples: int | None = opt(None, "Use at most this many prompts.")
-    precision: str = opt("auto", "Numeric precision: auto = bf16 on GPUs that have it, fp32 on CPU.",
-                         choices=("auto", "fp32", "bf16", "fp16"))
-    threads: int | None = opt(None, "CPU threads for torch (default: the cores this process may use).")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -110,20 +91,14 @@ def _pick_lm(spec: str | None, run: str | None, stage: str, flag: str) -> str:
         if run is None:
             raise ConfigError(f"{flag}: missing; pass {flag} DIR or --run DIR (uses DIR/{stage})")
         return str(require_stage(Path(run) / stage, stage, "--run").path)
-    m = manifest_if_stage(spec)
-    if m is not None and m.stage == "reward":
-        raise CheckpointError(f"{flag} {spec}: is {a_stage(m.stage)} (it scores answers, it cannot write them); "
-                              f"expected a model that generates: an sft or ppo stage, made by "
-                              f"`{STAGE_COMMANDS['sft']}`, a model folder or a hub id")
+    refuse_reward_stage(spec, flag)
     return spec
 
 
-def _sampling(args: EvalPolicyArgs, model_manifest: Any, say) -> Any:
-    from rlhf_cli.core.generation import Sampling
-
+def _sampling(args: EvalPolicyArgs, model_manifest: Manifest | None, say: Callable[[str], None]) -> Sampling:
     parent = model_manifest.args if model_manifest is not None and model_manifest.stage == "ppo" else {}
     values = {}
-    for name, fallback in DEFAULTS.items():
+    for name, fallback in POLICY_SAMPLING.items():
         given = getattr(args, name)
         if given is not None:
             values[name] = given
@@ -136,40 +111,29 @@ def _sampling(args: EvalPolicyArgs, model_manifest: Any, say) -> Any:
 
 
 def _check(args: EvalPolicyArgs) -> None:
-    check_choices(args)
+    validate(args)
     if args.run is not None and not Path(args.run).is_dir():
         raise CheckpointError(f"--run {args.run}: no such folder; expected a run folder holding finished sft, "
                               f"reward and ppo stages (made by `rlhf sft --run {args.run}`, `rlhf reward ...`)")
     if args.prompts is None:
         raise ConfigError("--prompts: missing; expected a prompt file (or any SFT or preference file)")
-    if args.batch_size < 1:
-        raise ConfigError(f"--batch-size {args.batch_size}: expected a whole number >= 1")
-    if args.max_samples is not None and args.max_samples < 1:
-        raise ConfigError(f"--max-samples {args.max_samples}: expected a whole number >= 1")
-    if not args.tie_margin >= 0:
-        raise ConfigError(f"--tie-margin {args.tie_margin}: expected a number >= 0")
     if args.save is not None and Path(args.save).is_dir():
         raise ConfigError(f"--save {args.save}: is a folder; expected a .jsonl file path")
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Sampling, teacher forcing, scoring
+# Sampling, teacher forcing
 
 
-def sample_ids(lm: Any, prompts: list[list[int]], sampling: Any) -> list[list[int]]:
+def sample_ids(lm: LM, prompts: list[list[int]], sampling: Sampling) -> list[list[int]]:
     """One answer per prompt as token ids, cut after the first EOS."""
     return [cut_at_eos(row, lm.eos_ids)[0] for row in lm.sample_ids(prompts, 1, sampling)]
 
 
-def answer_logprob(model: Any, prompts: list[list[int]], answers: list[list[int]], temperature: float,
+def answer_logprob(model: torch.nn.Module, prompts: list[list[int]], answers: list[list[int]], temperature: float,
                    pad_id: int) -> list[float]:
     """Sum of log p(answer token | prompt, earlier answer tokens) per row, by teacher forcing (right padding, so
     positions are those of the unpadded sequence)."""
-    import torch
-
-    from rlhf_cli.core.generation import pad_batch
-    from rlhf_cli.stages.ppo.core import logprobs_from_logits
-
     x, att = pad_batch([p + a for p, a in zip(prompts, answers, strict=True)], pad_id)
     dev = next(model.parameters()).device
     with torch.inference_mode():
@@ -182,47 +146,69 @@ def answer_logprob(model: Any, prompts: list[list[int]], answers: list[list[int]
     return out
 
 
-class _Judge:
-    """The RM, scoring `<prompt, answer text>` through its tokenizer's chat template."""
+@dataclass
+class Contest:
+    """The two models, their encoded prompts, and what they answered."""
 
-    def __init__(self, spec: str, manifest: Any, precision: str, say) -> None:
-        from rlhf_cli.core.models import resolve_model
-        from rlhf_cli.evaluation.eval_reward import load_reward_model
-
-        self.max_length = (manifest.args.get("max_length") if manifest else None) or 1024
-        self.model, self.tok = load_reward_model(resolve_model(spec, "--reward", say), precision)
-        import torch
-
-        if torch.cuda.is_available():
-            self.model.to("cuda")
-        self.truncated = 0
-
-    def scores(self, prompts: list[list[dict]], answers: list[str], batch_size: int) -> list[float]:
-        from rlhf_cli.core.generation import encode_chat
-        from rlhf_cli.stages.reward.train import score_ids
-
-        ids = []
-        for p, a in zip(prompts, answers, strict=True):
-            x = encode_chat(self.tok, p + [{"role": "assistant", "content": a}], generation_prompt=False)
-            if len(x) > self.max_length:
-                x = x[-self.max_length:]
-                self.truncated += 1
-            ids.append(x)
-        return score_ids(self.model, ids, self.tok.pad_token_id, batch_size)
+    model: LM
+    base: LM
+    model_prompts: list[list[int]]
+    base_prompts: list[list[int]]
+    same_vocab: bool
+    answers: list[list[int]]
+    base_answers: list[list[int]]
+    kls: list[float | None]
 
 
-def _fit_prompts(lm: Any, prompts: list[list[dict]], max_new_tokens: int, flag: str) -> tuple[list[list[int]], int]:
-    room = (lm.context - max_new_tokens) if lm.context else None
-    if room is not None and room < 1:
-        raise ConfigError(f"--max-new-tokens {max_new_tokens}: leaves no room for the prompt in {flag} "
-                          f"{lm.name}'s {lm.context}-token context; expected fewer")
-    out, cut = [], 0
-    for p in prompts:
-        ids = lm.encode(p)
-        if room is not None and len(ids) > room:
-            ids, cut = ids[-room:], cut + 1
-        out.append(ids)
-    return out, cut
+def _load_contest(args: EvalPolicyArgs, model_spec: str, base_spec: str, prompts: list[list[dict]],
+                  sampling: Sampling, say: Callable[[str], None]) -> tuple[Contest, int]:
+    """Both models loaded (one copy when they are the same folder) with their prompts fitted to their context;
+    also returns how many prompts were cut."""
+    model_path = resolve_model(model_spec, "--model", say)
+    same = Path(resolve_model(base_spec, "--baseline", say)).resolve() == Path(model_path).resolve()
+    model = load_lm(model_spec, "--model", args.precision, say)
+    base = model if same else load_lm(base_spec, "--baseline", args.precision, say)
+    same_vocab = same or model.tok.get_vocab() == base.tok.get_vocab()
+    if not same_vocab:
+        say(f"--baseline {base_spec}: its vocabulary differs from --model {model_spec}'s, so the KL between them "
+            f"is not measured")
+    model_prompts, cut = model.fit_prompts(prompts, sampling.max_new_tokens, "--model")
+    base_prompts, base_cut = (model_prompts, cut) if same else base.fit_prompts(prompts, sampling.max_new_tokens,
+                                                                                 "--baseline")
+    if cut or base_cut:
+        say(f"{max(cut, base_cut)} prompts too long for the context kept their last tokens")
+    return Contest(model, base, model_prompts, base_prompts, same_vocab, [], [], []), max(cut, base_cut)
+
+
+def _sample_both(c: Contest, args: EvalPolicyArgs, sampling: Sampling, reporter: Reporter) -> None:
+    """One answer per prompt from each model, batch by batch, with MODEL's KL to BASE on its own answers."""
+    n, bs = len(c.model_prompts), args.batch_size
+    temp = sampling.temperature or 1.0
+    reporter.start(n)
+    t1 = time.time()
+    new_tokens = 0
+    try:
+        for b, start in enumerate(range(0, n, bs)):
+            idx = range(start, min(start + bs, n))
+            # the same seed per batch for both models: identical models sample identical answers
+            runtime.seed_all(args.seed * 100_003 + b)
+            a = sample_ids(c.model, [c.model_prompts[i] for i in idx], sampling)
+            runtime.seed_all((args.seed if args.baseline_seed is None else args.baseline_seed) * 100_003 + b)
+            ba = sample_ids(c.base, [c.base_prompts[i] for i in idx], sampling)
+            if c.same_vocab:
+                lp = answer_logprob(c.model.model, [c.model_prompts[i] for i in idx], a, temp,
+                                    c.model.tok.pad_token_id)
+                lq = answer_logprob(c.base.model, [c.base_prompts[i] for i in idx], a, temp, c.base.tok.pad_token_id)
+                c.kls.extend(x - y for x, y in zip(lp, lq, strict=True))
+            else:
+                c.kls.extend([None] * len(a))
+            c.answers.extend(a)
+            c.base_answers.extend(ba)
+            new_tokens += sum(map(len, a)) + sum(map(len, ba))
+            elapsed = time.time() - t1
+            reporter.update(len(c.answers), n, {"tokens/s": new_tokens / max(elapsed, 1e-9)}, elapsed)
+    finally:
+        reporter.finish()
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -238,98 +224,53 @@ def eval_policy(args: EvalPolicyArgs, reporter: Reporter | None = None) -> dict[
     say = reporter.info
     t0 = time.time()
     _check(args)
-    from rlhf_cli.evaluation.eval_reward import resolve_reward_model
-
     model_spec = _pick_lm(args.model, args.run, "ppo", "--model")
     base_spec = _pick_lm(args.baseline, args.run, "sft", "--baseline")
-    rm_spec, rm_manifest = resolve_reward_model(args.reward, args.run, "--reward")
+    judge_spec = RewardModel.locate(args.reward, args.run, "--reward", say)
     model_manifest = manifest_if_stage(model_spec)
     sampling = _sampling(args, model_manifest, say)
     ds = load_prompts(args.prompts, args.max_samples)
     say(ds.describe())
     prompts = [r["prompt"] for r in ds.rows]
-    n = len(prompts)
 
-    from rlhf_cli.core.generation import load_lm, seed_all
-    from rlhf_cli.core.models import configure_threads, resolve_model
-    from rlhf_cli.core.training import quiet_libraries
-
-    # every model is found (and the RM's head checked) before the first one loads
-    model_path = resolve_model(model_spec, "--model", say)
-    same = Path(resolve_model(base_spec, "--baseline", say)).resolve() == Path(model_path).resolve()
-    quiet_libraries()
-    threads = configure_threads(args.threads)
-    judge = _Judge(rm_spec, rm_manifest, args.precision, say)
-    model = load_lm(model_spec, "--model", args.precision, say)
-    base = model if same else load_lm(base_spec, "--baseline", args.precision, say)
-    same_vocab = same or model.tok.get_vocab() == base.tok.get_vocab()
-    if not same_vocab:
-        say(f"--baseline {base_spec}: its vocabulary differs from --model {model_spec}'s, so the KL between them "
-            f"is not measured")
-    model_prompts, cut = _fit_prompts(model, prompts, sampling.max_new_tokens, "--model")
-    base_prompts, base_cut = (model_prompts, cut) if same else _fit_prompts(base, prompts, sampling.max_new_tokens,
-                                                                             "--baseline")
-    if cut or base_cut:
-        say(f"{max(cut, base_cut)} prompts too long for the context kept their last tokens")
+    runtime.quiet_libraries()
+    threads = runtime.configure_threads(args.threads)
+    judge = RewardModel.load(judge_spec, args.precision)
+    contest, cut = _load_contest(args, model_spec, base_spec, prompts, sampling, say)
     say(f"sampling one answer per prompt from {model_spec} and from {base_spec} ({threads} thread"
         f"{'s' if threads != 1 else ''}, temperature {sampling.temperature:g}, top_p {sampling.top_p:g}, top_k "
-        f"{sampling.top_k}, max_new_tokens {sampling.max_new_tokens}); judged by {rm_spec}")
+        f"{sampling.top_k}, max_new_tokens {sampling.max_new_tokens}); judged by {judge.name}")
+    _sample_both(contest, args, sampling, reporter)
+    per_prompt = _judge(contest, judge, prompts, args, say)
+    res = {"model": model_spec, "baseline": base_spec, "reward": judge.name, "prompts_file": args.prompts}
+    res |= summarize(per_prompt, contest.answers, contest.base_answers, contest.model.eos_ids, contest.base.eos_ids)
+    res |= {"tie_margin": args.tie_margin, "temperature": sampling.temperature, "top_p": sampling.top_p,
+            "top_k": sampling.top_k, "max_new_tokens": sampling.max_new_tokens, "seed": args.seed,
+            "baseline_seed": args.seed if args.baseline_seed is None else args.baseline_seed,
+            "truncated_prompts": cut, "seconds": round(time.time() - t0, 2)}
+    _write(args, res, per_prompt, model_manifest, say)
+    return res
 
-    temp = sampling.temperature or 1.0
-    bs = args.batch_size
-    ans: list[list[int]] = []
-    base_ans: list[list[int]] = []
-    kls: list[float | None] = []
-    reporter.start(n)
-    t1 = time.time()
-    new_tokens = 0
-    try:
-        for b, start in enumerate(range(0, n, bs)):
-            idx = range(start, min(start + bs, n))
-            # the same seed per batch for both models: identical models sample identical answers
-            seed_all(args.seed * 100_003 + b)
-            a = sample_ids(model, [model_prompts[i] for i in idx], sampling)
-            seed_all((args.seed if args.baseline_seed is None else args.baseline_seed) * 100_003 + b)
-            ba = sample_ids(base, [base_prompts[i] for i in idx], sampling)
-            if same_vocab:
-                lp = answer_logprob(model.model, [model_prompts[i] for i in idx], a, temp, model.tok.pad_token_id)
-                lq = answer_logprob(base.model, [base_prompts[i] for i in idx], a, temp, base.tok.pad_token_id)
-                kls.extend(x - y for x, y in zip(lp, lq, strict=True))
-            else:
-                kls.extend([None] * len(a))
-            ans.extend(a)
-            base_ans.extend(ba)
-            new_tokens += sum(map(len, a)) + sum(map(len, ba))
-            elapsed = time.time() - t1
-            reporter.update(len(ans), n, {"tokens/s": new_tokens / max(elapsed, 1e-9)}, elapsed)
-    finally:
-        reporter.finish()
 
-    def texts(lm: Any, rows: list[list[int]]) -> list[str]:
-        return [lm._answer(r).text for r in rows]
-
-    model_texts, base_texts = texts(model, ans), texts(base, base_ans)
-    say(f"scoring {2 * n} answers with {rm_spec}")
-    scores = judge.scores(prompts, model_texts, bs)
-    base_scores = judge.scores(prompts, base_texts, bs)
+def _judge(c: Contest, judge: RewardModel, prompts: list[list[dict]], args: EvalPolicyArgs,
+           say: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The RM's score of both answers to every prompt, and the per-prompt rows."""
+    model_texts = [c.model.answer(r).text for r in c.answers]
+    base_texts = [c.base.answer(r).text for r in c.base_answers]
+    say(f"scoring {2 * len(prompts)} answers with {judge.name}")
+    scores = judge.score_answers(prompts, model_texts, args.batch_size)
+    base_scores = judge.score_answers(prompts, base_texts, args.batch_size)
     if judge.truncated:
         say(f"{judge.truncated} prompt + answer sequences longer than {judge.max_length} tokens kept their last "
             f"{judge.max_length} tokens for the reward model")
     oc = outcomes(scores, base_scores, args.tie_margin)
-    per_prompt = [{"prompt": prompts[i], "response": model_texts[i], "baseline_response": base_texts[i],
-                   "score": scores[i], "baseline_score": base_scores[i], "outcome": oc[i], "kl": kls[i],
-                   "length": len(ans[i]), "baseline_length": len(base_ans[i]),
-                   "finished": cut_at_eos(ans[i], model.eos_ids)[1],
-                   "baseline_finished": cut_at_eos(base_ans[i], base.eos_ids)[1]}
-                  for i in range(n)]
-    res = {"model": model_spec, "baseline": base_spec, "reward": rm_spec, "prompts_file": args.prompts}
-    res |= summarize(per_prompt, ans, base_ans, model.eos_ids, base.eos_ids)
-    res |= {"tie_margin": args.tie_margin, "temperature": sampling.temperature, "top_p": sampling.top_p,
-            "top_k": sampling.top_k, "max_new_tokens": sampling.max_new_tokens, "seed": args.seed,
-            "baseline_seed": args.seed if args.baseline_seed is None else args.baseline_seed,
-            "truncated_prompts": max(cut, base_cut), "seconds": round(time.time() - t0, 2)}
-    _write(args, res, per_prompt, model_manifest, say)
-    return res
+    ans, base_ans = c.answers, c.base_answers
+    return [{"prompt": prompts[i], "response": model_texts[i], "baseline_response": base_texts[i],
+             "score": scores[i], "baseline_score": base_scores[i], "outcome": oc[i], "kl": c.kls[i],
+             "length": len(ans[i]), "baseline_length": len(base_ans[i]),
+             "finished": cut_at_eos(ans[i], c.model.eos_ids)[1],
+             "baseline_finished": cut_at_eos(base_ans[i], c.base.eos_ids)[1]}
+            for i in range(len(prompts))]
 
 
 def summarize(per_prompt: list[dict], ans: list[list[int]], base_ans: list[list[int]], eos: list[int],
@@ -365,7 +306,8 @@ def summarize(per_prompt: list[dict], ans: list[list[int]], base_ans: list[list[
     }
 
 
-def _write(args: EvalPolicyArgs, res: dict[str, Any], per_prompt: list[dict], model_manifest: Any, say) -> None:
+def _write(args: EvalPolicyArgs, res: dict[str, Any], per_prompt: list[dict], model_manifest: Manifest | None,
+           say: Callable[[str], None]) -> None:
     if args.save:
         path = Path(args.save)
         path.parent.mkdir(parents=True, exist_ok=True)

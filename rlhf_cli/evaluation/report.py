@@ -30,25 +30,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf_cli.core.config import opt
 from rlhf_cli.core.errors import CheckpointError, ConfigError, RLHFError
 from rlhf_cli.core.manifest import MANIFEST, Manifest, read_manifest
 from rlhf_cli.core.progress import Reporter, fmt
+from rlhf_cli.core.stages import EVAL_FILE, ORDER
+from rlhf_cli.evaluation.args import ReportArgs
 
 FIGSIZE = (6.4, 4.0)  # inches
 DPI = 100  # so every plot is 640 x 400 pixels
-ORDER = ("sft", "reward", "ppo")  # then any other stage, by start time
 SAMPLES_SHOWN = 6
-EVAL_FILE = "eval_policy.json"
-
-
-@dataclass
-class ReportArgs:
-    run: str | None = opt(None, "Run folder holding stage folders (sft, reward, ppo, ...), or a single stage "
-                                "folder.")
-    out: str | None = opt(None, "Report file: .html (self-contained, plots embedded) or .md (plots beside it) "
-                                "(default: RUN/report.html).", metavar="FILE")
-    title: str | None = opt(None, "Title of the report (default: rlhf report: RUN).")
 
 
 @dataclass

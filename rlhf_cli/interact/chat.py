@@ -26,10 +26,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf_cli.core.config import check_choices, opt
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markdown import Markdown
+from rich.panel import Panel
+from rich.segment import Segment
+from rich.table import Table
+from rich.text import Text
+
+from rlhf_cli.core import runtime
+from rlhf_cli.core.config import validate
 from rlhf_cli.core.errors import ConfigError, RLHFError
-from rlhf_cli.core.generation import LM, Sampling, load_lm, render_chat, seed_all
-from rlhf_cli.core.models import DEFAULT_MODEL
+from rlhf_cli.core.generation import LM, Sampling, load_lm
+from rlhf_cli.core.reward_model import RewardModel, resolve_reward_spec
+from rlhf_cli.interact.args import ChatArgs
 
 PROMPT = "you> "
 WIDE = 100  # columns from which --compare answers are shown side by side
@@ -43,30 +53,6 @@ HELP = """commands:
   /help                   this list
   /quit                   leave (or Ctrl-D); Ctrl-C stops the answer being written
   //text                  send a message that starts with /"""
-
-
-@dataclass
-class ChatArgs:
-    model: str = opt(DEFAULT_MODEL, "Model to talk to: a stage folder (sft, ppo), a model folder or a hub id.")
-    compare: list[str] | None = opt(None, "Another model that answers every turn too (repeat the flag for more); "
-                                          "answers are shown side by side.")
-    reward: str | None = opt(None, "Reward model (a reward stage folder): its score is shown under each answer.")
-    save_preferences: str | None = opt(None, "With --compare: JSONL file that /prefer N appends a ranked "
-                                             "preference row to (input for `rlhf reward`).")
-    system: str | None = opt(None, "System prompt.")
-    prompt: str | None = opt(None, "Answer this one message, print the answer on stdout and exit. Text piped on "
-                                   "stdin works the same way (all of it is one message).")
-    interactive: bool = opt(False, "Read turns and /commands line by line even when stdin is not a terminal.",
-                            short="-i")
-    temperature: float = opt(0.7, "Sampling temperature; 0 is greedy decoding.")
-    top_p: float = opt(0.9, "Nucleus sampling: sample from the most likely tokens holding this much probability "
-                            "(1 = off).")
-    top_k: int = opt(0, "Sample from the K most likely tokens only (0 = off).")
-    max_new_tokens: int = opt(256, "Longest answer, in tokens.")
-    seed: int | None = opt(None, "Random seed, for repeatable answers.")
-    precision: str = opt("auto", "Numeric precision: auto = bf16 on GPUs that have it, fp32 on CPU.",
-                         choices=("auto", "fp32", "bf16", "fp16"))
-    threads: int | None = opt(None, "CPU threads for torch (default: the cores this process may use).")
 
 
 class ChatError(RLHFError):
@@ -102,33 +88,9 @@ class Round:
     recorded: bool = False
 
 
-class RewardScorer:
-    """Scores `<conversation, answer>` with a reward model through its tokenizer's chat template."""
-
-    def __init__(self, spec: str, precision: str = "auto", say: Callable[[str], None] = lambda s: None):
-        from rlhf_cli.core.models import resolve_model
-        from rlhf_cli.evaluation.eval_reward import load_reward_model, resolve_reward_model
-
-        name, manifest = resolve_reward_model(spec, None, "--reward")
-        self.name = name
-        self.max_length = (manifest.args.get("max_length") if manifest else None) or 1024
-        self.model, self.tok = load_reward_model(resolve_model(name, "--reward", say), precision)
-        import torch
-
-        if torch.cuda.is_available():
-            self.model.to("cuda")
-
-    def score(self, messages: list[dict[str, str]]) -> float:
-        from rlhf_cli.stages.reward.train import score_ids
-
-        text = render_chat(self.tok, messages, generation_prompt=False)
-        ids = self.tok(text, add_special_tokens=False)["input_ids"][-self.max_length:]
-        return score_ids(self.model, [ids], self.tok.pad_token_id)[0]
-
-
 def check_args(args: ChatArgs) -> Sampling:
     """Everything that can be checked before a model loads."""
-    check_choices(args)
+    validate(args)
     if isinstance(args.compare, str):  # `compare: other/model` in a YAML file
         args.compare = [args.compare]
     if args.compare is not None and not all(isinstance(c, str) and c for c in args.compare):
@@ -145,9 +107,7 @@ def check_args(args: ChatArgs) -> Sampling:
     if args.prompt is not None and args.interactive:
         raise ConfigError("--prompt answers one message and exits; drop -i (or --prompt)")
     if args.reward:
-        from rlhf_cli.evaluation.eval_reward import resolve_reward_model
-
-        resolve_reward_model(args.reward, None, "--reward")  # a wrong stage fails now, not after loading models
+        resolve_reward_spec(args.reward, None, "--reward")  # a wrong stage fails now, not after loading models
     return sampling
 
 
@@ -158,7 +118,7 @@ class ChatSession:
     (a `ChatError` for bad input, which leaves the session as it was)."""
 
     def __init__(self, models: list[LM], sampling: Sampling | None = None, system: str | None = None,
-                 scorer: RewardScorer | None = None, preferences: str | Path | None = None):
+                 scorer: RewardModel | None = None, preferences: str | Path | None = None):
         self.models = models
         self.sampling = sampling or Sampling()
         self.system = system or None
@@ -169,19 +129,17 @@ class ChatSession:
 
     @classmethod
     def from_args(cls, args: ChatArgs, say: Callable[[str], None] = lambda s: None) -> ChatSession:
-        from rlhf_cli.core.models import configure_threads
-        from rlhf_cli.core.training import quiet_libraries
-
         sampling = check_args(args)
-        quiet_libraries()
-        threads = configure_threads(args.threads)
+        runtime.quiet_libraries()
+        threads = runtime.configure_threads(args.threads)
         specs = [args.model] + list(args.compare or [])
         models = [load_lm(s, "MODEL" if i == 0 else "--compare", args.precision, say) for i, s in enumerate(specs)]
-        scorer = RewardScorer(args.reward, args.precision, say) if args.reward else None
+        scorer = RewardModel.load(RewardModel.locate(args.reward, None, "--reward", say), args.precision) \
+            if args.reward else None
         say(f"loaded {', '.join(specs)}" + (f" and reward model {args.reward}" if scorer else "")
             + f" ({threads} thread{'s' if threads != 1 else ''})")
         if args.seed is not None:
-            seed_all(args.seed)
+            runtime.seed_all(args.seed)
         return cls(models, sampling, args.system, scorer, args.save_preferences)
 
     @property
@@ -373,9 +331,6 @@ class _Tail:
         self.title, self.text = title, ""
 
     def __rich_console__(self, console: Any, options: Any) -> Any:
-        from rich.segment import Segment
-        from rich.text import Text
-
         if self.title:  # stays on top while the text scrolls
             yield Text(self.title, style="bold", no_wrap=True, overflow="ellipsis")
         lines = console.render_lines(Text(self.text), options.update(height=None), pad=False)
@@ -391,18 +346,12 @@ class ChatView:
         self.session, self.console = session, console
 
     def say(self, text: str, style: str = "dim") -> None:
-        from rich.text import Text
-
         self.console.print(Text(text, style=style), soft_wrap=True)
 
     def error(self, text: str) -> None:
-        from rich.text import Text
-
         self.console.print(Text.assemble(("error:", "red"), " " + text), soft_wrap=True)
 
     def ask(self, text: str) -> Round:
-        from rich.live import Live
-
         s = self.session
         many = len(s.models) > 1
         tail = _Tail(None)
@@ -426,10 +375,6 @@ class ChatView:
         return rnd
 
     def _body(self, t: Turn) -> Any:
-        from rich.console import Group
-        from rich.markdown import Markdown
-        from rich.text import Text
-
         # Markdown renders text; it never reads Rich markup, so "[red]" in an answer stays "[red]".
         parts: list[Any] = [Markdown(t.text) if t.text else Text("(empty answer)", style="dim")]
         status = _status(t)
@@ -438,10 +383,6 @@ class ChatView:
         return Group(*parts)
 
     def show(self, rnd: Round) -> None:
-        from rich.panel import Panel
-        from rich.table import Table
-        from rich.text import Text
-
         s = self.session
         if not rnd.turns:
             self.say("stopped before any answer")
@@ -473,8 +414,6 @@ def chat_loop(session: ChatSession, read: Callable[[str], str] = input, write: A
     """The interactive chat: `read(prompt)` returns a line (EOFError ends the chat, KeyboardInterrupt is
     ignored at the prompt), `write` is a Rich Console or a callable taking text (drawn `width` columns wide).
     Returns the exit code."""
-    from rich.console import Console
-
     console = write if isinstance(write, Console) else Console(
         file=_Writer(write or (lambda text: sys.stdout.write(text))), width=width, highlight=False,
         color_system=None)

@@ -22,33 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf_cli.core.config import check_choices, opt
+from rlhf_cli.core import runtime
+from rlhf_cli.core.config import validate
 from rlhf_cli.core.errors import ConfigError, DataError
-from rlhf_cli.core.generation import Sampling, load_lm, seed_all
-from rlhf_cli.core.models import DEFAULT_MODEL, configure_threads
+from rlhf_cli.core.generation import Sampling, load_lm
 from rlhf_cli.core.progress import Reporter
-from rlhf_cli.data.io import load_prompts
-
-
-@dataclass
-class GenerateArgs:
-    model: str = opt(DEFAULT_MODEL, "Model to sample from: a stage folder (sft, ppo), a model folder or a hub id.")
-    prompts: str | None = opt(None, "Prompts: a prompt file, or any SFT or preference file (its prompts are used).")
-    out: str | None = opt(None, "JSONL file to write, one line per prompt; an existing file is resumed.",
-                          metavar="FILE")
-    num_samples: int = opt(4, "Answers sampled per prompt (K).", short="-k")
-    temperature: float = opt(1.0, "Sampling temperature; 0 is greedy decoding (only with -k 1).")
-    top_p: float = opt(1.0, "Nucleus sampling: sample from the most likely tokens holding this much probability "
-                            "(1 = off).")
-    top_k: int = opt(0, "Sample from the K most likely tokens only (0 = off).")
-    max_new_tokens: int = opt(256, "Longest answer, in tokens.")
-    batch_size: int = opt(8, "Prompts per generation batch (each with K answers).")
-    seed: int = opt(42, "Random seed: the same seed, model, prompts and batch size write the same file.")
-    max_samples: int | None = opt(None, "Use at most this many prompts.")
-    overwrite: bool = opt(False, "Start --out afresh instead of resuming it.")
-    precision: str = opt("auto", "Numeric precision: auto = bf16 on GPUs that have it, fp32 on CPU.",
-                         choices=("auto", "fp32", "bf16", "fp16"))
-    threads: int | None = opt(None, "CPU threads for torch (default: the cores this process may use).")
+from rlhf_cli.data import load_prompts
+from rlhf_cli.data.io import json_lines
+from rlhf_cli.interact.args import GenerateArgs
 
 
 @dataclass
@@ -74,12 +55,7 @@ def prompt_key(messages: list[dict[str, str]]) -> str:
 
 
 def _check(args: GenerateArgs) -> Sampling:
-    check_choices(args)
-    for name in ("num_samples", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)}: expected a whole number >= 1")
-    if args.max_samples is not None and args.max_samples < 1:
-        raise ConfigError(f"--max-samples {args.max_samples}: expected a whole number >= 1")
+    validate(args)
     s = Sampling(args.temperature, args.top_p, args.top_k, args.max_new_tokens).check()
     if s.temperature == 0 and args.num_samples > 1:
         raise ConfigError(f"--temperature 0 is greedy decoding: all {args.num_samples} answers would be the same; "
@@ -121,14 +97,10 @@ def read_existing(out: Path, model: str, k: int, say) -> tuple[set[str], bool]:
     except UnicodeDecodeError as e:
         raise DataError(f"{out}: not UTF-8 text ({e.reason} at byte {e.start}); expected a file written by "
                         f"`rlhf generate`: choose another --out, or pass --overwrite") from None
-    for i, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{out}:{i}: not valid JSON ({e.msg}), so this file cannot be resumed; fix or delete "
-                            f"the line, choose another --out, or pass --overwrite") from None
+    for i, row in json_lines(text.splitlines()):
+        if isinstance(row, json.JSONDecodeError):
+            raise DataError(f"{out}:{i}: not valid JSON ({row.msg}), so this file cannot be resumed; fix or delete "
+                            f"the line, choose another --out, or pass --overwrite")
         if not (isinstance(row, dict) and isinstance(row.get("prompt"), list)
                 and isinstance(row.get("responses"), list)):
             raise DataError(f"{out}:{i}: expected a row written by `rlhf generate` (prompt, responses, model); "
@@ -170,23 +142,12 @@ def run_generate(args: GenerateArgs, reporter: Reporter | None = None) -> Genera
         result.seconds = round(time.time() - t0, 2)
         return result
 
-    from rlhf_cli.core.training import quiet_libraries
-
-    quiet_libraries()
-    threads = configure_threads(args.threads)
+    runtime.quiet_libraries()
+    threads = runtime.configure_threads(args.threads)
     lm = load_lm(args.model, "MODEL", args.precision, say)
-    room = (lm.context - sampling.max_new_tokens) if lm.context else None
-    if room is not None and room < 1:
-        raise ConfigError(f"--max-new-tokens {sampling.max_new_tokens}: leaves no room for the prompt in "
-                          f"{args.model}'s {lm.context}-token context; expected fewer")
-    encoded = []
-    for p in prompts:
-        ids = lm.encode(p)
-        if room is not None and len(ids) > room:
-            ids = ids[-room:]
-            result.truncated_prompts += 1
-        encoded.append(ids)
+    encoded, result.truncated_prompts = lm.fit_prompts(prompts, sampling.max_new_tokens)
     if result.truncated_prompts:
+        room = lm.context - sampling.max_new_tokens
         say(f"{result.truncated_prompts} prompts longer than {room} tokens kept their last {room} tokens")
     say(f"sampling {args.num_samples} answers per prompt from {args.model} ({threads} thread"
         f"{'s' if threads != 1 else ''}, temperature "
@@ -206,7 +167,7 @@ def run_generate(args: GenerateArgs, reporter: Reporter | None = None) -> Genera
                 if not missing:
                     continue
                 # Seeded per fixed batch: a resumed run samples the same answers an uninterrupted one would.
-                seed_all(args.seed * 100_003 + b)
+                runtime.seed_all(args.seed * 100_003 + b)
                 answers = lm.sample([encoded[i] for i in idx], args.num_samples, sampling)
                 for i, ans in zip(idx, answers, strict=True):
                     if i not in missing:

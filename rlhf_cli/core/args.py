@@ -1,0 +1,151 @@
+"""The flags several commands share, each declared once (help text, default, bounds), grouped by what they set.
+
+Commands list these fields in their own args dataclass, in the order their `--help` shows them, so a shared flag
+has the same name, text and limits everywhere. Nothing here imports torch: the CLI builds `--help` from these
+classes without loading any heavy library.
+
+Groups: run folders (`out_field`, `run_field`, `overwrite_field`), optimisation (`TrainArgs` for the
+Trainer-based stages; `lr_field`, `warmup_field`, `weight_decay_field` shared with PPO), LoRA (`lora_*`),
+runtime (`threads_field`, `precision_field`, `seed_field`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from rlhf_cli.core.config import opt
+from rlhf_cli.core.errors import ConfigError
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # also the default of every --model flag
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+WHOLE_POSITIVE = "a whole number >= 1"
+
+# ------------------------------------------------------------------------------------------------ run folders
+
+
+def overwrite_field() -> Any:
+    return opt(False, "Replace a finished stage already in --out (only once the new one is complete).")
+
+
+def max_samples_field(help: str = "Use at most this many prompts.") -> Any:
+    return opt(None, help, min=1)
+
+
+# ------------------------------------------------------------------------------------------------ optimisation
+
+
+def lr_field(help: str = "Peak learning rate (stage default when not given).",
+             example: str = "1e-5") -> Any:
+    return opt(None, help, above=0, below=1, expect=f"a small positive number such as {example}")
+
+
+def warmup_field(default: float, unit: str, help: str) -> Any:
+    return opt(default, help, min=0, below=1, expect=f"a fraction of the {unit}, 0 <= x < 1")
+
+
+def weight_decay_field() -> Any:
+    return opt(0.0, "AdamW weight decay.", min=0)
+
+
+def max_length_field(help: str) -> Any:
+    return opt(None, help, min=16, expect="at least 16 tokens")
+
+
+def freeze_layers_field(help: str) -> Any:
+    return opt(0, help, min=0)
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+
+
+def lora_field(help: str = "Train LoRA adapters instead of all weights.") -> Any:
+    return opt(False, help)
+
+
+def lora_r_field() -> Any:
+    return opt(16, "LoRA rank.", min=1)
+
+
+def lora_alpha_field() -> Any:
+    return opt(32, "LoRA alpha (scale = alpha / r).")
+
+
+def lora_dropout_field(default: float = 0.05, help: str = "LoRA dropout.") -> Any:
+    return opt(default, help, min=0, below=1, expect="a probability, 0 <= p < 1")
+
+
+def lora_targets_field() -> Any:
+    return opt("all-linear", "Modules that get adapters: all-linear or a comma list (q_proj,v_proj).")
+
+
+def lora_merge_field() -> Any:
+    return opt(True, "Merge adapters into a full checkpoint (the adapter is kept in OUT/adapter).")
+
+
+# ------------------------------------------------------------------------------------------------ runtime
+
+
+def threads_field() -> Any:
+    return opt(None, "CPU threads for torch (default: the cores this process may use).")
+
+
+def precision_field() -> Any:
+    return opt("auto", "Numeric precision: auto = bf16 on GPUs that have it, fp32 on CPU.", choices=PRECISIONS)
+
+
+def seed_field(default: int | None, help: str) -> Any:
+    return opt(default, help)
+
+
+# ------------------------------------------------------------------------------------------------ Trainer stages
+
+
+@dataclass
+class TrainArgs:
+    """The flags of the stages that train through a transformers Trainer (sft, reward)."""
+
+    model: str = opt(DEFAULT_MODEL, "Model to start from: a stage folder, a local model folder or a hub id.")
+    data: str | None = opt(None, "Training data: .jsonl/.json/.csv/.parquet file, folder, or hub dataset "
+                                 "(name, name:split, name:config:split).")
+    eval_data: str | None = opt(None, "Held-out data in the same format, for eval metrics.")
+    eval_split: float = opt(0.0, "Hold out this fraction of --data for eval (when --eval-data is not given).")
+    out: str | None = opt(None, "Output folder (default: RUN/STAGE when --run is given).")
+    run: str | None = opt(None, "Run folder: stages write RUN/sft, RUN/reward, ... and find their parents there.")
+    overwrite: bool = overwrite_field()
+    format: str = opt("auto", "Data format; detected from the fields when auto.")
+    max_samples: int | None = max_samples_field("Use at most this many rows (prompts, for ranked lists) of --data.")
+    max_steps: int | None = opt(None, "Stop after this many optimiser steps (overrides --epochs).", min=1)
+    epochs: float = opt(1.0, "Passes over the training data.", above=0)
+    lr: float | None = lr_field()
+    lr_scheduler: str = opt("cosine", "Learning-rate schedule.",
+                            choices=("linear", "cosine", "constant", "constant_with_warmup"))
+    warmup_ratio: float = warmup_field(0.05, "steps", "Fraction of steps spent warming up the learning rate.")
+    batch_size: int = opt(8, "Examples (pairs, for reward) per device step.", min=1)
+    grad_accum: int = opt(1, "Steps whose gradients are summed before each optimiser step.", min=1)
+    max_length: int | None = max_length_field("Longest sequence in tokens (default: the parent stage's, else the "
+                                              "stage default).")
+    weight_decay: float = weight_decay_field()
+    seed: int = seed_field(42, "Random seed (data order, head initialisation, LoRA).")
+    lora: bool = lora_field()
+    lora_r: int = lora_r_field()
+    lora_alpha: int = lora_alpha_field()
+    lora_dropout: float = lora_dropout_field()
+    lora_targets: str = lora_targets_field()
+    lora_merge: bool = lora_merge_field()
+    precision: str = precision_field()
+    freeze_layers: int = freeze_layers_field("Freeze the embeddings and the lowest N transformer layers: no "
+                                             "backward pass through them, much faster on CPU (LoRA adapters, if "
+                                             "any, go in the rest).")
+    gradient_checkpointing: bool = opt(False, "Recompute activations to save memory (slower).")
+    threads: int | None = threads_field()
+    logging_steps: int = opt(1, "Log metrics every N optimiser steps.", min=1)
+
+
+def check_train_args(args: TrainArgs) -> None:
+    """The rules that the field bounds cannot say."""
+    from rlhf_cli.core.config import validate
+
+    validate(args)
+    if args.data is None:
+        raise ConfigError("--data: missing; expected a data file, folder or hub dataset name")

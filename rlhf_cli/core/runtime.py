@@ -1,0 +1,130 @@
+"""Where and how the computation runs: device, precision, CPU threads, process rank, seeding.
+
+Every stage asks here instead of testing `torch.cuda.is_available()` itself, so a change of policy (a new
+device kind, a measured precision choice, several processes) is made in one place.
+
+- Device: the process's CUDA device when there is one (`LOCAL_RANK` picks it under a launcher), else the CPU.
+- Precision `auto`: bf16 on GPUs that support it (else fp16), fp32 on the CPU (bf16 is emulated on most CPUs).
+- Threads: the given number, else one per core this process may use.
+- Rank and world size come from the launcher's environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`); one process
+  without a launcher is rank 0 of 1.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+
+
+def has_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    """The device this process computes on."""
+    if has_gpu():
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def to_device(model: torch.nn.Module) -> torch.nn.Module:
+    """Move a model onto this process's device (a no-op on the CPU)."""
+    return model.to(device()) if has_gpu() else model
+
+
+def pick_precision(precision: str) -> str:
+    """'auto': bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU."""
+    if precision != "auto":
+        return precision
+    if has_gpu():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def configure_threads(threads: int | None) -> int:
+    """Torch intra-op threads: the given number, else one per core the process may use."""
+    if threads is None or threads <= 0:
+        try:
+            threads = len(os.sched_getaffinity(0))
+        except AttributeError:
+            threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+def trainer_device_kwargs() -> dict[str, bool]:
+    """The device settings of a transformers TrainingArguments."""
+    return {"use_cpu": not has_gpu(), "dataloader_pin_memory": has_gpu()}
+
+
+def seed_all(seed: int) -> None:
+    """Seed torch on every device (sampling draws only from torch)."""
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    """Every random generator's state, for a checkpoint that resumes exactly."""
+    import numpy as np
+
+    st = {"python": random.getstate(), "torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    if has_gpu():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    import numpy as np
+
+    random.setstate(st["python"])
+    torch.set_rng_state(st["torch"])
+    np.random.set_state(st["numpy"])
+    if "cuda" in st and has_gpu():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+# Warnings the training libraries raise about settings the toolkit makes for the user (deprecated argument names
+# inside transformers/trl, advice about generation or padding flags it sets itself): (category, message regex,
+# module regex). Warnings from torch, datasets and this toolkit are always shown.
+_NOISE = (
+    (FutureWarning, r".* is deprecated and will be removed", r"(transformers|trl|peft)(\.|$)"),
+    (UserWarning, r"", r"(transformers|trl|peft)(\.|$)"),
+)
+
+
+def quiet_libraries() -> None:
+    """The toolkit shows its own progress: silence the libraries' progress bars, their info logging, and the
+    specific advisory warnings listed in `_NOISE`."""
+    import logging
+    import warnings
+
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.getLogger("trl").setLevel(logging.ERROR)
+    for category, message, module in _NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)

@@ -1,0 +1,59 @@
+"""Flags of `rlhf eval reward`, `rlhf eval policy` and `rlhf report` (torch-free, so `--help` is instant)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhf_cli.core.args import max_samples_field, precision_field, seed_field, threads_field
+from rlhf_cli.core.config import opt
+from rlhf_cli.data.prefs import PREF_FORMATS
+
+# Sampling of `rlhf eval policy` when neither a flag nor the ppo stage says.
+POLICY_SAMPLING = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "max_new_tokens": 64}
+
+
+@dataclass
+class EvalRewardArgs:
+    model: str | None = opt(None, "Reward model: a reward stage folder (default: RUN/reward) or any model with "
+                                  "a one-output sequence-classification head.")
+    data: str | None = opt(None, "Preference data (any format `rlhf reward` reads).")
+    run: str | None = opt(None, "Run folder: uses RUN/reward when --model is not given.")
+    format: str = opt("auto", "Preference format; detected from the fields when auto.", choices=PREF_FORMATS)
+    max_samples: int | None = max_samples_field("Use at most this many rows of --data.")
+    max_length: int | None = opt(None, "Longest sequence in tokens (default: the reward stage's).")
+    batch_size: int = opt(16, "Sequences scored per forward pass.", min=1)
+    threads: int | None = threads_field()
+
+
+@dataclass
+class EvalPolicyArgs:
+    model: str | None = opt(None, "Policy to measure: a ppo stage (default: RUN/ppo), any stage that generates, "
+                                  "a model folder or a hub id.")
+    baseline: str | None = opt(None, "Model to compare it with (default: RUN/sft).")
+    reward: str | None = opt(None, "Reward model that judges both (default: RUN/reward).")
+    prompts: str | None = opt(None, "Prompts: a prompt file, or any SFT or preference file (its prompts are "
+                                    "used).")
+    run: str | None = opt(None, "Run folder: uses RUN/ppo, RUN/sft and RUN/reward for what is not given.")
+    save: str | None = opt(None, "JSONL file for the per-prompt results (both answers, scores, outcome, KL).")
+    tie_margin: float = opt(0.0, "Scores closer than this (inclusive) are a tie; 0 = only equal scores.", min=0)
+    temperature: float | None = opt(None, "Sampling temperature, 0 = greedy (default: the ppo stage's, else 0.7).")
+    top_p: float | None = opt(None, "Nucleus sampling, 1 = off (default: the ppo stage's, else 1).")
+    top_k: int | None = opt(None, "Sample from the K most likely tokens, 0 = off (default: the ppo stage's, "
+                                  "else 0).")
+    max_new_tokens: int | None = opt(None, "Longest answer in tokens (default: the ppo stage's, else 64).")
+    seed: int = seed_field(42, "Random seed: each batch of prompts is seeded from it, the same for both models.")
+    baseline_seed: int | None = opt(None, "Another seed for BASE's answers, to draw them independently of "
+                                          "MODEL's (default: --seed, the same random numbers for both).")
+    batch_size: int = opt(8, "Prompts per generation and scoring batch.", min=1)
+    max_samples: int | None = max_samples_field()
+    precision: str = precision_field()
+    threads: int | None = threads_field()
+
+
+@dataclass
+class ReportArgs:
+    run: str | None = opt(None, "Run folder holding stage folders (sft, reward, ppo, ...), or a single stage "
+                                "folder.")
+    out: str | None = opt(None, "Report file: .html (self-contained, plots embedded) or .md (plots beside it) "
+                                "(default: RUN/report.html).", metavar="FILE")
+    title: str | None = opt(None, "Title of the report (default: rlhf report: RUN).")
