@@ -29,6 +29,7 @@ from rlhf_cli.core.generation import encode_chat, pad_batch
 from rlhf_cli.core.manifest import Manifest, manifest_if_stage, require_stage
 from rlhf_cli.core.models import load_tokenizer, resolve_model, set_distinct_pad
 from rlhf_cli.core.stages import a_stage, command_for
+from rlhf_cli.data import DataSet
 
 DEFAULT_MAX_LENGTH = 1024  # when neither the reward stage nor the caller says
 
@@ -87,6 +88,24 @@ def score_ids(model: PreTrainedModel, ids: list[list[int]], pad_id: int, batch_s
             for row, i in enumerate(idx):
                 out[i] = float(logits[row])
     return out
+
+
+def encode_pairs(ds: DataSet, tok: PreTrainedTokenizerBase, max_length: int) -> tuple[list[dict], int]:
+    """Token ids of prompt+chosen and prompt+rejected through the chat template; over-long sequences keep their
+    last `max_length` tokens (the answer), and are counted."""
+    rows, truncated = [], 0
+    for r in ds.rows:
+        ids = []
+        for key in ("chosen", "rejected"):
+            text = tok.apply_chat_template(r["prompt"] + r[key], tokenize=False)
+            x = tok(text, add_special_tokens=False)["input_ids"]
+            if len(x) > max_length:
+                x = x[-max_length:]
+                truncated += 1
+            ids.append(x)
+        rows.append({"chosen_ids": ids[0], "rejected_ids": ids[1], "margin": r.get("margin", 0.0),
+                     "group": r.get("group", len(rows))})
+    return rows, truncated
 
 
 @dataclass

@@ -19,10 +19,9 @@ from rlhf_cli.core.config import validate
 from rlhf_cli.core.errors import ConfigError
 from rlhf_cli.core.generation import encode_chat
 from rlhf_cli.core.progress import Reporter
-from rlhf_cli.core.reward_model import RewardModel, pair_metrics
+from rlhf_cli.core.reward_model import RewardModel, encode_pairs, pair_metrics
 from rlhf_cli.data import load_prefs
 from rlhf_cli.evaluation.args import EvalRewardArgs
-from rlhf_cli.stages.reward.train import encode_pairs
 
 LENGTH_EDGES = (64, 128, 256, 512, 1024, 2048)
 

@@ -22,7 +22,7 @@ from typing import Any
 import transformers
 from datasets import Dataset
 from torch.utils.data import DataLoader
-from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerBase
+from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
 from rlhf_cli.core import runtime
@@ -32,7 +32,7 @@ from rlhf_cli.core.errors import CheckpointError
 from rlhf_cli.core.manifest import Manifest, manifest_if_stage, require_stage, write_manifest
 from rlhf_cli.core.models import load_tokenizer, resolve_model, set_distinct_pad
 from rlhf_cli.core.progress import Reporter
-from rlhf_cli.core.reward_model import pair_metrics
+from rlhf_cli.core.reward_model import encode_pairs, pair_metrics
 from rlhf_cli.core.stages import a_stage, command_for, is_policy
 from rlhf_cli.core.training import (
     ProgressCallback,
@@ -46,7 +46,7 @@ from rlhf_cli.core.training import (
     save_model,
     write_metrics,
 )
-from rlhf_cli.data import DataSet, load_prefs
+from rlhf_cli.data import load_prefs
 from rlhf_cli.stages.reward.args import DEFAULT_LORA_LR, DEFAULT_LR, DEFAULT_MAX_LENGTH, RewardArgs
 
 
@@ -66,24 +66,6 @@ def pick_start_model(args: RewardArgs, say: Callable[[str], None]) -> tuple[str,
             f"--model {args.model}: is {a_stage(parent.stage)}, expected an sft stage, made by "
             f"`{command_for('sft')}`")
     return args.model, parent
-
-
-def encode_pairs(ds: DataSet, tok: PreTrainedTokenizerBase, max_length: int) -> tuple[list[dict], int]:
-    """Token ids of prompt+chosen and prompt+rejected through the chat template; over-long sequences keep their
-    last `max_length` tokens (the answer), and are counted."""
-    rows, truncated = [], 0
-    for r in ds.rows:
-        ids = []
-        for key in ("chosen", "rejected"):
-            text = tok.apply_chat_template(r["prompt"] + r[key], tokenize=False)
-            x = tok(text, add_special_tokens=False)["input_ids"]
-            if len(x) > max_length:
-                x = x[-max_length:]
-                truncated += 1
-            ids.append(x)
-        rows.append({"chosen_ids": ids[0], "rejected_ids": ids[1], "margin": r.get("margin", 0.0),
-                     "group": r.get("group", len(rows))})
-    return rows, truncated
 
 
 class GroupBatchSampler:
