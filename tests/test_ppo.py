@@ -294,8 +294,8 @@ def test_rollout_masks_scores_and_logprobs_with_pad_equal_to_eos(w):
 
     old, ref, values, _ = rollout_forward(policy, policy, rm, ro, 1.0, 4, lora=False)
     plan = Plan(policy="p", policy_path=w.policy, policy_manifest=None, reward_spec=RewardSpec("r", w.rm, None),
-                tok=tok, rm_tok=tok, same_ids=True, why_reencode="", prompts=None, prompt_ids=prompts, rows=[],
-                too_long=0, eos_ids=[eos], rm_max_length=256)
+                tok=tok, rm_tok=tok, same_ids=True, turn_suffix=template_suffix(tok), why_reencode="", prompts=None,
+                prompt_ids=prompts, rows=[], too_long=0, eos_ids=[eos], rm_max_length=256)
     scores = score_rollout(RewardModel("r", rm, tok, 256), plan, ro, [], 4)
     suffix = template_suffix(tok)
     assert suffix  # ChatML: a newline after <|im_end|>

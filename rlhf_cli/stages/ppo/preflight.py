@@ -38,6 +38,7 @@ class Plan:
     tok: PreTrainedTokenizerBase  # the policy's tokenizer, left padding for generation
     rm_tok: PreTrainedTokenizerBase
     same_ids: bool  # the RM reads the policy's token ids directly
+    turn_suffix: list[int]  # with same_ids: what the chat template writes after an answer's EOS
     why_reencode: str
     prompts: DataSet
     prompt_ids: list[list[int]]
@@ -171,6 +172,7 @@ def preflight(a: PPOArgs, say: Callable[[str], None]) -> Plan:
                         f"--max-new-tokens")
     rm_max = (rm.args.get("max_length") if rm else None) or max_length
     return Plan(policy=policy, policy_path=policy_path, policy_manifest=pm, reward_spec=rm_spec,
-                tok=tok, rm_tok=rm_tok, same_ids=same_ids, why_reencode=why, prompts=prompts,
+                tok=tok, rm_tok=rm_tok, same_ids=same_ids,
+                turn_suffix=suffix if same_ids else [], why_reencode=why, prompts=prompts,
                 prompt_ids=ids, rows=rows, too_long=too_long, eos_ids=eos_ids_of(tok, policy_path),
                 rm_max_length=int(rm_max))

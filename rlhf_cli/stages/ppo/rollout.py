@@ -22,7 +22,7 @@ from rlhf_cli.stages.ppo.core import (
     logprobs_from_logits,
     response_mask_from_ids,
 )
-from rlhf_cli.stages.ppo.preflight import Plan, template_suffix
+from rlhf_cli.stages.ppo.preflight import Plan
 
 
 def response_logits(model: PreTrainedModel, seq: torch.Tensor, attn: torch.Tensor, prompt_len: int,
@@ -150,4 +150,4 @@ def score_rollout(rm: RewardModel, plan: Plan, ro: Rollout, rows: list[dict], ba
         scores = rm.score_answers([row["prompt"] for row in rows], texts, batch)
         return torch.tensor(scores, device=ro.seq.device)
     last = ro.prompt_len + ro.mask.sum(1) - 1
-    return rm.score_turns(ro.seq, ro.attn, last, ro.ends, template_suffix(plan.tok) or [], batch)
+    return rm.score_turns(ro.seq, ro.attn, last, ro.ends, plan.turn_suffix, batch)
