@@ -191,7 +191,6 @@ class RewardModel:
         model = AutoModelForSequenceClassification.from_pretrained(spec.path, num_labels=1, dtype=dtype)
         set_distinct_pad(tok, model)
         model = runtime.to_device(model).eval().requires_grad_(False)
-        head_model(model)  # a classifier whose head cannot be found fails now
         return cls(spec.name, model, tok, int(spec.max_length or max_length or DEFAULT_MAX_LENGTH))
 
     @property

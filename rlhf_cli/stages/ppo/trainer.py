@@ -13,7 +13,6 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import transformers
@@ -85,7 +84,20 @@ class Batch:
     kl_coef: float
     advantages: torch.Tensor
     returns: torch.Tensor
-    times: dict[str, float] = field(default_factory=dict)
+    started: float  # when collecting began
+    seconds: dict[str, float] = field(default_factory=dict)  # per phase: generate, score, forward, train
+
+
+@dataclass
+class UpdateStats:
+    """What one update's PPO epochs did."""
+
+    means: dict[str, float]  # losses, clip fractions, approx KL, grad norm: means over the optimiser steps
+    lr: float
+    ppo_epochs_done: int
+    optimizer_steps: int
+    early_stopped: bool
+    first_check: dict[str, float]  # the first micro-batch's log-ratio to the rollout policy (must be ~0)
 
 
 def load_models(a: PPOArgs, plan: Plan, precision: str, resume_dir: Path | None
@@ -123,7 +135,8 @@ def load_models(a: PPOArgs, plan: Plan, precision: str, resume_dir: Path | None
     policy, value = runtime.to_device(policy).eval(), runtime.to_device(value).eval()
     if ref is not None:
         ref = runtime.to_device(ref).eval().requires_grad_(False)
-    head_model(value)
+    head_model(value)  # PPO reads values and RM scores from every hidden state: both need a findable head
+    head_model(rm.model)
     return policy, ref, rm, value
 
 
@@ -157,7 +170,7 @@ class PPOTrainer:
             max_new_tokens=a.max_new_tokens, eos_token_id=plan.eos_ids, pad_token_id=plan.tok.pad_token_id,
             bos_token_id=plan.tok.bos_token_id, use_cache=True)
         self.history: list[dict] = []
-        self.elapsed_before, self.t_start = 0.0, time.time()
+        self.elapsed_before, self.t_start = 0.0, time.time()  # t_start is set again when training begins
 
     def _resume_summary(self) -> dict:
         summary = json.loads(self.staged.checkpoint.read_text(encoding="utf-8"))
@@ -204,15 +217,17 @@ class PPOTrainer:
     def begin(self, dest: Path) -> int:
         """Fresh logs, or the state of the checkpoint being resumed; returns the update to start from."""
         metrics, samples = dest / "metrics.jsonl", dest / "samples.jsonl"
+        step = 0
         if self.resume_summary is None:
             for p in (metrics, samples):
                 p.write_text("", encoding="utf-8")
-            return 0
-        self.load_state_dict(torch.load(dest / "state" / "trainer.pt", weights_only=False, map_location="cpu"))
-        step = self.resume_summary["step"]
-        self.history = jsonl_keep(metrics, step)
-        jsonl_keep(samples, step)
-        self.reporter.info(f"resuming from update {step} of {self.total} in {dest}")
+        else:
+            self.load_state_dict(torch.load(dest / "state" / "trainer.pt", weights_only=False, map_location="cpu"))
+            step = self.resume_summary["step"]
+            self.history = jsonl_keep(metrics, step)
+            jsonl_keep(samples, step)
+            self.reporter.info(f"resuming from update {step} of {self.total} in {dest}")
+        self.t_start = time.time()  # training time: loading models and state does not count
         return step
 
     # ------------------------------------------------------------------------------------------- phases
@@ -242,10 +257,12 @@ class PPOTrainer:
         if a.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         t3 = time.time()
-        return Batch(rows, rollout, raw, scores, old_logp, ref_logp, old_values, entropy, mask, kl_tok.sum(1), beta,
-                     advantages, returns, {"generate": t1 - t0, "score": t2 - t1, "forward": t3 - t2, "start": t0})
+        return Batch(rows=rows, rollout=rollout, raw_scores=raw, scores=scores, old_logprobs=old_logp,
+                     ref_logprobs=ref_logp, values=old_values, entropy=entropy, mask=mask, seq_kl=kl_tok.sum(1),
+                     kl_coef=beta, advantages=advantages, returns=returns, started=t0,
+                     seconds={"generate": t1 - t0, "score": t2 - t1, "forward": t3 - t2})
 
-    def train_on(self, batch: Batch) -> dict[str, Any]:
+    def train_on(self, batch: Batch) -> UpdateStats:
         """Step 5: PPO epochs over minibatches (clipped policy and value losses, gradient clipping), stopping
         early once the approximate KL to the rollout policy passes --target-kl; then the LR schedule and the KL
         controller advance."""
@@ -272,9 +289,9 @@ class PPOTrainer:
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.kl_ctl.update(batch.seq_kl.mean(), self.a.batch_size)
-        batch.times["train"] = time.time() - t3
-        return {**{k: sum(v) / len(v) for k, v in stats.items()}, "lr": lr, "ppo_epochs_done": epochs_done,
-                "optimizer_steps": steps_done, "early_stopped": stopped, **first_check}
+        batch.seconds["train"] = time.time() - t3
+        return UpdateStats(means={k: sum(v) / len(v) for k, v in stats.items()}, lr=lr, ppo_epochs_done=epochs_done,
+                           optimizer_steps=steps_done, early_stopped=stopped, first_check=first_check)
 
     def minibatch_step(self, batch: Batch, minibatch: torch.Tensor, first_check: dict[str, float]) -> dict[str, float]:
         """The gradients of one minibatch, accumulated over its micro-batches with token weights, so the sum is
@@ -305,24 +322,22 @@ class PPOTrainer:
                 mb_stats[k] = mb_stats.get(k, 0.0) + float(v) * float(weight)
         return mb_stats
 
-    def log(self, step: int, batch: Batch, stats: dict[str, Any]) -> None:
+    def log(self, step: int, batch: Batch, stats: UpdateStats) -> None:
         """One line of metrics.jsonl, samples every --sample-every updates, the live display."""
         a, ro, raw, mask = self.a, batch.rollout, batch.raw_scores, batch.mask
-        t = batch.times
-        update_time = time.time() - t["start"]
+        t = batch.seconds
+        update_time = time.time() - batch.started
         row = {
             "step": step, "episodes": step * a.batch_size,
             "score_mean": float(raw.mean()), "score_std": float(raw.std()) if raw.numel() > 1 else 0.0,
             "reward_mean": float(batch.scores.mean()), "kl": float(batch.seq_kl.mean()), "kl_coef": batch.kl_coef,
             "entropy": float(masked_mean(batch.entropy, mask)), "response_length": float(ro.mask.sum(1).float().mean()),
             "eos_fraction": float(ro.ends.float().mean()),
-            **{k: v for k, v in stats.items() if k not in ("lr", "ppo_epochs_done", "optimizer_steps",
-                                                          "early_stopped") and not k.startswith("check/")},
+            **stats.means,
             "value_mean": float(masked_mean(batch.values, mask)),
             "return_mean": float(masked_mean(batch.returns, mask)),
-            "lr": stats["lr"], "ppo_epochs_done": stats["ppo_epochs_done"],
-            "optimizer_steps": stats["optimizer_steps"], "early_stopped": stats["early_stopped"],
-            **{k: v for k, v in stats.items() if k.startswith("check/")},
+            "lr": stats.lr, "ppo_epochs_done": stats.ppo_epochs_done, "optimizer_steps": stats.optimizer_steps,
+            "early_stopped": stats.early_stopped, **stats.first_check,
             "episodes_per_second": a.batch_size / update_time,
             "time/generate": t["generate"], "time/score": t["score"], "time/forward": t["forward"],
             "time/train": t["train"], "time/update": update_time,
