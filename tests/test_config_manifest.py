@@ -189,9 +189,9 @@ def test_a_stage_article():
 
 
 def test_stage_dir():
-    assert str(stage_dir("x/out", "r", "sft", "--out")) == "x/out"
-    assert str(stage_dir(None, "r", "reward", "--out")) == "r/reward"
-    assert stage_dir(None, None, "sft", "--out") is None
+    assert str(stage_dir("x/out", "r", "sft")) == "x/out"
+    assert str(stage_dir(None, "r", "reward")) == "r/reward"
+    assert stage_dir(None, None, "sft") is None
 
 
 # ---------------------------------------------------------------------------------------------------------

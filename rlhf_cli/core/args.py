@@ -4,9 +4,10 @@ Commands list these fields in their own args dataclass, in the order their `--he
 has the same name, text and limits everywhere. Nothing here imports torch: the CLI builds `--help` from these
 classes without loading any heavy library.
 
-Groups: run folders (`out_field`, `run_field`, `overwrite_field`), optimisation (`TrainArgs` for the
-Trainer-based stages; `lr_field`, `warmup_field`, `weight_decay_field` shared with PPO), LoRA (`lora_*`),
-runtime (`threads_field`, `precision_field`, `seed_field`).
+Groups: run folders (`overwrite_field`, `max_samples_field`), optimisation (`TrainArgs` for the Trainer-based
+stages; `lr_field`, `warmup_field`, `weight_decay_field`, `max_length_field`, `freeze_layers_field` shared with
+PPO), LoRA (`lora_*_field`), runtime (`threads_field`, `precision_field`). Flags whose text differs per command
+(seeds, output folders) are declared by each command.
 """
 
 from __future__ import annotations
@@ -14,12 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from rlhf_cli.core.config import opt
+from rlhf_cli.core.config import opt, validate
 from rlhf_cli.core.errors import ConfigError
 
 DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"  # also the default of every --model flag
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-WHOLE_POSITIVE = "a whole number >= 1"
 
 # ------------------------------------------------------------------------------------------------ run folders
 
@@ -94,10 +94,6 @@ def precision_field() -> Any:
     return opt("auto", "Numeric precision: auto = bf16 on GPUs that have it, fp32 on CPU.", choices=PRECISIONS)
 
 
-def seed_field(default: int | None, help: str) -> Any:
-    return opt(default, help)
-
-
 # ------------------------------------------------------------------------------------------------ Trainer stages
 
 
@@ -126,7 +122,7 @@ class TrainArgs:
     max_length: int | None = max_length_field("Longest sequence in tokens (default: the parent stage's, else the "
                                               "stage default).")
     weight_decay: float = weight_decay_field()
-    seed: int = seed_field(42, "Random seed (data order, head initialisation, LoRA).")
+    seed: int = opt(42, "Random seed (data order, head initialisation, LoRA).")
     lora: bool = lora_field()
     lora_r: int = lora_r_field()
     lora_alpha: int = lora_alpha_field()
@@ -144,8 +140,6 @@ class TrainArgs:
 
 def check_train_args(args: TrainArgs) -> None:
     """The rules that the field bounds cannot say."""
-    from rlhf_cli.core.config import validate
-
     validate(args)
     if args.data is None:
         raise ConfigError("--data: missing; expected a data file, folder or hub dataset name")

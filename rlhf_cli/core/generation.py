@@ -210,7 +210,6 @@ class Stream:
 
     def __init__(self, lm: LM, ids: list[int], sampling: Sampling, dropped: int = 0):
         self._flag = threading.Event()
-
         self.lm, self.dropped = lm, dropped
         self.answer: Answer | None = None
         self.error: BaseException | None = None

@@ -23,6 +23,7 @@ from rlhf_cli.core.stages import a_stage, command_for
 MANIFEST = "rlhf_manifest.json"
 FORMAT_VERSION = 1
 
+
 @dataclass
 class Manifest:
     path: Path
@@ -86,7 +87,7 @@ def write_manifest(folder: Path, *, stage: str, parents: list[str], args: dict[s
     return folder / MANIFEST
 
 
-def stage_dir(explicit: str | None, run: str | None, stage: str, flag: str) -> Path | None:
+def stage_dir(explicit: str | None, run: str | None, stage: str) -> Path | None:
     """Where a stage lives: the explicit path wins, else RUN/stage."""
     if explicit:
         return Path(explicit)
@@ -98,7 +99,7 @@ def stage_dir(explicit: str | None, run: str | None, stage: str, flag: str) -> P
 def stage_output(out: str | None, run: str | None, stage: str, overwrite: bool,
                  kind: type[StagedOutput] | None = None, **kw: Any) -> StagedOutput:
     """The staged output folder of a stage: --out, else RUN/stage; one clear error when neither is given."""
-    folder = stage_dir(out, run, stage, "--out")
+    folder = stage_dir(out, run, stage)
     if folder is None:
         raise ConfigError(f"--out: missing; pass --out DIR or --run DIR (writes DIR/{stage})")
     return (kind or StagedOutput)(folder, overwrite, **kw)

@@ -17,8 +17,6 @@ from typing import Any
 from rlhf_cli.core.args import DEFAULT_MODEL
 from rlhf_cli.core.errors import CheckpointError, ModelNotFoundError
 
-__all__ = ["DEFAULT_MODEL", "resolve_model", "load_tokenizer", "set_distinct_pad", "prepare_embedded"]
-
 
 @dataclass(frozen=True)
 class Embedded:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf_cli.core.args import max_samples_field, precision_field, seed_field, threads_field
+from rlhf_cli.core.args import max_samples_field, precision_field, threads_field
 from rlhf_cli.core.config import opt
 from rlhf_cli.data.prefs import PREF_FORMATS
 
@@ -41,7 +41,7 @@ class EvalPolicyArgs:
     top_k: int | None = opt(None, "Sample from the K most likely tokens, 0 = off (default: the ppo stage's, "
                                   "else 0).")
     max_new_tokens: int | None = opt(None, "Longest answer in tokens (default: the ppo stage's, else 64).")
-    seed: int = seed_field(42, "Random seed: each batch of prompts is seeded from it, the same for both models.")
+    seed: int = opt(42, "Random seed: each batch of prompts is seeded from it, the same for both models.")
     baseline_seed: int | None = opt(None, "Another seed for BASE's answers, to draw them independently of "
                                           "MODEL's (default: --seed, the same random numbers for both).")
     batch_size: int = opt(8, "Prompts per generation and scoring batch.", min=1)

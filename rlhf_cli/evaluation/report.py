@@ -34,6 +34,7 @@ from rlhf_cli.core.errors import CheckpointError, ConfigError, RLHFError
 from rlhf_cli.core.manifest import MANIFEST, Manifest, read_manifest
 from rlhf_cli.core.progress import Reporter, fmt
 from rlhf_cli.core.stages import EVAL_FILE, ORDER
+from rlhf_cli.data.io import json_lines
 from rlhf_cli.evaluation.args import ReportArgs
 
 FIGSIZE = (6.4, 4.0)  # inches
@@ -62,17 +63,10 @@ def _jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
     """Objects of a JSONL file; lines that are not JSON objects (a line cut off while a stage was writing it)
     are skipped and counted."""
     rows, bad = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
+    for _, row in json_lines(path.read_text(encoding="utf-8", errors="replace").splitlines()):
         if isinstance(row, dict):
             rows.append(row)
-        else:
+        else:  # not JSON, or not an object
             bad += 1
     return rows, bad
 

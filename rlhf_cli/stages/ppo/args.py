@@ -17,7 +17,6 @@ from rlhf_cli.core.args import (
     max_samples_field,
     overwrite_field,
     precision_field,
-    seed_field,
     threads_field,
     warmup_field,
     weight_decay_field,
@@ -109,7 +108,7 @@ class PPOArgs:
     group_size: int = opt(4, "grpo/rloo: responses sampled per prompt (TRL's num_generations).", min=1)
     sample_every: int = opt(10, "Show and keep a few prompt/response/score samples every N updates (0: never).", min=0)
     save_every: int = opt(0, "Checkpoint into OUT.partial every N updates for --resume (0: only at the end).", min=0)
-    seed: int = seed_field(42, "Random seed (prompt order, sampling, minibatches, fresh heads, LoRA).")
+    seed: int = opt(42, "Random seed (prompt order, sampling, minibatches, fresh heads, LoRA).")
     threads: int | None = threads_field()
     precision: str = precision_field()
     lora: bool = lora_field("Train LoRA adapters on the policy and the value model; the reference is the policy "
