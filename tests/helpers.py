@@ -11,7 +11,6 @@ from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "data"
-SHARED = ROOT.parent / "shared" / "data"
 
 
 def U(text: str) -> dict:

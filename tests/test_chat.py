@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -69,7 +70,7 @@ def expected_answers(model: Path, messages: list[str], seed: int, system: str | 
     import torch
 
     torch.set_num_threads(1)
-    session = ChatSession([load_lm(str(model))], Sampling(0.7, 0.9, 0, 8), system=system)
+    session = ChatSession([load_lm(str(model))], Sampling(max_new_tokens=8), system=system)  # the default settings
     seed_all(seed)
     return [session.ask(m).turns[0].text for m in messages]
 
@@ -97,7 +98,8 @@ def test_help_lists_model_argument_and_flags():
     chat_help = ok(invoke("chat", "--help")).stdout
     assert "Usage: rlhf chat [OPTIONS] [MODEL]" in " ".join(chat_help.split())
     for flag in ("--compare", "--reward", "--save-preferences", "--system", "--prompt", "--interactive",
-                 "--temperature", "--top-p", "--top-k", "--max-new-tokens", "--seed", "--threads", "--config"):
+                 "--temperature", "--top-p", "--top-k", "--repetition-penalty", "--max-new-tokens", "--seed",
+                 "--threads", "--allow-pickle", "--trust-remote-code", "--config"):
         assert f" {flag} " in chat_help, flag
     gen_help = ok(invoke("generate", "--help")).stdout
     assert "Usage: rlhf generate [OPTIONS] [MODEL]" in " ".join(gen_help.split())
@@ -178,13 +180,15 @@ def test_every_slash_command(tiny, tmp_path, width):
     result = ok(chat(tiny, input=script))
     out = result.stdout
     assert "/prefer N [M ...]" in out and "/system TEXT" in out  # /help
-    assert "temperature 0.7  top_p 0.9  top_k 0  max_new_tokens 8" in out  # /set alone shows the settings
-    assert "temperature 0.3  top_p 0.9  top_k 0  max_new_tokens 8" in out
+    # /set alone shows the settings
+    assert "temperature 0.2  top_p 0.9  top_k 0  max_new_tokens 8  repetition_penalty 1" in out
+    assert "temperature 0.3  top_p 0.9  top_k 0  max_new_tokens 8  repetition_penalty 1" in out
     errors = [line.split("you> ")[-1] for line in out.splitlines() if "error:" in line]
     assert errors == [
         "error: temperature abc: expected a number",
         "error: top_k -1: expected a whole number >= 0 (0 = off)",
-        "error: beam: unknown setting; expected one of: temperature, top_p, top_k, max_new_tokens",
+        "error: beam: unknown setting; expected one of: temperature, top_p, top_k, max_new_tokens, "
+        "repetition_penalty",
         "error: /set max_new_tokens: expected /set NAME VALUE, for example /set temperature 0.7",
         "error: /prefer: needs two or more answers; start the chat with --compare MODEL_B",
         "error: /save: expected a file name, for example /save chat.json",
@@ -197,7 +201,8 @@ def test_every_slash_command(tiny, tmp_path, width):
 
     doc = json.loads(saved.read_text(encoding="utf-8"))
     assert doc["model"] == str(tiny) and doc["system"] == "Answer in one word."
-    assert doc["settings"] == {"temperature": 0.3, "top_p": 0.9, "top_k": 0, "max_new_tokens": 8}
+    assert doc["settings"] == {"temperature": 0.3, "top_p": 0.9, "top_k": 0, "max_new_tokens": 8,
+                               "repetition_penalty": 1.0}
     assert [m["role"] for m in doc["messages"]] == ["user", "assistant"]
     assert doc["messages"][0]["content"] == "hello"
     assert json.loads((tmp_path / "no-system.json").read_text())["system"] is None
@@ -368,3 +373,55 @@ def test_real_terminal_with_pexpect(tiny):
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sampling settings: flags, else the model's generation_config.json, else the defaults
+
+
+def with_generation_config(model: Path, dest: Path, **settings) -> Path:
+    folder = Path(shutil.copytree(model, dest))
+    path = folder / "generation_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text(encoding="utf-8")) | settings), encoding="utf-8")
+    return folder
+
+
+def test_sampling_comes_from_the_generation_config_and_flags_override_it(tiny, tiny2, tmp_path):
+    from rlhf_cli.core.progress import Quiet
+    from rlhf_cli.interact.args import ChatArgs
+
+    folder = with_generation_config(tiny, tmp_path / "tuned", do_sample=True, temperature=0.35, top_p=0.8, top_k=20,
+                                    repetition_penalty=1.1)
+    gen = folder / "generation_config.json"
+    session = ChatSession.from_args(ChatArgs(model=str(folder), threads=1), Quiet().info)
+    assert session.sampling == Sampling(0.35, 0.8, 20, 256, 1.1)
+    result = ok(invoke("chat", folder, "--prompt", "hi", *FAST))
+    assert f"sampling: temperature 0.35, top_p 0.8, top_k 20, repetition_penalty 1.1 (from {gen})" in result.stderr
+
+    result = ok(invoke("chat", folder, "--prompt", "hi", "--temperature", 0.9, "--top-k", 0, *FAST))
+    assert (f"sampling: temperature 0.9, top_p 0.8, top_k 0, repetition_penalty 1.1 (temperature, top_k as given; "
+            f"top_p, repetition_penalty from {gen})") in result.stderr
+    cfg = tmp_path / "chat.yaml"
+    cfg.write_text("top_p: 0.5\n", encoding="utf-8")  # a --config value is given too
+    result = ok(invoke("chat", folder, "--config", cfg, "--prompt", "hi", *FAST))
+    assert "sampling: temperature 0.35, top_p 0.5, top_k 20, repetition_penalty 1.1 (top_p as given" in result.stderr
+
+    greedy = with_generation_config(tiny, tmp_path / "greedy", do_sample=False, temperature=0.6)
+    assert ChatSession.from_args(ChatArgs(model=str(greedy), threads=1), Quiet().info).sampling.temperature == 0
+    plain = ChatSession.from_args(ChatArgs(model=str(tiny), threads=1), Quiet().info)
+    assert plain.sampling == Sampling(0.2, 0.9, 0, 256, 1.0)  # no sampling settings in the folder: the defaults
+
+    # --compare: every model samples with the first one's settings, and a line says the other's differ
+    result = ok(invoke("chat", folder, "--compare", tiny2, "--prompt", "hi", *FAST))
+    assert f"--compare {tiny2}: its generation_config.json asks for other sampling settings (none)" in result.stderr
+
+
+def test_temperature_zero_is_greedy_whatever_the_seed(tiny):
+    def answer(seed: int, temperature: float) -> str:
+        return ok(invoke("chat", tiny, "--prompt", "hello there", "--temperature", temperature, "--seed", seed,
+                         *FAST)).stdout
+
+    assert answer(1, 1.0) != answer(2, 1.0)  # sampled: the seed matters
+    assert answer(1, 0) == answer(2, 0)  # greedy: it does not
+    assert "sampling: temperature 0 (greedy) (as given)" in ok(invoke("chat", tiny, "--prompt", "hi", "--temperature",
+                                                                      0, *FAST)).stderr

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from helpers import EXAMPLES, SHARED, invoke, ok, one_error, write_jsonl
+from helpers import EXAMPLES, invoke, ok, one_error, write_jsonl
 
 from rlhf_cli.core.config import resolve
 from rlhf_cli.core.errors import DataError
@@ -109,12 +109,13 @@ def test_sft_on_each_example_file(tiny, tmp_path, name, fmt):
     assert model.config.num_hidden_layers == 2
 
 
-def test_sft_shared_sample_with_eval_split(tiny, tmp_path):
+def test_sft_alpaca_sample_with_eval_split(tiny, tmp_path):
     out = tmp_path / "sft"
-    ok(invoke("sft", "--model", tiny, "--data", SHARED / "sft" / "train.jsonl", "--max-samples", 8,
+    data = EXAMPLES / "alpaca_sft_train.jsonl"
+    ok(invoke("sft", "--model", tiny, "--data", data, "--max-samples", 8,
               "--eval-split", 0.25, "--out", out, "--max-length", 128, *FAST))
     m = manifest(out)
-    assert m["data"]["train"]["rows_read"] == rows_in(SHARED / "sft" / "train.jsonl")
+    assert m["data"]["train"]["rows_read"] == rows_in(data) == 300
     assert (m["data"]["train"]["kept"], m["data"]["eval"]["kept"]) == (6, 2)
     assert math.isfinite(m["metrics"]["eval_loss_before"]) and math.isfinite(m["metrics"]["eval_loss"])
 
@@ -195,17 +196,18 @@ def test_eval_reward_run_json(run):
 
 def test_eval_reward_table_and_max_samples(run):
     ok(run.reward)
-    result = ok(invoke("eval", "reward", "--model", run.dir / "reward", "--data", SHARED / "prefs" / "test.jsonl",
+    hh_test = EXAMPLES / "hh_prefs_test.jsonl"
+    result = ok(invoke("eval", "reward", "--model", run.dir / "reward", "--data", hh_test,
                        "--max-samples", 5, "--threads", 1))
     assert "accuracy" in result.stdout and "mean_margin" in result.stdout
     res = json.loads(ok(invoke("eval", "reward", "--model", run.dir / "reward", "--data",
-                               SHARED / "prefs" / "test.jsonl", "--max-samples", 5, "--json", "--threads", 1)).stdout)
+                               hh_test, "--max-samples", 5, "--json", "--threads", 1)).stdout)
     assert (res["pairs"], res["prompts"]) == (5, 5)
 
 
-def test_reward_on_shared_sample_with_eval_split(tiny, tmp_path):
+def test_reward_on_hh_sample_with_eval_split(tiny, tmp_path):
     out = tmp_path / "rm"
-    result = ok(invoke("reward", "--model", tiny, "--data", SHARED / "prefs" / "train.jsonl", "--max-samples", 8,
+    result = ok(invoke("reward", "--model", tiny, "--data", EXAMPLES / "hh_prefs_train.jsonl", "--max-samples", 8,
                        "--eval-split", 0.25, "--out", out, "--max-length", 128, *FAST))
     assert "held out 2 pairs (2 prompts) for eval" in result.stderr
     m = manifest(out)
@@ -342,16 +344,16 @@ def test_chinese_data_end_to_end(tiny, tmp_path):
     assert res["model"] == str(r / "reward")
 
 
-def test_shared_chinese_oasst_data_trains_and_prints(tiny, tmp_path):
-    """The real Chinese oasst1 samples: sft and reward run, and Chinese text prints unescaped."""
+def test_chinese_oasst_samples_train_and_print(tiny, tmp_path):
+    """The shipped samples of the real Chinese oasst1 data: sft and reward run, and Chinese text prints unescaped."""
     r = tmp_path / "run"
-    zh = SHARED / "zh"
-    ok(invoke("sft", "--model", tiny, "--data", zh / "sft" / "train.jsonl", "--eval-data", zh / "sft" / "test.jsonl",
-              "--max-samples", 8, "--run", r, "--max-length", 128, *FAST))
-    ok(invoke("reward", "--run", r, "--data", zh / "prefs" / "train.jsonl", "--max-samples", 6, *FAST))
-    zh_file = tmp_path / "偏好.jsonl"
-    zh_file.write_text((zh / "prefs" / "test.jsonl").read_text(encoding="utf-8").split("\n", 1)[0] + "\n",
-                       encoding="utf-8")
+    sft = ok(invoke("sft", "--model", tiny, "--data", EXAMPLES / "oasst_zh_sft.jsonl", "--eval-split", 0.25,
+                    "--max-samples", 8, "--run", r, "--max-length", 128, *FAST))
+    assert "held out 2 rows for eval" in sft.stderr
+    ok(invoke("reward", "--run", r, "--data", EXAMPLES / "oasst_zh_prefs.jsonl", "--max-samples", 6, *FAST))
+    zh_file = tmp_path / "偏好.jsonl"  # a pair the reward model was not trained on, in a file with a Chinese name
+    last = (EXAMPLES / "oasst_zh_prefs.jsonl").read_text(encoding="utf-8").splitlines()[-1]
+    zh_file.write_text(last + "\n", encoding="utf-8")
     res = ok(invoke("eval", "reward", "--run", r, "--data", zh_file, "--json", "--threads", 1))
     assert "偏好.jsonl" in res.stdout and json.loads(res.stdout)["pairs"] == 1
 
@@ -477,7 +479,7 @@ def test_bad_lora_targets_name_the_flag_and_the_choices(tiny, tmp_path):
     (["--max-length", "8"], 2, "--max-length 8: expected at least 16 tokens"),
     (["--lr-scheduler", "wobbly"], 2, "--lr-scheduler: 'wobbly' is not one of: linear, cosine"),
     (["--format", "ranked"], 2, "--format: 'ranked' is not one of: auto, messages"),
-    (["--eval-split", "2"], 1, "--eval-split 2.0: expected a fraction between 0 and 1"),
+    (["--eval-split", "2"], 2, "--eval-split 2.0: expected a fraction between 0 and 1"),
 ])
 def test_bad_flag_values(tmp_path, flags, code, fragment):
     one_error(invoke("sft", "--data", EXAMPLES / "sft_alpaca.jsonl", "--out", tmp_path / "o", *flags), code,

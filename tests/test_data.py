@@ -1,7 +1,8 @@
 """rlhf_cli.data.io: every accepted format is detected and normalised, every bad input gets a message naming where.
 
 Pure library tests: no model is loaded. Exact counts come from small files written here; the example files
-and the shared real samples are read by path to check that what the project ships actually loads.
+under examples/data (hand-written ones and samples of real data sets) are read by path to check that what the
+project ships actually loads.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import EXAMPLES, SHARED, A, S, U, write_jsonl
+from helpers import EXAMPLES, A, S, U, write_jsonl
 
 from rlhf_cli.core.errors import DataError
 from rlhf_cli.data import load_prefs, load_prompts, load_sft, parse_transcript, read_records, split_eval
@@ -230,7 +231,7 @@ def test_empty_file_is_an_error(tmp_path, content):
     (tmp_path / "empty.jsonl").write_text(content)
     with pytest.raises(DataError) as e:
         load_sft(str(tmp_path / "empty.jsonl"))
-    assert str(e.value) == f"--data {tmp_path / 'empty.jsonl'}: no rows"
+    assert str(e.value).startswith(f"--data {tmp_path / 'empty.jsonl'}: no rows")
     with pytest.raises(DataError, match="no rows"):
         load_prefs(str(tmp_path / "empty.jsonl"))
 
@@ -517,12 +518,24 @@ def test_prompts_max_samples_and_errors(tmp_path):
         load_prompts(str(bad))
 
 
-def test_prompts_from_shared_files():
-    ds = load_prompts(str(SHARED / "prompts" / "test.jsonl"))
-    assert ds.read == jsonl_rows(SHARED / "prompts" / "test.jsonl")
+def test_prompts_from_shipped_hh_files():
+    ds = load_prompts(str(EXAMPLES / "hh_prompts_test.jsonl"))
+    assert ds.read == ds.kept == jsonl_rows(EXAMPLES / "hh_prompts_test.jsonl") == 107
     assert all(r["prompt"][-1]["role"] == "user" for r in ds.rows)
-    from_prefs = load_prompts(str(SHARED / "prefs" / "test.jsonl"), max_samples=20)
+    from_prefs = load_prompts(str(EXAMPLES / "hh_prefs_test.jsonl"), max_samples=20)
     assert from_prefs.kept == 20 and all(r["prompt"][-1]["role"] == "user" for r in from_prefs.rows)
+
+
+def test_shipped_train_and_test_samples_share_no_prompt():
+    """The held-out files are never trained on: no test conversation starts like a train one."""
+    def openings(name):
+        rows = [json.loads(line) for line in (EXAMPLES / name).read_text(encoding="utf-8").splitlines()]
+        return {json.dumps((r.get("messages") or r["prompt"])[0], ensure_ascii=False) for r in rows}
+
+    train = openings("hh_prefs_train.jsonl") | openings("hh_prompts_train.jsonl")
+    assert not train & (openings("hh_prefs_test.jsonl") | openings("hh_prompts_test.jsonl"))
+    assert not openings("alpaca_sft_train.jsonl") & openings("alpaca_sft_test.jsonl")
+    assert not openings("oasst_zh_prompts.jsonl") & (openings("oasst_zh_prefs.jsonl") | openings("oasst_zh_sft.jsonl"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -565,7 +578,7 @@ def test_split_eval_too_few_prompts(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Chinese, shared samples, shipped examples
+# Chinese, shipped samples of real data, shipped examples
 
 
 def test_chinese_text_round_trips_unchanged(tmp_path):
@@ -580,21 +593,56 @@ def test_chinese_text_round_trips_unchanged(tmp_path):
     assert load_sft(str(p)).rows[0]["messages"] == [U(q), A(a)]
 
 
-def test_shared_chinese_samples_unchanged():
-    first = json.loads((SHARED / "zh" / "sft" / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])
-    ds = load_sft(str(SHARED / "zh" / "sft" / "test.jsonl"), max_samples=1)
-    assert ds.rows[0]["messages"] == first["messages"]
-    firstp = json.loads((SHARED / "zh" / "prefs" / "test.jsonl").read_text(encoding="utf-8").splitlines()[0])
-    p = load_prefs(str(SHARED / "zh" / "prefs" / "test.jsonl"), max_samples=1).rows[0]
-    assert (p["prompt"], p["chosen"], p["rejected"]) == (firstp["prompt"], firstp["chosen"], firstp["rejected"])
+def test_shipped_chinese_samples_unchanged():
+    """Every row of the Chinese oasst1 samples comes out of the loader byte for byte as it is in the file."""
+    def lines(name):
+        return (EXAMPLES / name).read_bytes().splitlines()
+
+    def dumped(row):
+        return json.dumps(row, ensure_ascii=False).encode("utf-8")
+
+    sft = load_sft(str(EXAMPLES / "oasst_zh_sft.jsonl"))
+    assert [dumped(r) for r in sft.rows] == lines("oasst_zh_sft.jsonl")
+    prefs = load_prefs(str(EXAMPLES / "oasst_zh_prefs.jsonl"))
+    assert [dumped({k: p[k] for k in ("prompt", "chosen", "rejected")}) for p in prefs.rows] == lines(
+        "oasst_zh_prefs.jsonl")
+    prompts = load_prompts(str(EXAMPLES / "oasst_zh_prompts.jsonl"))
+    assert [dumped(p) for p in prompts.rows] == lines("oasst_zh_prompts.jsonl")
+    assert "\u674e\u767d" in sft.rows[0]["messages"][0]["content"]  # 李白: Chinese characters, not escapes
 
 
-def test_shared_samples_load_whole():
-    sft = load_sft(str(SHARED / "sft" / "test.jsonl"))
-    assert sft.format == "messages" and sft.read == jsonl_rows(SHARED / "sft" / "test.jsonl") == sft.kept
-    prefs = load_prefs(str(SHARED / "prefs" / "test.jsonl"))
-    assert prefs.format == "explicit" and prefs.read == jsonl_rows(SHARED / "prefs" / "test.jsonl")
-    assert prefs.kept + sum(prefs.dropped.values()) == prefs.read
+SHIPPED_SAMPLES = [  # file, loader, format, rows (every row is kept: the samples were cleaned when made)
+    ("hh_prefs_train.jsonl", load_prefs, "explicit", 300),
+    ("hh_prefs_test.jsonl", load_prefs, "explicit", 100),
+    ("hh_prompts_train.jsonl", load_prompts, "prompts", 300),
+    ("hh_prompts_test.jsonl", load_prompts, "prompts", 107),
+    ("alpaca_sft_train.jsonl", load_sft, "messages", 300),
+    ("alpaca_sft_test.jsonl", load_sft, "messages", 100),
+    ("oasst_zh_sft.jsonl", load_sft, "messages", 100),
+    ("oasst_zh_prefs.jsonl", load_prefs, "explicit", 100),
+    ("oasst_zh_prompts.jsonl", load_prompts, "prompts", 100),
+]
+
+
+@pytest.mark.parametrize("name,load,fmt,rows", SHIPPED_SAMPLES, ids=[s[0] for s in SHIPPED_SAMPLES])
+def test_shipped_samples_load_whole(name, load, fmt, rows):
+    ds = load(str(EXAMPLES / name))
+    assert (ds.format, ds.read, ds.kept, dict(ds.dropped)) == (fmt, rows, rows, {})
+    assert jsonl_rows(EXAMPLES / name) == rows
+    if load is load_prefs:
+        assert ds.prompts == rows  # one pair per prompt
+        assert all(r["chosen"] != r["rejected"] and r["prompt"][-1]["role"] == "user" for r in ds.rows)
+    if load is load_sft:
+        assert all(r["messages"][-1]["role"] == "assistant" for r in ds.rows)
+    if load is load_prompts:
+        assert all(r["prompt"][-1]["role"] == "user" for r in ds.rows)
+
+
+def test_every_shipped_data_file_is_documented():
+    readme = (EXAMPLES / "README.md").read_text(encoding="utf-8")
+    for f in EXAMPLES.iterdir():
+        if f.suffix in (".jsonl", ".csv"):
+            assert f"`{f.name}`" in readme, f.name
 
 
 @pytest.mark.parametrize("name,fmt", [
@@ -672,3 +720,29 @@ def test_hub_dataset_names_map_to_name_config_split(spec, expect, monkeypatch):
     ds = load_prefs(spec)
     assert seen == [expect]
     assert ds.kept == 1 and ds.rows[0]["chosen"] == [{"role": "assistant", "content": "Hello!"}]
+
+
+def test_rows_shaped_like_the_hub_datasets_the_readme_names(tmp_path):
+    """One row in the layout of each hub dataset the README says can be passed by name, extra columns included."""
+    q = "Why is the sky blue?"
+
+    def convo(answer):
+        return [U(q), A(answer)]
+
+    hh = {"chosen": f"\n\nHuman: {q}\n\nAssistant: Rayleigh scattering.",
+          "rejected": f"\n\nHuman: {q}\n\nAssistant: Paint."}
+    trl = {"chosen": convo("Rayleigh scattering."), "rejected": convo("Paint."), "score_chosen": 8.0,
+           "score_rejected": 3.0}
+    h4 = {"prompt": q, "prompt_id": "abc", "chosen": convo("Rayleigh scattering."), "rejected": convo("Paint."),
+          "messages": convo("Rayleigh scattering."), "score_chosen": 8.0, "score_rejected": 3.0}
+    for name, row, fmt in [("hh", hh, "implicit"), ("trl", trl, "implicit"), ("h4", h4, "explicit")]:
+        ds = load_prefs(str(write_jsonl(tmp_path / f"{name}.jsonl", [row])))
+        assert ds.format == fmt, name
+        assert ds.rows[0]["prompt"] == [U(q)], name  # the prompt once, never repeated inside the answers
+        assert (ds.rows[0]["chosen"], ds.rows[0]["rejected"]) == ([A("Rayleigh scattering.")], [A("Paint.")]), name
+        assert load_prompts(str(tmp_path / f"{name}.jsonl")).rows == [{"prompt": [U(q)]}], name
+
+    alpaca = {"instruction": "Name a colour.", "input": "", "output": "Blue.",
+              "text": "Below is an instruction ... ### Response:\nBlue."}
+    ds = load_sft(str(write_jsonl(tmp_path / "alpaca.jsonl", [alpaca])))
+    assert ds.format == "alpaca" and ds.rows == [{"messages": [U("Name a colour."), A("Blue.")]}]

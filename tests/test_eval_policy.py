@@ -212,7 +212,9 @@ def test_policy_against_a_different_policy(w):
     assert res["wins"] + res["ties"] + res["losses"] == 10
     assert res["win_rate"] == pytest.approx((res["wins"] + res["ties"] / 2) / 10)
     assert res["tie_rate"] + res["loss_rate"] + res["wins"] / 10 == pytest.approx(1.0)
-    assert res["temperature"] == 0.7 and res["max_new_tokens"] == 6  # defaults: the model is no ppo stage
+    # the model is no ppo stage and its generation_config.json has no sampling settings: the defaults
+    assert (res["temperature"], res["top_p"], res["max_new_tokens"]) == (0.2, 0.9, 6)
+    assert "sampling: temperature 0.2, top_p 0.9, top_k 0, repetition_penalty 1 (" in result.stderr
     for k in ("distinct_1", "distinct_2", "baseline_distinct_1", "baseline_distinct_2"):
         assert 0 < res[k] <= 1
     rows = [json.loads(x) for x in save.read_text(encoding="utf-8").splitlines()]
@@ -287,3 +289,28 @@ def test_library_api_and_help(w):
                  "--threads", "--json", "--config"):
         assert f"  {flag} " in text, flag
     assert "  policy " in ok(invoke("eval", "--help")).stdout
+
+
+def test_both_models_sample_with_the_first_ones_settings(w, tmp_path):
+    tuned = Path(shutil.copytree(w.other, tmp_path / "tuned"))
+    gen = tuned / "generation_config.json"
+    gen.write_text(json.dumps(json.loads(gen.read_text()) | {"do_sample": True, "temperature": 0.5}))
+    args = ["--reward", w.rm, "--prompts", w.prompts, "--max-samples", 2, "--json", *SAMPLE]
+    result = ok(invoke("eval", "policy", "--model", tuned, "--baseline", w.sft, *args))
+    assert json.loads(result.stdout)["temperature"] == 0.5
+    err = result.stderr
+    assert f"sampling: temperature 0.5, top_p 0.9, top_k 0, repetition_penalty 1 (temperature from {gen}" in err
+    assert (f"--baseline {w.sft}: its generation_config.json asks for other sampling settings (none) than --model "
+            f"{tuned}'s (temperature 0.5); both sample with the settings above, so the contest is fair") in err
+    result = ok(invoke("eval", "policy", "--model", w.sft, "--baseline", tuned, *args))
+    assert json.loads(result.stdout)["temperature"] == 0.2  # MODEL's (none: the defaults), not BASE's
+    assert f"--baseline {tuned}: its generation_config.json asks for other sampling settings (temperature 0.5)" \
+        in result.stderr
+
+
+def test_temperature_zero_is_greedy_for_both(w):
+    """Greedy answers do not depend on the seed: the model against itself ties everywhere even with another seed."""
+    res = json.loads(ok(invoke("eval", "policy", "--model", w.sft, "--baseline", w.sft, "--reward", w.rm,
+                               "--prompts", w.prompts, "--temperature", 0, "--baseline-seed", 7, "--json",
+                               *SAMPLE)).stdout)
+    assert res["temperature"] == 0 and res["ties"] == 10 and res["kl"] == pytest.approx(0.0, abs=1e-6)

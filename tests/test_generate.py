@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -166,3 +167,29 @@ def test_refuses_a_reward_model(tiny, tmp_path):
     rm.mkdir()
     write_manifest(rm, stage="reward", parents=[str(tiny)], args={}, data={}, metrics={}, started=0.0)
     one_error(generate(rm, tmp_path / "g.jsonl"), 1, f"MODEL {rm}: is a reward stage", "rlhf sft")
+
+
+def test_sampling_from_the_generation_config_flags_and_greedy(tiny, tmp_path):
+    folder = Path(shutil.copytree(tiny, tmp_path / "tuned"))
+    gen = folder / "generation_config.json"
+    gen.write_text(json.dumps(json.loads(gen.read_text()) | {"do_sample": True, "temperature": 0.45, "top_k": 30}))
+    result = ok(generate(folder, tmp_path / "a.jsonl", n=1))
+    assert (f"sampling: temperature 0.45, top_p 0.9, top_k 30, repetition_penalty 1 (temperature, top_k from {gen}; "
+            f"top_p, repetition_penalty from the defaults)") in result.stderr
+    result = ok(generate(folder, tmp_path / "b.jsonl", "--temperature", 1.2, n=1))
+    assert "sampling: temperature 1.2, top_p 0.9, top_k 30, repetition_penalty 1 (temperature as given; " \
+        in result.stderr
+    result = ok(generate(tiny, tmp_path / "c.jsonl", n=1))
+    assert "sampling: temperature 0.7, top_p 0.9, top_k 0, repetition_penalty 1 (from the defaults)" in result.stderr
+
+    gen.write_text(json.dumps(json.loads(gen.read_text()) | {"do_sample": False}))
+    one_error(generate(folder, tmp_path / "d.jsonl"), 2, f"MODEL {folder}: its generation_config.json asks for "
+              "greedy decoding", "--temperature", "-k 1")
+    assert not (tmp_path / "d.jsonl").exists()
+
+    # --temperature 0 is greedy: other seeds write the same answers
+    files = [tmp_path / f"greedy{s}.jsonl" for s in (1, 2)]
+    for s, out in zip((1, 2), files, strict=True):
+        ok(invoke("generate", tiny, "--prompts", PROMPTS, "--out", out, "-k", 1, "--max-samples", 3, "--temperature",
+                  0, "--seed", s, *FAST))
+    assert files[0].read_bytes() == files[1].read_bytes()

@@ -160,12 +160,14 @@ def test_resolution_order_cache_then_hub_then_embedded(tmp_path, monkeypatch):
 
     from rlhf_cli.core import models
 
-    calls = []
+    calls, patterns = [], []
     hub_folder = tmp_path / "hub"
     hub_folder.mkdir()
+    (hub_folder / "model.safetensors").write_bytes(b"")
 
     def fake_snapshot(name, local_files_only=False, **kw):
         calls.append(("cache" if local_files_only else "hub", name))
+        patterns.extend(kw.get("allow_patterns") or [])
         if local_files_only:
             raise FileNotFoundError("not cached")
         if name == "org/reachable":
@@ -177,6 +179,7 @@ def test_resolution_order_cache_then_hub_then_embedded(tmp_path, monkeypatch):
     monkeypatch.setenv("RLHF_CLI_CACHE", str(tmp_path / "cache"))
     assert models.resolve_model("org/reachable") == hub_folder
     assert calls == [("cache", "org/reachable"), ("hub", "org/reachable")]
+    assert "*.safetensors" in patterns and "*.bin" not in patterns  # pickle weights only with --allow-pickle
 
     converted = []
     monkeypatch.setattr(models, "prepare_embedded", lambda mid, say: converted.append(mid) or tmp_path / "emb")

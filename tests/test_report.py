@@ -11,6 +11,7 @@ slower than one.
 from __future__ import annotations
 
 import base64
+import html
 import json
 import re
 import shutil
@@ -26,7 +27,7 @@ from helpers import EXAMPLES, invoke, ok, one_error, write_jsonl
 
 from rlhf_cli.core.manifest import MANIFEST, write_manifest
 from rlhf_cli.core.progress import fmt
-from rlhf_cli.evaluation.report import DPI, FIGSIZE, read_metrics
+from rlhf_cli.evaluation.report import DPI, FIGSIZE, flat, read_metrics
 
 FAST = ["--max-steps", "2", "--batch-size", "2", "--threads", "1"]
 PX = (round(FIGSIZE[0] * DPI), round(FIGSIZE[1] * DPI))
@@ -77,7 +78,7 @@ def test_report_html_opens_in_chromium_with_every_plot(run, tmp_path):
     assert list(by_name) == ["sft", "reward", "ppo"]
     for name, s in by_name.items():
         m = json.loads((run.dir / name / MANIFEST).read_text(encoding="utf-8"))
-        assert s["metrics"] == m["metrics"] and s["finished"] and s["metrics_source"] == "metrics.jsonl"
+        assert s["metrics"] == flat(m["metrics"]) and s["finished"] and s["metrics_source"] == "metrics.jsonl"
         assert s["logged_steps"] == len(lines(run.dir / name / "metrics.jsonl"))
     ev = by_name["ppo"]["eval_policy"]
     assert ev["prompts"] == 8 and "per_prompt" not in ev
@@ -88,7 +89,8 @@ def test_report_html_opens_in_chromium_with_every_plot(run, tmp_path):
     assert all(png_size(base64.b64decode(data)) == PX for data, _ in embedded)
     for s in res["stages"]:  # every manifest metric is a row of its stage's table
         for k, v in s["metrics"].items():
-            assert f"<tr><th>{k}</th><td>{fmt(v) if isinstance(v, (int, float)) else v}</td></tr>" in page, k
+            shown = fmt(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+            assert f"<tr><th>{k}</th><td>{html.escape(str(shown))}</td></tr>" in page, k
 
     # Chromium opens the page and decodes every image (a copy reports their natural sizes into the DOM)
     probe = tmp_path / "probe.html"

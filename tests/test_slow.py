@@ -64,3 +64,13 @@ def test_reward_model_learns_a_clear_preference_on_the_default_model(tmp_path):
     assert m["eval_pairs"] == 12
     assert m["eval_accuracy_before"] <= 0.75  # a fresh random head: about chance (or worse)
     assert m["eval_accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_default_sampling_answers_a_plain_question_on_the_default_model(seed):
+    """The chat's default sampling settings (SmolLM2's recommended temperature 0.2, top-p 0.9) keep the small
+    default model on the question, whatever the seed."""
+    r = invoke("chat", "--prompt", "What is the capital of France? Answer in one word.", "--seed", seed,
+               "--max-new-tokens", 32, check=True)
+    assert "Paris" in r.stdout
+    assert "sampling: temperature 0.2, top_p 0.9, top_k 0, repetition_penalty 1 (from the defaults" in r.stderr

@@ -13,17 +13,20 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from rich.markup import escape
 
-from rlhf_cli.cli.display import err, out
+from rlhf_cli.cli.display import err, out, shown
 from rlhf_cli.core.config import fields_of, resolve
 from rlhf_cli.core.errors import RLHFError
+from rlhf_cli.core.interrupt import Interrupted
 
 
 def fail(e: BaseException, debug: bool) -> None:
     """One `error: ...` line and the exit code of the error's kind; the traceback only with --debug."""
     if debug:
         raise e
+    if isinstance(e, Interrupted):
+        err.print(f"[yellow]stopped:[/] {esc(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code)
     if isinstance(e, RLHFError):
         err.print(f"[red]error:[/] {esc(str(e))}", highlight=False, soft_wrap=True)
         raise typer.Exit(e.exit_code)
@@ -38,7 +41,8 @@ def fail(e: BaseException, debug: bool) -> None:
 
 
 def esc(s: str) -> str:
-    return escape(s)
+    """Text for a Rich markup string: markup escaped, terminal control sequences removed (it may quote data)."""
+    return shown(s)
 
 
 _METAVARS = {"model": "MODEL", "policy": "MODEL", "reward": "RM", "baseline": "MODEL", "compare": "MODEL",

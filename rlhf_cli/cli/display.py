@@ -1,4 +1,7 @@
-"""Rich terminal output for the CLI: a live progress display on stderr, result tables on stdout."""
+"""Rich terminal output for the CLI: a live progress display on stderr, result tables on stdout.
+
+Text that may come from a model or a data file is shown through `shown()`: terminal control sequences removed
+(`core.text.safe_text`) and Rich markup escaped, so it prints as the characters it holds."""
 
 from __future__ import annotations
 
@@ -18,11 +21,18 @@ from rich.progress import (
 from rich.table import Table
 
 from rlhf_cli.core.progress import Reporter, fmt
+from rlhf_cli.core.text import safe_text
 
-err = Console(stderr=True)
-out = Console()
+# emoji=False: Rich would turn ":train:" in `--data org/name:train: ...` or a model's text into an emoji
+err = Console(stderr=True, emoji=False)
+out = Console(emoji=False)
 
 SHOWN = ("loss", "accuracy", "margin", "learning_rate", "tokens/s")
+
+
+def shown(text: str) -> str:
+    """`text` ready for a Rich markup string: no control sequences, markup escaped."""
+    return escape(safe_text(text))
 
 
 class RichReporter(Reporter):
@@ -36,11 +46,11 @@ class RichReporter(Reporter):
         self.task: Any = None
 
     def info(self, message: str) -> None:
-        (self.progress.console if self.progress else err).print(escape(message), highlight=False, soft_wrap=True)
+        (self.progress.console if self.progress else err).print(shown(message), highlight=False, soft_wrap=True)
 
     def start(self, total: int) -> None:
         self.progress = Progress(
-            TextColumn(f"[bold]{escape(self.title)}[/]"), BarColumn(), MofNCompleteColumn(),
+            TextColumn(f"[bold]{shown(self.title)}[/]"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[figures]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
             console=err, transient=False, refresh_per_second=4)
         self.progress.start()
@@ -50,9 +60,9 @@ class RichReporter(Reporter):
     def update(self, step: int, total: int, figures: dict[str, float], elapsed: float) -> None:
         if self.progress is None:
             self.start(total)
-        shown = "  ".join(f"{'lr' if k == 'learning_rate' else k} {fmt(v)}" for k, v in figures.items()
-                          if self.shown is None or k in self.shown)
-        self.progress.update(self.task, completed=step, total=total or None, figures=escape(shown))
+        line = "  ".join(f"{'lr' if k == 'learning_rate' else k} {fmt(v)}" for k, v in figures.items()
+                         if self.shown is None or k in self.shown)
+        self.progress.update(self.task, completed=step, total=total or None, figures=shown(line))
 
     def samples(self, title: str, rows: list[dict[str, Any]]) -> None:
         if not rows:
@@ -61,7 +71,7 @@ class RichReporter(Reporter):
         for k in rows[0]:
             t.add_column(k, ratio=None if k == "score" else 1, justify="right" if k == "score" else "left")
         for r in rows:
-            t.add_row(*(escape(fmt(v) if isinstance(v, float) else str(v)) for v in r.values()))
+            t.add_row(*(shown(fmt(v) if isinstance(v, float) else str(v)) for v in r.values()))
         (self.progress.console if self.progress else err).print(t)
 
     def finish(self) -> None:
@@ -77,6 +87,6 @@ def table(title: str, rows: dict[str, Any]) -> Table:
     for k, v in rows.items():
         if v is None:
             continue
-        t.add_row(escape(str(k)), escape(fmt(v) if isinstance(v, (int, float)) and not isinstance(v, bool)
-                                         else str(v)))
+        t.add_row(shown(str(k)), shown(fmt(v) if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                       else str(v)))
     return t

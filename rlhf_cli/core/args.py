@@ -6,7 +6,9 @@ classes without loading any heavy library.
 
 Groups: run folders (`overwrite_field`, `max_samples_field`), optimisation (`TrainArgs` for the Trainer-based
 stages; `lr_field`, `warmup_field`, `weight_decay_field`, `max_length_field`, `freeze_layers_field` shared with
-PPO), LoRA (`lora_*_field`), runtime (`threads_field`, `precision_field`). Flags whose text differs per command
+PPO), LoRA (`lora_*_field`), runtime (`threads_field`, `precision_field`), loading (`allow_pickle_field`,
+`trust_remote_code_field`), sampling for chat, generate and eval policy (`temperature_field`, `top_p_field`,
+`top_k_field`, `repetition_penalty_field`, `SAMPLING_DEFAULTS`). Flags whose text differs per command
 (seeds, output folders) are declared by each command.
 """
 
@@ -83,6 +85,24 @@ def lora_merge_field() -> Any:
     return opt(True, "Merge adapters into a full checkpoint (the adapter is kept in OUT/adapter).")
 
 
+# ------------------------------------------------------------------------------------------------ memory
+
+
+def max_memory_field() -> Any:
+    return opt(None, "Memory this run may use, such as 8GB (default: 85% of the free RAM, or of the free GPU "
+                     "memory); the micro-batch, accumulation and gradient checkpointing are chosen to fit.")
+
+
+def micro_batch_field() -> Any:
+    return opt(None, "Examples per forward/backward pass (default: chosen by the memory planner; the effective "
+                     "batch stays --batch-size x --grad-accum).", min=1)
+
+
+def save_every_field() -> Any:
+    return opt(None, "Also save a resumable checkpoint every N optimiser steps (one is always saved on Ctrl-C "
+                     "or SIGTERM).", min=1)
+
+
 # ------------------------------------------------------------------------------------------------ runtime
 
 
@@ -92,6 +112,56 @@ def threads_field() -> Any:
 
 def precision_field() -> Any:
     return opt("auto", "Numeric precision: auto = bf16 on GPUs that have it, fp32 on CPU.", choices=PRECISIONS)
+
+
+# ------------------------------------------------------------------------------------------------ loading
+# Every command that loads a model lists both (rlhf_cli.core.models.LoadOptions applies them).
+
+
+def allow_pickle_field() -> Any:
+    return opt(False, "Also load pickle weights (pytorch_model.bin, *.pt, *.pth, *.ckpt), which can run code when "
+                      "read; only for files you trust (default: safetensors only).")
+
+
+def trust_remote_code_field() -> Any:
+    return opt(False, "Run the Python code a model folder names in its config.json (auto_map); only for models you "
+                      "trust (default: never; transformers' built-in classes load it, or it is refused).")
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+# How chat, generate and eval policy sample: a flag, else the model's generation_config.json, else these, the
+# settings SmolLM2's model card recommends for its small instruct models (at higher temperatures they wander off
+# the question). PPO/GRPO/RLOO rollouts have flags of their own: on-policy RL samples as it was configured.
+SAMPLING_DEFAULTS = {"temperature": 0.2, "top_p": 0.9, "top_k": 0, "repetition_penalty": 1.0}
+
+
+def _sampling_default(name: str, fallbacks: dict[str, float], first: str | None) -> str:
+    chain = ([first] if first else []) + ["the model's generation_config.json", f"{fallbacks[name]:g}"]
+    return "default: " + ", else ".join(chain)
+
+
+def temperature_field(fallbacks: dict[str, float] = SAMPLING_DEFAULTS, first: str | None = None) -> Any:
+    default = _sampling_default("temperature", fallbacks, first)
+    return opt(None, f"Sampling temperature; 0 = greedy decoding ({default}).", min=0,
+               expect="a number >= 0 (0 = greedy)")
+
+
+def top_p_field(fallbacks: dict[str, float] = SAMPLING_DEFAULTS, first: str | None = None) -> Any:
+    return opt(None, "Nucleus sampling: sample from the most likely tokens holding this much probability; 1 = off "
+                     f"({_sampling_default('top_p', fallbacks, first)}).", above=0, max=1,
+               expect="a probability in (0, 1] (1 = off)")
+
+
+def top_k_field(fallbacks: dict[str, float] = SAMPLING_DEFAULTS, first: str | None = None) -> Any:
+    default = _sampling_default("top_k", fallbacks, first)
+    return opt(None, f"Sample from the K most likely tokens only; 0 = off ({default}).", min=0,
+               expect="a whole number >= 0 (0 = off)")
+
+
+def repetition_penalty_field(fallbacks: dict[str, float] = SAMPLING_DEFAULTS, first: str | None = None) -> Any:
+    return opt(None, "Make tokens already in the prompt or answer less likely, such as 1.1; 1 = off "
+                     f"({_sampling_default('repetition_penalty', fallbacks, first)}).", above=0,
+               expect="a positive number (1 = off)")
 
 
 # ------------------------------------------------------------------------------------------------ Trainer stages
@@ -105,7 +175,8 @@ class TrainArgs:
     data: str | None = opt(None, "Training data: .jsonl/.json/.csv/.parquet file, folder, or hub dataset "
                                  "(name, name:split, name:config:split).")
     eval_data: str | None = opt(None, "Held-out data in the same format, for eval metrics.")
-    eval_split: float = opt(0.0, "Hold out this fraction of --data for eval (when --eval-data is not given).")
+    eval_split: float = opt(0.0, "Hold out this fraction of --data for eval (when --eval-data is not given).",
+                            min=0, below=1, expect="a fraction between 0 and 1 (for example 0.1)")
     out: str | None = opt(None, "Output folder (default: RUN/STAGE when --run is given).")
     run: str | None = opt(None, "Run folder: stages write RUN/sft, RUN/reward, ... and find their parents there.")
     overwrite: bool = overwrite_field()
@@ -133,9 +204,17 @@ class TrainArgs:
     freeze_layers: int = freeze_layers_field("Freeze the embeddings and the lowest N transformer layers: no "
                                              "backward pass through them, much faster on CPU (LoRA adapters, if "
                                              "any, go in the rest).")
-    gradient_checkpointing: bool = opt(False, "Recompute activations to save memory (slower).")
+    gradient_checkpointing: bool = opt(False, "Recompute activations to save memory (slower; turned on by the "
+                                              "memory planner when nothing fits without it).")
+    max_memory: str | None = max_memory_field()
+    micro_batch_size: int | None = micro_batch_field()
     threads: int | None = threads_field()
+    allow_pickle: bool = allow_pickle_field()
+    trust_remote_code: bool = trust_remote_code_field()
     logging_steps: int = opt(1, "Log metrics every N optimiser steps.", min=1)
+    save_every: int | None = save_every_field()
+    resume: bool = opt(False, "Continue an interrupted run from the checkpoint in OUT.partial (same data and "
+                              "settings).")
 
 
 def check_train_args(args: TrainArgs) -> None:

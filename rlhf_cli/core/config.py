@@ -8,8 +8,10 @@ user did not type never overrides the YAML file.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -79,17 +81,42 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config {path}: no such file; expected a YAML file of settings")
+    raw = p.read_bytes()
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.safe_load(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x}); expected a UTF-8 YAML file: "
+                          f"re-save it as UTF-8") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
+        mark, start = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{line}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        context = getattr(e, "context", None)
+        if context and start is not None and (mark is None or start.line != mark.line):
+            context = f"{context} that starts on line {start.line + 1}"  # where the unclosed [ or { is
+        why = "; ".join(str(x) for x in (getattr(e, "problem", None) or e, context) if x)
+        raise ConfigError(f"{path}{line}: not valid YAML ({why}); expected `setting: value` lines, for example "
+                          f"`lr: 1e-5`") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping of setting: value, found {type(data).__name__}")
+        fix = "; write one `setting: value` per line, without a leading `- `" if isinstance(data, list) else ""
+        raise ConfigError(f"{path}: expected a mapping of setting: value, found {type(data).__name__}{fix}")
     return data
+
+
+# transformers / TRL names people bring from their own configs
+_HF_NAMES = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size", "num_train_epochs": "epochs",
+             "gradient_accumulation_steps": "grad_accum", "model_name_or_path": "model", "dataset_name": "data",
+             "output_dir": "out", "max_seq_length": "max_length", "warmup_steps": "warmup_ratio"}
+
+
+def near_key(name: str, known: Iterable[str]) -> str:
+    """`; did you mean 'batch_size'?` for a misspelt or transformers-style key, else ""."""
+    known = list(known)
+    guess = _HF_NAMES.get(name) if _HF_NAMES.get(name) in known else None
+    guess = guess or next(iter(difflib.get_close_matches(name, known, n=1, cutoff=0.7)), None)
+    return f"; did you mean {guess!r}?" if guess else ""
 
 
 def resolve(cls: type, config: str | Path | None = None, flags: dict[str, Any] | None = None) -> Any:
@@ -100,8 +127,8 @@ def resolve(cls: type, config: str | Path | None = None, flags: dict[str, Any] |
         for key, value in load_yaml(config).items():
             name = str(key).replace("-", "_")
             if name not in known:
-                raise ConfigError(
-                    f"{config}: unknown key {key!r}; expected one of: {', '.join(sorted(known))}")
+                raise ConfigError(f"{config}: unknown key {key!r}; expected one of: {', '.join(sorted(known))}"
+                                  + near_key(name, known))
             values[name] = _coerce(value, known[name][1], f"{config}: key {key!r}")
     for name, value in (flags or {}).items():
         if value is not None:
@@ -158,4 +185,6 @@ def dump_yaml(args: Any, path: Path, header: str = "") -> None:
     import yaml
 
     text = yaml.safe_dump(to_dict(args), sort_keys=False, allow_unicode=True)
-    path.write_text(header + text, encoding="utf-8")
+    from rlhf_cli.core.files import atomic_write_text
+
+    atomic_write_text(path, header + text)

@@ -27,3 +27,7 @@ class CheckpointError(RLHFError):
 
 class ModelNotFoundError(CheckpointError):
     """A model id or path that is not available locally, in the cache, on the hub or embedded."""
+
+
+class TrainingError(RLHFError):
+    """Training that cannot go on: a NaN or infinite loss, runaway KL."""

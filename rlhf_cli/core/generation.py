@@ -14,6 +14,7 @@ early through a stopping criterion (Ctrl-C in `rlhf chat`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -32,20 +33,25 @@ from transformers import (
 )
 
 from rlhf_cli.core import runtime
+from rlhf_cli.core.args import SAMPLING_DEFAULTS
 from rlhf_cli.core.errors import CheckpointError, ConfigError
 from rlhf_cli.core.manifest import manifest_if_stage
-from rlhf_cli.core.models import load_tokenizer, resolve_model
+from rlhf_cli.core.models import SAFE_LOADING, LoadOptions, load_tokenizer, resolve_model
 from rlhf_cli.core.stages import a_stage, command_for
+
+GENERATION_CONFIG = "generation_config.json"
 
 
 @dataclass
 class Sampling:
-    """How answers are sampled. temperature 0 means greedy decoding; top_k 0 and top_p 1 switch those off."""
+    """How answers are sampled. temperature 0 means greedy decoding; top_k 0, top_p 1 and repetition_penalty 1
+    switch those off. The defaults are `SAMPLING_DEFAULTS` (see `pick_sampling` for where else settings come from)."""
 
-    temperature: float = 0.7
-    top_p: float = 1.0
-    top_k: int = 0
+    temperature: float = SAMPLING_DEFAULTS["temperature"]
+    top_p: float = SAMPLING_DEFAULTS["top_p"]
+    top_k: int = int(SAMPLING_DEFAULTS["top_k"])
     max_new_tokens: int = 256
+    repetition_penalty: float = SAMPLING_DEFAULTS["repetition_penalty"]
 
     def check(self, where: Callable[[str], str] = lambda name: "--" + name.replace("_", "-")) -> Sampling:
         if not self.temperature >= 0:
@@ -56,6 +62,9 @@ class Sampling:
             raise ConfigError(f"{where('top_k')} {self.top_k}: expected a whole number >= 0 (0 = off)")
         if self.max_new_tokens < 1:
             raise ConfigError(f"{where('max_new_tokens')} {self.max_new_tokens}: expected a whole number >= 1")
+        if not self.repetition_penalty > 0:
+            raise ConfigError(f"{where('repetition_penalty')} {self.repetition_penalty}: expected a positive "
+                              f"number (1 = off)")
         return self
 
     def with_value(self, name: str, text: str) -> Sampling:
@@ -73,11 +82,91 @@ class Sampling:
         return dataclasses.replace(self, **{name: value}).check(lambda n: n)
 
     def generate_kwargs(self) -> dict[str, Any]:
+        """Every sampling setting of `generate`, so nothing comes from the model's own generation config."""
         if self.temperature == 0:
             return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None,
-                    "max_new_tokens": self.max_new_tokens}
+                    "repetition_penalty": self.repetition_penalty, "max_new_tokens": self.max_new_tokens}
         return {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k,
-                "max_new_tokens": self.max_new_tokens}
+                "repetition_penalty": self.repetition_penalty, "max_new_tokens": self.max_new_tokens}
+
+    def describe(self) -> str:
+        """The sampling settings as one phrase (max_new_tokens left out)."""
+        if self.temperature == 0:
+            penalty = f", repetition_penalty {self.repetition_penalty:g}" if self.repetition_penalty != 1 else ""
+            return "temperature 0 (greedy)" + penalty
+        return ", ".join(f"{k} {getattr(self, k):g}" for k in SAMPLING_KEYS)
+
+
+SAMPLING_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def folder_sampling(folder: Path | None) -> dict[str, float]:
+    """The sampling settings a model folder's generation_config.json states, and only those: `do_sample: false`
+    is greedy decoding (temperature 0); settings it leaves out are not filled in."""
+    try:
+        cfg = json.loads((Path(folder) / GENERATION_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, TypeError, ValueError):
+        return {}
+    if not isinstance(cfg, dict):
+        return {}
+    found = {k: cfg[k] for k in SAMPLING_KEYS
+             if isinstance(cfg.get(k), (int, float)) and not isinstance(cfg.get(k), bool)}
+    if cfg.get("do_sample") is False:
+        found = {"temperature": 0.0} | ({"repetition_penalty": found["repetition_penalty"]}
+                                        if "repetition_penalty" in found else {})
+    return found
+
+
+def pick_sampling(layers: list[tuple[str, dict[str, Any]]], max_new_tokens: int,
+                  where: Callable[[str], str] = lambda name: "--" + name.replace("_", "-"),
+                  ) -> tuple[Sampling, str]:
+    """Each setting's first value in `layers`, (source, settings) pairs from the highest precedence down (the
+    flags, a parent stage, the model's generation_config.json, the defaults), checked; and one line saying what
+    was chosen and where each setting came from."""
+    values: dict[str, Any] = {}
+    sources: dict[str, list[str]] = {}
+    for name in SAMPLING_KEYS:
+        for source, settings in layers:
+            if settings.get(name) is not None:
+                values[name] = settings[name]
+                sources.setdefault(source, []).append(name)
+                break
+    values["top_k"] = int(values.get("top_k", 0))
+    sampling = Sampling(**values, max_new_tokens=max_new_tokens).check(where)
+    if sampling.temperature == 0:  # greedy: only the settings that still count are named
+        counted = {"temperature"} | ({"repetition_penalty"} if sampling.repetition_penalty != 1 else set())
+        sources = {k: [n for n in v if n in counted] for k, v in sources.items()}
+        sources = {k: v for k, v in sources.items() if v}
+    order = [source for source, _ in layers if source in sources]  # highest precedence first
+    if len(order) == 1:
+        why = order[0]
+    else:
+        why = "; ".join(f"{', '.join(sources[source])} {source}" for source in order)
+    return sampling, f"sampling: {sampling.describe()} ({why})"
+
+
+def sampling_layers(given: Any, folder: Path | None,
+                    fallback: dict[str, float] = SAMPLING_DEFAULTS) -> list[tuple[str, dict[str, Any]]]:
+    """The usual layers of `pick_sampling`: the settings given (flags or --config, None = not given), then the
+    folder's generation_config.json, then `fallback`."""
+    stated = {k: getattr(given, k, None) for k in SAMPLING_KEYS}
+    return [("as given", stated), (f"from {Path(folder) / GENERATION_CONFIG}", folder_sampling(folder)),
+            ("from the defaults for small instruct models" if fallback == SAMPLING_DEFAULTS else
+             "from the defaults", fallback)]
+
+
+def sampling_differs(first: tuple[str, Path], other: tuple[str, Path], what: str) -> str | None:
+    """A line when `other`'s generation_config.json asks for other sampling settings than `first`'s: models that
+    are compared always sample with one set of settings (the first model's), and `what` says why."""
+    mine, theirs = folder_sampling(first[1]), folder_sampling(other[1])
+    if mine == theirs:
+        return None
+
+    def shown(s: dict[str, float]) -> str:
+        return ", ".join(f"{k} {v:g}" for k, v in s.items()) or "none"
+
+    return (f"{other[0]}: its generation_config.json asks for other sampling settings ({shown(theirs)}) than "
+            f"{first[0]}'s ({shown(mine)}); both sample with the settings above, {what}")
 
 
 def render_chat(tok: PreTrainedTokenizerBase, messages: list[dict[str, str]], generation_prompt: bool = True) -> str:
@@ -280,16 +369,17 @@ def refuse_reward_stage(spec: str, flag: str) -> None:
 
 
 def load_lm(spec: str, flag: str = "MODEL", precision: str = "auto", say: Callable[[str], None] = lambda s: None,
-            ) -> LM:
+            loading: LoadOptions = SAFE_LOADING) -> LM:
     """A causal LM from any model spec; refuses reward models with a message naming what is expected."""
     refuse_reward_stage(spec, flag)
-    path = resolve_model(spec, flag, say)
-    cfg = AutoConfig.from_pretrained(path)
+    path = resolve_model(spec, flag, say, loading)
+    cfg = AutoConfig.from_pretrained(path, **loading.code_kwargs())
     if any("ForSequenceClassification" in a for a in (cfg.architectures or [])):
         raise CheckpointError(f"{flag} {spec}: is a sequence classifier ({', '.join(cfg.architectures)}), not a "
                               f"language model; expected a model that generates, such as an sft stage")
-    tok = load_tokenizer(path, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=runtime.torch_dtype(runtime.pick_precision(precision)))
+    tok = load_tokenizer(path, padding_side="left", loading=loading)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=runtime.torch_dtype(runtime.pick_precision(precision)),
+                                                 **loading.model_kwargs())
     model = runtime.to_device(model).eval()
     model.generation_config.pad_token_id = tok.pad_token_id
     return LM(spec, path, model, tok)

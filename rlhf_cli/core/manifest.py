@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_cli.core.errors import CheckpointError, ConfigError
+from rlhf_cli.core.files import atomic_write_text
 from rlhf_cli.core.stages import a_stage, command_for
 
 MANIFEST = "rlhf_manifest.json"
@@ -81,9 +82,7 @@ def write_manifest(folder: Path, *, stage: str, parents: list[str], args: dict[s
         "finished": _dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(now - started, 2),
     }
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(body, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, folder / MANIFEST)
+    atomic_write_text(folder / MANIFEST, json.dumps(body, indent=2, ensure_ascii=False, default=str) + "\n")
     return folder / MANIFEST
 
 
@@ -164,3 +163,16 @@ class StagedOutput:
             shutil.rmtree(old)
         else:
             os.replace(self.partial, self.out)
+
+
+class ResumableOutput(StagedOutput):
+    """StagedOutput whose OUT.partial survives into a --resume run (and is kept when a run stops early)."""
+
+    def __init__(self, out: Path, overwrite: bool, resume: bool = False, flag: str = "--out"):
+        super().__init__(out, overwrite, flag)
+        self.resume = resume
+
+    def __enter__(self) -> Path:
+        if self.resume and self.partial.is_dir():
+            return self.partial
+        return super().__enter__()

@@ -1,12 +1,16 @@
 """Progress reporting, kept apart from the stages so the library knows nothing of the terminal.
 
 Stages call a `Reporter`; the plain one writes lines to stderr, the CLI passes a Rich one (`rlhf_cli.cli.display`).
+Both show text through `core.text.safe_text`: messages and samples may quote model output or data, whose terminal
+control sequences must not reach the terminal.
 """
 
 from __future__ import annotations
 
 import sys
 from typing import Any
+
+from rlhf_cli.core.text import safe_text
 
 
 class Reporter:
@@ -17,7 +21,7 @@ class Reporter:
         self.every = every
 
     def info(self, message: str) -> None:
-        print(message, file=self.stream, flush=True)
+        print(safe_text(message), file=self.stream, flush=True)
 
     def start(self, total: int) -> None:
         self.total = total

@@ -27,7 +27,7 @@ from rlhf_cli.core import runtime
 from rlhf_cli.core.errors import CheckpointError, ConfigError
 from rlhf_cli.core.generation import encode_chat, pad_batch
 from rlhf_cli.core.manifest import Manifest, manifest_if_stage, require_stage
-from rlhf_cli.core.models import load_tokenizer, resolve_model, set_distinct_pad
+from rlhf_cli.core.models import SAFE_LOADING, LoadOptions, load_tokenizer, resolve_model, set_distinct_pad
 from rlhf_cli.core.stages import a_stage, command_for
 from rlhf_cli.data import DataSet
 
@@ -66,6 +66,7 @@ class RewardSpec:
     path: Path  # the local folder
     manifest: Manifest | None
     flag: str = "--reward"
+    loading: LoadOptions = SAFE_LOADING  # how `RewardModel.load` may load it
 
     @property
     def max_length(self) -> int | None:
@@ -167,11 +168,11 @@ class RewardModel:
 
     @staticmethod
     def locate(spec: str | None, run: str | None = None, flag: str = "--reward",
-               say: Callable[[str], None] = lambda s: None) -> RewardSpec:
-        """Resolve and check a reward model before any weights load: the stage kind, the folder, and a
-        config.json that describes a one-output sequence classifier."""
+               say: Callable[[str], None] = lambda s: None, loading: LoadOptions = SAFE_LOADING) -> RewardSpec:
+        """Resolve and check a reward model before any weights load: the stage kind, the folder (and what
+        `loading` allows of it), and a config.json that describes a one-output sequence classifier."""
         name, manifest = resolve_reward_spec(spec, run, flag)
-        path = resolve_model(name, flag=flag, say=say)
+        path = resolve_model(name, flag=flag, say=say, loading=loading)
         cfg = read_config(path, flag)
         archs = cfg.get("architectures") or []
         labels = len(cfg.get("id2label") or {}) or cfg.get("num_labels")
@@ -179,16 +180,17 @@ class RewardModel:
             raise CheckpointError(f"{flag} {name}: not a reward model (expected a sequence classifier with one "
                                   f"output, found {', '.join(archs) or 'no architectures'}); train one with "
                                   f"`{command_for('reward')}`")
-        return RewardSpec(name, path, manifest, flag)
+        return RewardSpec(name, path, manifest, flag, loading)
 
     @classmethod
     def load(cls, spec: RewardSpec, precision: str = "auto", tok: PreTrainedTokenizerBase | None = None,
              max_length: int | None = None) -> RewardModel:
         """Weights in eval mode without gradients, on this process's device. `tok`: a tokenizer already loaded
         from the same folder; `max_length`: the fallback when the reward stage does not say."""
-        tok = tok or load_tokenizer(spec.path)
+        tok = tok or load_tokenizer(spec.path, loading=spec.loading)
         dtype = runtime.torch_dtype(runtime.pick_precision(precision))
-        model = AutoModelForSequenceClassification.from_pretrained(spec.path, num_labels=1, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(spec.path, num_labels=1, dtype=dtype,
+                                                                   **spec.loading.model_kwargs())
         set_distinct_pad(tok, model)
         model = runtime.to_device(model).eval().requires_grad_(False)
         return cls(spec.name, model, tok, int(spec.max_length or max_length or DEFAULT_MAX_LENGTH))

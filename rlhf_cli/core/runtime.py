@@ -85,10 +85,13 @@ def seed_all(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    """Every random generator's state, for a checkpoint that resumes exactly."""
+    """Every random generator's state, for a checkpoint that resumes exactly. Plain Python values and tensors
+    only (numpy's key array as a list), so the checkpoint loads with `torch.load(weights_only=True)`."""
     import numpy as np
 
-    st = {"python": random.getstate(), "torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"python": random.getstate(), "torch": torch.get_rng_state(),
+          "numpy": (kind, keys.tolist(), int(pos), int(has_gauss), float(cached))}
     if has_gpu():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -99,7 +102,8 @@ def set_rng_state(st: dict) -> None:
 
     random.setstate(st["python"])
     torch.set_rng_state(st["torch"])
-    np.random.set_state(st["numpy"])
+    kind, keys, pos, has_gauss, cached = st["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in st and has_gpu():
         torch.cuda.set_rng_state_all(st["cuda"])
 

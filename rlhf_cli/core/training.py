@@ -17,10 +17,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_callback import ProgressCallback as HFProgressCallback
 
-from rlhf_cli.core import runtime
+from rlhf_cli.core import memory, runtime
 from rlhf_cli.core.args import TrainArgs, check_train_args
-from rlhf_cli.core.errors import ConfigError
-from rlhf_cli.core.manifest import Manifest, StagedOutput, stage_output
+from rlhf_cli.core.errors import ConfigError, TrainingError
+from rlhf_cli.core.files import atomic_write_text
+from rlhf_cli.core.manifest import Manifest, ResumableOutput, StagedOutput, stage_output
 from rlhf_cli.core.progress import Reporter
 from rlhf_cli.data import DataSet, split_eval
 
@@ -45,7 +46,9 @@ def prepare_stage(args: TrainArgs, stage: str, load: Callable[..., DataSet], say
                   ) -> tuple[StagedOutput, DataSet, DataSet | None]:
     """Everything a Trainer stage checks before any model loads: the flags, the output folder, the data."""
     check_train_args(args)
-    staged = stage_output(args.out, args.run, stage, args.overwrite)
+    staged = stage_output(args.out, args.run, stage, args.overwrite, ResumableOutput, resume=args.resume)
+    if not args.resume and staged.partial.exists():
+        say(f"discarding the unfinished run in {staged.partial} (pass --resume to continue it)")
     return (staged, *load_train_eval(args, load, say))
 
 
@@ -66,13 +69,37 @@ def load_train_eval(args: TrainArgs, load: Callable[..., DataSet], say: Callable
     return train, None
 
 
-def hf_training_kwargs(args: TrainArgs, out: Path, lr: float, precision: str) -> dict[str, Any]:
+def plan_memory(args: Any, model_path: Path, *, causal: bool, lengths: list[int], seqs_per_example: int,
+                precision: str, say: Callable[[str], None], what: str = "--batch-size",
+                batch_size: int | None = None, saved: dict | None = None) -> memory.MemoryPlan:
+    """The memory plan of a stage (see `rlhf_cli.core.memory`), said in one line, before any weight loads."""
+    shape = memory.ModelShape.of(model_path)
+    trainable = memory.trainable_params(shape, lora=bool(getattr(args, "lora", False)),
+                                        lora_r=getattr(args, "lora_r", 16),
+                                        freeze_layers=getattr(args, "freeze_layers", 0) or 0)
+    width = runtime.torch_dtype(precision).itemsize
+    work = memory.Workload(causal=causal, seq_len=max(lengths or [1]), seqs_per_example=seqs_per_example,
+                           trainable=trainable, frozen_layers=getattr(args, "freeze_layers", 0) or 0,
+                           weight_bytes=width, act_bytes=width)
+    plan = memory.plan(shape, work, batch_size or args.batch_size, args.grad_accum,
+                       checkpointing=bool(getattr(args, "gradient_checkpointing", False)),
+                       max_memory=args.max_memory, cpu=not runtime.has_gpu(), what=what,
+                       micro_batch=saved["micro_batch"] if saved else args.micro_batch_size)
+    if plan.tight:
+        memory.return_freed_memory()
+    say(plan.describe())
+    return plan
+
+
+def hf_training_kwargs(args: TrainArgs, out: Path, lr: float, precision: str,
+                       plan: memory.MemoryPlan | None = None) -> dict[str, Any]:
     """TrainingArguments that suit the hardware; TRL's defaults (bf16, gradient checkpointing) hurt on CPU."""
+    micro = plan.micro_batch if plan else args.batch_size
     return dict(
         output_dir=str(out / "trainer"),
-        per_device_train_batch_size=args.batch_size,
-        per_device_eval_batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
+        per_device_train_batch_size=micro,
+        per_device_eval_batch_size=micro,
+        gradient_accumulation_steps=plan.grad_accum if plan else args.grad_accum,
         learning_rate=lr,
         lr_scheduler_type=args.lr_scheduler,
         warmup_steps=args.warmup_ratio,  # transformers reads a value below 1 as a fraction of the steps
@@ -83,10 +110,10 @@ def hf_training_kwargs(args: TrainArgs, out: Path, lr: float, precision: str) ->
         data_seed=args.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        gradient_checkpointing=args.gradient_checkpointing,
+        gradient_checkpointing=plan.gradient_checkpointing if plan else args.gradient_checkpointing,
         logging_steps=args.logging_steps,
         logging_strategy="steps",
-        save_strategy="no",
+        **checkpoint_kwargs(args),
         eval_strategy="no",
         report_to="none",
         disable_tqdm=True,
@@ -190,15 +217,118 @@ def write_metrics(trainer: Trainer, dest: Path) -> None:
     figures such as accuracy and margin for reward), then eval entries; what `rlhf report` plots."""
     keep = ("loss", "learning_rate", "grad_norm", "accuracy", "margin", "mean_token_accuracy", "entropy",
             "eval_loss", "epoch", "num_input_tokens_seen")
-    with (dest / "metrics.jsonl").open("w", encoding="utf-8") as f:
-        for h in trainer.state.log_history:
-            if "loss" not in h and "eval_loss" not in h:
-                continue
-            row = {"step": h.get("step")} | {k: h[k] for k in keep if k in h}
-            f.write(json.dumps(row) + "\n")
+    rows = [{"step": h.get("step")} | {k: h[k] for k in keep if k in h}
+            for h in trainer.state.log_history if "loss" in h or "eval_loss" in h]
+    atomic_write_text(dest / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def drop_printer(trainer: Trainer) -> None:
     """With tqdm off, transformers prints every log dict to stdout; our reporter shows them instead."""
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(HFProgressCallback)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stopping, faults and resume (Trainer stages)
+
+CHECKPOINTS = "trainer"  # OUT.partial/trainer/checkpoint-N: the Trainer's own resumable checkpoints
+RESUME_FILE = "resume.json"  # the settings a resumed run must share with the one it continues
+RESUME_KEYS = ("model", "data", "format", "max_samples", "eval_data", "eval_split", "epochs", "lr", "lr_scheduler",
+               "warmup_ratio", "batch_size", "grad_accum", "max_length", "weight_decay", "seed", "lora", "lora_r",
+               "lora_alpha", "lora_targets", "freeze_layers", "precision")
+
+
+class Diverged(Exception):
+    """A loss or gradient norm that is NaN or infinite."""
+
+
+def complete_checkpoints(dest: Path) -> list[Path]:
+    """The Trainer checkpoints in `dest` that were written to the end (trainer_state.json is written last),
+    oldest first."""
+    found = [p for p in (dest / CHECKPOINTS).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+
+
+def check_resume(args: Any, staged: StagedOutput) -> dict | None:
+    """With --resume: the saved settings of the run being continued (one clear error when there is none, or
+    when a setting differs); None for a fresh run."""
+    part = staged.partial
+    if not args.resume:
+        return None
+    if not complete_checkpoints(part):
+        raise ConfigError(f"--resume: no complete checkpoint in {part / CHECKPOINTS} (one is saved on Ctrl-C or "
+                          f"SIGTERM, and every --save-every N steps); start again without --resume")
+    try:
+        saved = json.loads((part / RESUME_FILE).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--resume: {part / RESUME_FILE} is unreadable ({e}); start again without --resume") \
+            from None
+    now = to_resume_dict(args)
+    changed = [k for k in RESUME_KEYS if k in saved["args"] and saved["args"][k] != now.get(k)]
+    if changed:
+        k = changed[0]
+        raise ConfigError(f"--{k.replace('_', '-')} {now.get(k)}: the run being resumed used "
+                          f"{saved['args'][k]}; resume with the same settings (only --max-steps may change)")
+    return saved
+
+
+def to_resume_dict(args: Any) -> dict:
+    return {k: getattr(args, k, None) for k in RESUME_KEYS}
+
+
+def write_resume_file(dest: Path, args: Any, plan: memory.MemoryPlan) -> None:
+    body = {"args": to_resume_dict(args), "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
+            "gradient_checkpointing": plan.gradient_checkpointing}
+    atomic_write_text(dest / RESUME_FILE, json.dumps(body, indent=2, default=str) + "\n")
+
+
+def checkpoint_kwargs(args: Any) -> dict[str, Any]:
+    """TrainingArguments for resumable checkpoints: every --save-every N steps, and whenever a stop is
+    requested; the newest two are kept, so a kill while one is written leaves the one before."""
+    every = getattr(args, "save_every", None)
+    return dict(save_strategy="steps", save_steps=every or 10**9, save_total_limit=2, save_only_model=False)
+
+
+class GuardCallback(TrainerCallback):
+    """Stops a Trainer on a signal (saving a checkpoint first) or on a NaN/inf loss or gradient norm (saving
+    nothing: the weights are already damaged)."""
+
+    def __init__(self, signals: Any):
+        self.signals = signals
+        self.bad: tuple[str, float, int] | None = None
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                self.bad = (key, value, state.global_step)
+                control.should_training_stop = True
+                control.should_save = False
+                return
+
+    def on_step_end(self, args, state, control, **kw):
+        if self.signals and self.bad is None and state.global_step < state.max_steps:
+            control.should_training_stop = True
+            control.should_save = True
+
+
+def raise_if_stopped(trainer: Trainer, guard: GuardCallback, dest: Path, signals: Any, args: Any) -> None:
+    """After `trainer.train()` returns: `Interrupted` with the resume command, or the divergence error."""
+    step, total = trainer.state.global_step, trainer.state.max_steps
+    if guard.bad is not None:
+        key, value, at = guard.bad
+        good = complete_checkpoints(dest)
+        keep = (f"the last good checkpoint is {good[-1]} (resume from it with --resume and a smaller --lr)"
+                if good else "no checkpoint was saved before it (--save-every N keeps one)")
+        raise TrainingError(f"{key} is {value} at step {at}: training diverged and was stopped; {keep}; expected "
+                            f"finite values: lower --lr, or check the data and model for inf/NaN")
+    if signals and step < total:
+        good = complete_checkpoints(dest)
+        raise signals.stop(f"at step {step} of {total}", str(good[-1] if good else dest))
+
+
+def train_loss(trainer: Trainer, fallback: float) -> float:
+    """The mean logged training loss over the whole run, a resumed one included (the Trainer's own figure
+    counts only the steps since the resume)."""
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return sum(losses) / len(losses) if losses else fallback

@@ -5,6 +5,7 @@ prompt's group id."""
 from __future__ import annotations
 
 import json
+import math
 from itertools import combinations
 from typing import Any
 
@@ -17,9 +18,11 @@ from rlhf_cli.data.io import (
     field_error,
     has_empty,
     is_transcript,
+    missing_field,
     parse_transcript,
     pick_format,
     read_records,
+    require_records,
     require_rows,
 )
 
@@ -34,6 +37,7 @@ def detect_pref_format(row: dict) -> str | None:
     return None
 
 
+_PREF_FIELDS = ("prompt", "chosen", "rejected", "responses", "completions", "ranking", "scores", "margin")
 _PREF_EXPECTED = ("expected one of: prompt+chosen+rejected; chosen+rejected as whole dialogues or transcripts; "
                   "prompt+responses (best first, or with ranking or scores)")
 
@@ -43,6 +47,8 @@ def _as_answer(rec: Record, key: str, value: Any) -> list[dict[str, str]]:
         return [{"role": "assistant", "content": value}]
     if isinstance(value, dict):
         value = [value]
+    if not isinstance(value, list):
+        raise field_error(rec, key, value, "an answer: a string or assistant message(s)")
     msgs = as_messages(rec, key, value)
     if msgs[-1]["role"] != "assistant":
         raise field_error(rec, key, value, "an answer: a string or assistant message(s)")
@@ -75,7 +81,7 @@ def _ranking_order(rec: Record, row: dict, n: int) -> list[list[int]]:
     if "scores" in row:
         scores = row["scores"]
         if not isinstance(scores, list) or len(scores) != n or not all(
-                isinstance(s, (int, float)) and not isinstance(s, bool) for s in scores):
+                isinstance(s, (int, float)) and not isinstance(s, bool) and math.isfinite(s) for s in scores):
             raise field_error(rec, "scores", scores, f"a list of {n} numbers, one per response (higher is better)")
         tiers: dict[float, list[int]] = {}
         for i, s in enumerate(scores):
@@ -85,7 +91,8 @@ def _ranking_order(rec: Record, row: dict, n: int) -> list[list[int]]:
         ranking = row["ranking"]
         tiers_ = [t if isinstance(t, list) else [t] for t in ranking] if isinstance(ranking, list) else None
         flat = [i for t in tiers_ or [] for i in t]
-        if tiers_ is None or sorted(flat) != list(range(n)) or not all(isinstance(i, int) for i in flat):
+        ints = all(isinstance(i, int) and not isinstance(i, bool) for i in flat)
+        if tiers_ is None or not ints or sorted(flat) != list(range(n)):
             raise field_error(rec, "ranking", ranking,
                         f"the indices 0..{n - 1} of responses, best first, each once ([2, 0, 1]; "
                         f"ties as an inner list: [2, [0, 1]])")
@@ -97,7 +104,7 @@ def _ranked_pairs(rec: Record, margin_from_scores: bool) -> tuple[list[dict], in
     r = rec.row
     key = "completions" if "completions" in r and "responses" not in r else "responses"
     if "prompt" not in r:
-        raise field_error(rec, "prompt", None, "the prompt (string or message list) the responses answer")
+        raise missing_field(rec, "prompt", "the prompt (string or message list) the responses answer")
     prompt = as_prompt(rec, "prompt", r["prompt"])
     responses = r.get(key)  # a later row of a ranked file may lack it: an error naming the field, not a KeyError
     if not isinstance(responses, list) or len(responses) < 2:
@@ -121,9 +128,8 @@ def load_prefs(spec: str, fmt: str = "auto", max_samples: int | None = None, fla
                use_margin: bool = False) -> DataSet:
     """Pairs from any preference format; `max_samples` counts source rows (prompts), not pairs."""
     records = read_records(spec, flag)
-    if not records:
-        raise DataError(f"{flag} {spec}: no rows")
-    fmt = pick_format(records[0], fmt, detect_pref_format, _PREF_EXPECTED, flag, spec)
+    require_records(records, spec, flag)
+    fmt = pick_format(records[0], fmt, detect_pref_format, _PREF_EXPECTED, flag, spec, _PREF_FIELDS)
     if fmt not in PREF_FORMATS[1:]:  # else an unknown name would silently be read as implicit dialogues
         raise DataError(f"--format {fmt}: unknown preference format; expected one of {', '.join(PREF_FORMATS)}")
     ds = DataSet([], spec, fmt, read=len(records))
@@ -134,17 +140,20 @@ def load_prefs(spec: str, fmt: str = "auto", max_samples: int | None = None, fla
         if fmt == "ranked":
             pairs, ties = _ranked_pairs(rec, use_margin)
             if ties:
-                ds.dropped["tied pairs skipped"] += ties
+                ds.drop("tied pairs skipped", rec.where, ties)
         else:
             for k in ("chosen", "rejected"):
                 if k not in r:
-                    raise field_error(rec, k, None, "an answer (string or messages)" if fmt == "explicit"
-                                else "a whole dialogue (messages or transcript)")
+                    raise missing_field(rec, k, "an answer (string or messages)" if fmt == "explicit"
+                                        else "a whole dialogue (messages or transcript)")
             if fmt == "explicit":
                 if "prompt" not in r:
-                    raise field_error(rec, "prompt", None, "the prompt (string or message list)")
+                    raise missing_field(rec, "prompt", "the prompt (string or message list)")
                 prompt = as_prompt(rec, "prompt", r["prompt"])
                 c, rj = _as_answer(rec, "chosen", r["chosen"]), _as_answer(rec, "rejected", r["rejected"])
+                # some sets (HuggingFaceH4/ultrafeedback_binarized) repeat the prompt inside each whole dialogue
+                c, rj = (x[len(prompt):] if x[:len(prompt)] == prompt and len(x) > len(prompt) else x
+                         for x in (c, rj))
             else:
                 prompt, c, rj = _split_dialogues(rec, r["chosen"], r["rejected"])
             m = r.get("margin", 0.0)
@@ -154,9 +163,9 @@ def load_prefs(spec: str, fmt: str = "auto", max_samples: int | None = None, fla
         kept = []
         for p in pairs:
             if has_empty(p["chosen"]) or has_empty(p["rejected"]):
-                ds.dropped["pairs with an empty answer"] += 1
+                ds.drop("pairs with an empty answer", rec.where)
             elif p["chosen"] == p["rejected"]:
-                ds.dropped["pairs with identical answers"] += 1
+                ds.drop("pairs with identical answers", rec.where)
             elif not p["prompt"] or p["prompt"][-1]["role"] == "assistant":
                 raise field_error(rec, "prompt", p["prompt"], "a prompt that ends with a user (or system) turn")
             else:

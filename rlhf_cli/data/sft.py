@@ -11,9 +11,11 @@ from rlhf_cli.data.io import (
     as_text,
     field_error,
     is_transcript,
+    missing_field,
     parse_transcript,
     pick_format,
     read_records,
+    require_records,
     require_rows,
 )
 
@@ -34,6 +36,8 @@ def detect_sft_format(row: dict) -> str | None:
     return None
 
 
+_SFT_FIELDS = ("messages", "conversations", "prompt", "completion", "instruction", "input", "output", "response",
+               "text", "transcript")
 _SFT_EXPECTED = ("expected one of: messages; prompt+completion; instruction(+input)+output (Alpaca); "
                  "prompt+response; text holding a \\n\\nHuman: ... \\n\\nAssistant: ... transcript")
 
@@ -43,20 +47,20 @@ def _sft_row(rec: Record, fmt: str) -> list[dict[str, str]]:
     if fmt == "messages":
         key = "messages" if "messages" in r else "conversations"
         if key not in r:
-            raise field_error(rec, "messages", None, "a list of messages (format messages)")
+            raise missing_field(rec, "messages", "a list of messages (format messages)")
         return as_messages(rec, key, r[key])
     if fmt in ("prompt-completion", "prompt-response"):
         pk, ck = "prompt", "completion" if fmt == "prompt-completion" else "response"
         for k in (pk, ck):
             if k not in r:
-                raise field_error(rec, k, None, f"a string or message list (format {fmt})")
+                raise missing_field(rec, k, f"a string or message list (format {fmt})")
         prompt = r[pk] if isinstance(r[pk], list) else [{"role": "user", "content": as_text(rec, pk, r[pk])}]
         answer = r[ck] if isinstance(r[ck], list) else [{"role": "assistant", "content": as_text(rec, ck, r[ck])}]
         return as_messages(rec, pk, prompt) + as_messages(rec, ck, answer)
     if fmt == "alpaca":
         for k in ("instruction", "output"):
             if k not in r:
-                raise field_error(rec, k, None, "a string (Alpaca format: instruction, optional input, output)")
+                raise missing_field(rec, k, "a string (Alpaca format: instruction, optional input, output)")
         instr = as_text(rec, "instruction", r["instruction"])
         inp = r.get("input") or ""
         inp = as_text(rec, "input", inp)
@@ -74,22 +78,26 @@ def _sft_row(rec: Record, fmt: str) -> list[dict[str, str]]:
 
 def load_sft(spec: str, fmt: str = "auto", max_samples: int | None = None, flag: str = "--data") -> DataSet:
     records = read_records(spec, flag)
-    if not records:
-        raise DataError(f"{flag} {spec}: no rows")
-    fmt = pick_format(records[0], fmt, detect_sft_format, _SFT_EXPECTED, flag, spec)
+    require_records(records, spec, flag)
+    fmt = pick_format(records[0], fmt, detect_sft_format, _SFT_EXPECTED, flag, spec, _SFT_FIELDS)
     ds = DataSet([], spec, fmt, read=len(records))
+    trimmed, first_trimmed = 0, ""
     for rec in records:
         msgs = _sft_row(rec, fmt)
         if not any(m["role"] == "assistant" for m in msgs):
-            ds.dropped["without an assistant turn"] += 1
+            ds.drop("without an assistant turn", rec.where)
             continue
         if any(not m["content"].strip() for m in msgs if m["role"] == "assistant"):
-            ds.dropped["with an empty answer"] += 1
+            ds.drop("with an empty answer", rec.where)
             continue
-        while msgs[-1]["role"] != "assistant":  # trailing user turns teach nothing
-            msgs = msgs[:-1]
+        if msgs[-1]["role"] != "assistant":  # trailing user turns teach nothing: cut, and say so
+            trimmed, first_trimmed = trimmed + 1, first_trimmed or rec.where
+            while msgs[-1]["role"] != "assistant":
+                msgs = msgs[:-1]
         ds.rows.append({"messages": msgs})
         if max_samples and len(ds.rows) >= max_samples:
             break
+    if trimmed:
+        ds.notes.append(f"{trimmed} ending with a user turn cut after their last answer (first at {first_trimmed})")
     require_rows(ds, flag)
     return ds

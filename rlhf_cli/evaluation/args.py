@@ -4,12 +4,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf_cli.core.args import max_samples_field, precision_field, threads_field
+from rlhf_cli.core.args import (
+    SAMPLING_DEFAULTS,
+    allow_pickle_field,
+    max_samples_field,
+    precision_field,
+    repetition_penalty_field,
+    temperature_field,
+    threads_field,
+    top_k_field,
+    top_p_field,
+    trust_remote_code_field,
+)
 from rlhf_cli.core.config import opt
 from rlhf_cli.data.prefs import PREF_FORMATS
 
-# Sampling of `rlhf eval policy` when neither a flag nor the ppo stage says.
-POLICY_SAMPLING = {"temperature": 0.7, "top_p": 1.0, "top_k": 0, "max_new_tokens": 64}
+# Longest answer of `rlhf eval policy` when neither the flag nor the ppo stage says; the sampling settings follow
+# the flags, else the ppo stage, else MODEL's generation_config.json, else SAMPLING_DEFAULTS.
+POLICY_MAX_NEW_TOKENS = 64
+PPO_FIRST = "the ppo stage's"
 
 
 @dataclass
@@ -23,6 +36,8 @@ class EvalRewardArgs:
     max_length: int | None = opt(None, "Longest sequence in tokens (default: the reward stage's).")
     batch_size: int = opt(16, "Sequences scored per forward pass.", min=1)
     threads: int | None = threads_field()
+    allow_pickle: bool = allow_pickle_field()
+    trust_remote_code: bool = trust_remote_code_field()
 
 
 @dataclass
@@ -36,11 +51,12 @@ class EvalPolicyArgs:
     run: str | None = opt(None, "Run folder: uses RUN/ppo, RUN/sft and RUN/reward for what is not given.")
     save: str | None = opt(None, "JSONL file for the per-prompt results (both answers, scores, outcome, KL).")
     tie_margin: float = opt(0.0, "Scores closer than this (inclusive) are a tie; 0 = only equal scores.", min=0)
-    temperature: float | None = opt(None, "Sampling temperature, 0 = greedy (default: the ppo stage's, else 0.7).")
-    top_p: float | None = opt(None, "Nucleus sampling, 1 = off (default: the ppo stage's, else 1).")
-    top_k: int | None = opt(None, "Sample from the K most likely tokens, 0 = off (default: the ppo stage's, "
-                                  "else 0).")
-    max_new_tokens: int | None = opt(None, "Longest answer in tokens (default: the ppo stage's, else 64).")
+    temperature: float | None = temperature_field(SAMPLING_DEFAULTS, PPO_FIRST)
+    top_p: float | None = top_p_field(SAMPLING_DEFAULTS, PPO_FIRST)
+    top_k: int | None = top_k_field(SAMPLING_DEFAULTS, PPO_FIRST)
+    repetition_penalty: float | None = repetition_penalty_field()
+    max_new_tokens: int | None = opt(None, f"Longest answer in tokens (default: the ppo stage's, else "
+                                           f"{POLICY_MAX_NEW_TOKENS}).", min=1)
     seed: int = opt(42, "Random seed: each batch of prompts is seeded from it, the same for both models.")
     baseline_seed: int | None = opt(None, "Another seed for BASE's answers, to draw them independently of "
                                           "MODEL's (default: --seed, the same random numbers for both).")
@@ -48,6 +64,8 @@ class EvalPolicyArgs:
     max_samples: int | None = max_samples_field()
     precision: str = precision_field()
     threads: int | None = threads_field()
+    allow_pickle: bool = allow_pickle_field()
+    trust_remote_code: bool = trust_remote_code_field()
 
 
 @dataclass

@@ -11,12 +11,16 @@ the reward model (RM) scores both, rendered as prompt + answer through the RM to
   answer's tokens (up to and including EOS; all of them when cut at --max-new-tokens) of log p_MODEL - log p_BASE,
   both by teacher forcing, then averaged over prompts. Log-probabilities use the sampling temperature (logits / T,
   as `rlhf ppo` does, so the figure is comparable with its `kl`; T = 1 when greedy), over the full vocabulary
-  (--top-p does not truncate them). Needs the same vocabulary in both models; otherwise it is left out.
+  (--top-p, --top-k and --repetition-penalty do not change them). Needs the same vocabulary in both models;
+  otherwise it is left out.
 - lengths: answer tokens up to and including EOS (as `rlhf ppo` counts `response_length`); distinct-1/2: distinct
   token unigrams / bigrams over all of a model's answers, divided by their total count (EOS not counted).
 
 Sampling settings not given are inherited from MODEL's ppo manifest (the distribution it was trained to sample
-from), else temperature 0.7, top-p 1, max-new-tokens 64. Each batch of prompts is seeded from `--seed` and its
+from), else taken from MODEL's generation_config.json, else the defaults for small instruct models (temperature
+0.2, top-p 0.9; `core.args.SAMPLING_DEFAULTS`), and max-new-tokens 64. Both models always sample with these same
+settings, so the contest is fair: BASE's own generation_config.json is not used (a line says so when it differs).
+`--temperature 0` is greedy decoding for both. Each batch of prompts is seeded from `--seed` and its
 index, the same for both models: a model compared with itself samples identical answers (all ties, KL 0), and
 two similar models draw from common random numbers, so they often give the same answer where they agree (a tie).
 Means, KL, lengths and diversity do not depend on this coupling; the win and tie rates do: `--baseline-seed`
@@ -31,7 +35,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -43,14 +46,26 @@ import torch
 from rlhf_cli.core import runtime
 from rlhf_cli.core.config import validate
 from rlhf_cli.core.errors import CheckpointError, ConfigError
-from rlhf_cli.core.generation import LM, Sampling, cut_at_eos, load_lm, pad_batch, refuse_reward_stage
+from rlhf_cli.core.files import atomic_write_text
+from rlhf_cli.core.generation import (
+    LM,
+    SAMPLING_KEYS,
+    Sampling,
+    cut_at_eos,
+    load_lm,
+    pad_batch,
+    pick_sampling,
+    refuse_reward_stage,
+    sampling_differs,
+    sampling_layers,
+)
 from rlhf_cli.core.manifest import Manifest, manifest_if_stage, require_stage
-from rlhf_cli.core.models import resolve_model
+from rlhf_cli.core.models import LoadOptions, resolve_model
 from rlhf_cli.core.progress import Reporter
 from rlhf_cli.core.reward_model import RewardModel
 from rlhf_cli.core.stages import EVAL_FILE
 from rlhf_cli.data import load_prompts
-from rlhf_cli.evaluation.args import POLICY_SAMPLING, EvalPolicyArgs
+from rlhf_cli.evaluation.args import POLICY_MAX_NEW_TOKENS, EvalPolicyArgs
 from rlhf_cli.stages.ppo.core import logprobs_from_logits
 
 Z95 = 1.959963984540054
@@ -95,19 +110,22 @@ def _pick_lm(spec: str | None, run: str | None, stage: str, flag: str) -> str:
     return spec
 
 
-def _sampling(args: EvalPolicyArgs, model_manifest: Manifest | None, say: Callable[[str], None]) -> Sampling:
+def _sampling(args: EvalPolicyArgs, model_manifest: Manifest | None, model_path: Path,
+              say: Callable[[str], None]) -> Sampling:
+    """The flags, else MODEL's ppo stage, else MODEL's generation_config.json, else the defaults (module doc)."""
     parent = model_manifest.args if model_manifest is not None and model_manifest.stage == "ppo" else {}
-    values = {}
-    for name, fallback in POLICY_SAMPLING.items():
-        given = getattr(args, name)
-        if given is not None:
-            values[name] = given
-        elif parent.get(name) is not None or (name == "top_k" and name in parent):
-            values[name] = parent[name] or 0
-            say(f"inherited {name}={values[name]} from {model_manifest.path}")
-        else:
-            values[name] = fallback
-    return Sampling(**values).check()
+    inherited: dict[str, Any] = {}
+    for name in (*SAMPLING_KEYS, "max_new_tokens"):
+        if getattr(args, name) is None and (parent.get(name) is not None or (name == "top_k" and name in parent)):
+            inherited[name] = parent[name] or 0
+            say(f"inherited {name}={inherited[name]} from {model_manifest.path}")
+    layers = sampling_layers(args, model_path)
+    if inherited:
+        layers.insert(1, (f"from the ppo stage {model_manifest.path}", inherited))
+    max_new_tokens = args.max_new_tokens or inherited.get("max_new_tokens") or POLICY_MAX_NEW_TOKENS
+    sampling, line = pick_sampling(layers, max_new_tokens)
+    say(line)
+    return sampling
 
 
 def _check(args: EvalPolicyArgs) -> None:
@@ -164,10 +182,16 @@ def _load_contest(args: EvalPolicyArgs, model_spec: str, base_spec: str, prompts
                   sampling: Sampling, say: Callable[[str], None]) -> tuple[Contest, int]:
     """Both models loaded (one copy when they are the same folder) with their prompts fitted to their context;
     also returns how many prompts were cut."""
-    model_path = resolve_model(model_spec, "--model", say)
-    same = Path(resolve_model(base_spec, "--baseline", say)).resolve() == Path(model_path).resolve()
-    model = load_lm(model_spec, "--model", args.precision, say)
-    base = model if same else load_lm(base_spec, "--baseline", args.precision, say)
+    loading = LoadOptions.of(args)
+    model_path = resolve_model(model_spec, "--model", loading=loading)
+    base_path = resolve_model(base_spec, "--baseline", say, loading)
+    same = Path(base_path).resolve() == Path(model_path).resolve()
+    note = None if same else sampling_differs((f"--model {model_spec}", model_path),
+                                              (f"--baseline {base_spec}", base_path), "so the contest is fair")
+    if note:
+        say(note)
+    model = load_lm(model_spec, "--model", args.precision, say, loading)
+    base = model if same else load_lm(base_spec, "--baseline", args.precision, lambda s: None, loading)
     same_vocab = same or model.tok.get_vocab() == base.tok.get_vocab()
     if not same_vocab:
         say(f"--baseline {base_spec}: its vocabulary differs from --model {model_spec}'s, so the KL between them "
@@ -226,9 +250,10 @@ def eval_policy(args: EvalPolicyArgs, reporter: Reporter | None = None) -> dict[
     _check(args)
     model_spec = _pick_lm(args.model, args.run, "ppo", "--model")
     base_spec = _pick_lm(args.baseline, args.run, "sft", "--baseline")
-    judge_spec = RewardModel.locate(args.reward, args.run, "--reward", say)
+    loading = LoadOptions.of(args)
+    judge_spec = RewardModel.locate(args.reward, args.run, "--reward", say, loading)
     model_manifest = manifest_if_stage(model_spec)
-    sampling = _sampling(args, model_manifest, say)
+    sampling = _sampling(args, model_manifest, resolve_model(model_spec, "--model", say, loading), say)
     ds = load_prompts(args.prompts, args.max_samples)
     say(ds.describe())
     prompts = [r["prompt"] for r in ds.rows]
@@ -238,14 +263,15 @@ def eval_policy(args: EvalPolicyArgs, reporter: Reporter | None = None) -> dict[
     judge = RewardModel.load(judge_spec, args.precision)
     contest, cut = _load_contest(args, model_spec, base_spec, prompts, sampling, say)
     say(f"sampling one answer per prompt from {model_spec} and from {base_spec} ({threads} thread"
-        f"{'s' if threads != 1 else ''}, temperature {sampling.temperature:g}, top_p {sampling.top_p:g}, top_k "
-        f"{sampling.top_k}, max_new_tokens {sampling.max_new_tokens}); judged by {judge.name}")
+        f"{'s' if threads != 1 else ''}, {sampling.describe()}, max_new_tokens {sampling.max_new_tokens}); "
+        f"judged by {judge.name}")
     _sample_both(contest, args, sampling, reporter)
     per_prompt = _judge(contest, judge, prompts, args, say)
     res = {"model": model_spec, "baseline": base_spec, "reward": judge.name, "prompts_file": args.prompts}
     res |= summarize(per_prompt, contest.answers, contest.base_answers, contest.model.eos_ids, contest.base.eos_ids)
     res |= {"tie_margin": args.tie_margin, "temperature": sampling.temperature, "top_p": sampling.top_p,
-            "top_k": sampling.top_k, "max_new_tokens": sampling.max_new_tokens, "seed": args.seed,
+            "top_k": sampling.top_k, "repetition_penalty": sampling.repetition_penalty,
+            "max_new_tokens": sampling.max_new_tokens, "seed": args.seed,
             "baseline_seed": args.seed if args.baseline_seed is None else args.baseline_seed,
             "truncated_prompts": cut, "seconds": round(time.time() - t0, 2)}
     _write(args, res, per_prompt, model_manifest, say)
@@ -311,16 +337,12 @@ def _write(args: EvalPolicyArgs, res: dict[str, Any], per_prompt: list[dict], mo
     if args.save:
         path = Path(args.save)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as f:
-            for r in per_prompt:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in per_prompt))
         res["save"] = str(path)
         say(f"per-prompt results: {path}")
     if model_manifest is not None:  # a stage folder: `rlhf report` finds the figures there
         dest = Path(model_manifest.path) / EVAL_FILE
         keep = ("score", "baseline_score", "outcome", "kl", "length", "baseline_length")
         body = res | {"per_prompt": [{k: r[k] for k in keep} for r in per_prompt]}
-        tmp = dest.with_name(dest.name + ".tmp")
-        tmp.write_text(json.dumps(body, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp, dest)
+        atomic_write_text(dest, json.dumps(body, ensure_ascii=False, indent=1) + "\n")
         res["eval_file"] = str(dest)

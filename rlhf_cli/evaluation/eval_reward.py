@@ -6,7 +6,7 @@ Accuracy is also given per prompt length (`by_prompt_length`): the prompt's toke
 template, up to where the answer starts), in fixed power-of-two buckets 0-63, 64-127, 128-255, ... 2048+, so the
 same bucket means the same thing across checkpoints and data sets; empty buckets are left out.
 
-    rlhf eval reward --model runs/demo/reward --data ../shared/data/prefs/test.jsonl --json
+    rlhf eval reward --model runs/demo/reward --data examples/data/hh_prefs_test.jsonl --json
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from rlhf_cli.core import runtime
 from rlhf_cli.core.config import validate
 from rlhf_cli.core.errors import ConfigError
 from rlhf_cli.core.generation import encode_chat
+from rlhf_cli.core.models import LoadOptions
 from rlhf_cli.core.progress import Reporter
 from rlhf_cli.core.reward_model import RewardModel, encode_pairs, pair_metrics
 from rlhf_cli.data import load_prefs
@@ -52,7 +53,7 @@ def eval_reward(args: EvalRewardArgs, reporter: Reporter | None = None) -> dict[
     validate(args)
     if args.data is None:
         raise ConfigError("--data: missing; expected a preference file, folder or hub dataset name")
-    spec = RewardModel.locate(args.model, args.run, "--model", reporter.info)
+    spec = RewardModel.locate(args.model, args.run, "--model", reporter.info, LoadOptions.of(args))
     ds = load_prefs(args.data, args.format, args.max_samples)
     reporter.info(ds.describe())
     max_length = args.max_length or spec.max_length or 512

@@ -90,6 +90,17 @@ def manifest_rows(m: Manifest | None) -> list[dict[str, Any]]:
     return rows
 
 
+def flat(metrics: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested manifest metrics (the memory plan) as one row each: `memory.estimate_gb`, ..."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def read_metrics(folder: str | Path) -> tuple[list[dict[str, Any]], str, int]:
     """A stage's metrics rows and where they came from: `metrics.jsonl` when it holds any, else the manifest's
     figures (`manifest`), else nothing (`none`). Also returns how many unreadable lines were skipped."""
@@ -311,7 +322,7 @@ def render_html(title: str, run: Path, stages: list[Stage], plots: dict[str, dic
         parts.append(f"<h2 id=\"{e(s.name)}\">{e(s.name)}</h2>")
         parts.append(table(_stage_facts(s), "stage"))
         if s.manifest is not None:
-            parts.append(table(s.manifest.metrics, "manifest metrics"))
+            parts.append(table(flat(s.manifest.metrics), "manifest metrics"))
         if s.eval_policy:
             parts.append(table({k: s.eval_policy[k] for k in EVAL_SHOWN if k in s.eval_policy},
                                "rlhf eval policy (win_rate counts a tie as half; 95% Wilson interval)"))
@@ -346,7 +357,7 @@ def render_markdown(title: str, run: Path, stages: list[Stage], plots: dict[str,
         out += [f"## {s.name}", ""]
         out += table(_stage_facts(s), "stage")
         if s.manifest is not None:
-            out += table(s.manifest.metrics, "manifest metrics")
+            out += table(flat(s.manifest.metrics), "manifest metrics")
         if s.eval_policy:
             out += table({k: s.eval_policy[k] for k in EVAL_SHOWN if k in s.eval_policy},
                          "rlhf eval policy (win_rate counts a tie as half; 95% Wilson interval)")
@@ -422,7 +433,7 @@ def make_report(args: ReportArgs, reporter: Reporter | None = None) -> dict[str,
         "plots": {name: str(p) for ps in plots.values() for name, p in ps.items()},
         "stages": [{"name": s.name, "stage": s.stage, "folder": str(s.folder), "finished": s.manifest is not None,
                     "metrics_source": s.source, "logged_steps": len(s.rows),
-                    "metrics": s.manifest.metrics if s.manifest else {},
+                    "metrics": flat(s.manifest.metrics) if s.manifest else {},
                     "eval_policy": ({k: v for k, v in s.eval_policy.items() if k != "per_prompt"}
                                     if s.eval_policy else None)}
                    for s in stages],

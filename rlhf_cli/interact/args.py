@@ -4,8 +4,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf_cli.core.args import DEFAULT_MODEL, max_samples_field, precision_field, threads_field
+from rlhf_cli.core.args import (
+    DEFAULT_MODEL,
+    SAMPLING_DEFAULTS,
+    allow_pickle_field,
+    max_samples_field,
+    precision_field,
+    repetition_penalty_field,
+    temperature_field,
+    threads_field,
+    top_k_field,
+    top_p_field,
+    trust_remote_code_field,
+)
 from rlhf_cli.core.config import opt
+
+# When neither a flag nor the model's generation_config.json says: `rlhf generate` samples K answers to rank, which
+# must differ from one another, so it samples hotter than the chat (at 0.2, SmolLM2-135M-Instruct repeated an answer
+# for a quarter of the example prompts at -k 4); at 1.0 a small model's answers lose the thread.
+GENERATE_SAMPLING = SAMPLING_DEFAULTS | {"temperature": 0.7}
 
 
 @dataclass
@@ -21,14 +38,16 @@ class ChatArgs:
                                    "stdin works the same way (all of it is one message).")
     interactive: bool = opt(False, "Read turns and /commands line by line even when stdin is not a terminal.",
                             short="-i")
-    temperature: float = opt(0.7, "Sampling temperature; 0 is greedy decoding.")
-    top_p: float = opt(0.9, "Nucleus sampling: sample from the most likely tokens holding this much probability "
-                            "(1 = off).")
-    top_k: int = opt(0, "Sample from the K most likely tokens only (0 = off).")
-    max_new_tokens: int = opt(256, "Longest answer, in tokens.")
+    temperature: float | None = temperature_field()
+    top_p: float | None = top_p_field()
+    top_k: int | None = top_k_field()
+    repetition_penalty: float | None = repetition_penalty_field()
+    max_new_tokens: int = opt(256, "Longest answer, in tokens.", min=1)
     seed: int | None = opt(None, "Random seed, for repeatable answers.")
     precision: str = precision_field()
     threads: int | None = threads_field()
+    allow_pickle: bool = allow_pickle_field()
+    trust_remote_code: bool = trust_remote_code_field()
 
 
 @dataclass
@@ -38,14 +57,16 @@ class GenerateArgs:
     out: str | None = opt(None, "JSONL file to write, one line per prompt; an existing file is resumed.",
                           metavar="FILE")
     num_samples: int = opt(4, "Answers sampled per prompt (K).", short="-k", min=1)
-    temperature: float = opt(1.0, "Sampling temperature; 0 is greedy decoding (only with -k 1).")
-    top_p: float = opt(1.0, "Nucleus sampling: sample from the most likely tokens holding this much probability "
-                            "(1 = off).")
-    top_k: int = opt(0, "Sample from the K most likely tokens only (0 = off).")
-    max_new_tokens: int = opt(256, "Longest answer, in tokens.")
+    temperature: float | None = temperature_field(GENERATE_SAMPLING)
+    top_p: float | None = top_p_field(GENERATE_SAMPLING)
+    top_k: int | None = top_k_field(GENERATE_SAMPLING)
+    repetition_penalty: float | None = repetition_penalty_field(GENERATE_SAMPLING)
+    max_new_tokens: int = opt(256, "Longest answer, in tokens.", min=1)
     batch_size: int = opt(8, "Prompts per generation batch (each with K answers).", min=1)
     seed: int = opt(42, "Random seed: the same seed, model, prompts and batch size write the same file.")
     max_samples: int | None = max_samples_field()
     overwrite: bool = opt(False, "Start --out afresh instead of resuming it.")
     precision: str = precision_field()
     threads: int | None = threads_field()
+    allow_pickle: bool = allow_pickle_field()
+    trust_remote_code: bool = trust_remote_code_field()

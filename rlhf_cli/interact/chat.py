@@ -1,11 +1,15 @@
 """`rlhf chat`: talk to any checkpoint, compare several side by side, and record which answer you prefer.
 
 Answers stream as they are generated and are rendered as Markdown once complete (model output is always text,
-never Rich markup). With `--compare`, every model answers each turn. All models share one conversation: the
-user's turns plus, for each turn, one assistant answer: the first model's, or the one picked with `/prefer N`.
-So every model always sees the same history, and a recorded preference row holds exactly the prompt each answer
-was given. `/prefer N` appends `{"prompt", "responses", "ranking": [N-1, others]}` (best first; the answers not
-picked are tied) to `--save-preferences FILE`: a ranked-list preference file for `rlhf reward`.
+never Rich markup, and terminal control sequences in it are removed: `core.text.safe_text`; saved files keep the
+raw text). Sampling settings not given come from the first model's generation_config.json, else the defaults for
+small instruct models (`core.args.SAMPLING_DEFAULTS`); every model samples with the same ones.
+
+With `--compare`, every model answers each turn. All models share one conversation: the user's turns plus, for
+each turn, one assistant answer: the first model's, or the one picked with `/prefer N`. So every model always sees
+the same history, and a recorded preference row holds exactly the prompt each answer was given. `/prefer N`
+appends `{"prompt", "responses", "ranking": [N-1, others]}` (best first; the answers not picked are tied) to
+`--save-preferences FILE`: a ranked-list preference file for `rlhf reward`.
 
 `--prompt TEXT` answers once and prints only the answer on stdout; so does text piped on stdin (all of stdin is
 one message). `-i` reads turns and /commands line by line from a non-terminal stdin instead (scripts).
@@ -37,8 +41,11 @@ from rich.text import Text
 from rlhf_cli.core import runtime
 from rlhf_cli.core.config import validate
 from rlhf_cli.core.errors import ConfigError, RLHFError
-from rlhf_cli.core.generation import LM, Sampling, load_lm
+from rlhf_cli.core.files import append_jsonl
+from rlhf_cli.core.generation import LM, Sampling, load_lm, pick_sampling, sampling_differs, sampling_layers
+from rlhf_cli.core.models import LoadOptions
 from rlhf_cli.core.reward_model import RewardModel, resolve_reward_spec
+from rlhf_cli.core.text import SafeStream, safe_text
 from rlhf_cli.interact.args import ChatArgs
 
 PROMPT = "you> "
@@ -47,7 +54,8 @@ WIDE = 100  # columns from which --compare answers are shown side by side
 HELP = """commands:
   /reset                  forget the conversation (keeps the system prompt and settings)
   /system TEXT            set the system prompt (/system alone removes it)
-  /set NAME VALUE         temperature, top_p, top_k or max_new_tokens (/set alone shows them)
+  /set NAME VALUE         temperature, top_p, top_k, max_new_tokens or repetition_penalty (/set alone shows
+                          them)
   /save FILE              write the conversation as JSON (model, system, settings, messages)
   /prefer N [M ...]       with --compare: keep answer N (best first; the others tie) and record it
   /help                   this list
@@ -88,14 +96,13 @@ class Round:
     recorded: bool = False
 
 
-def check_args(args: ChatArgs) -> Sampling:
+def check_args(args: ChatArgs) -> None:
     """Everything that can be checked before a model loads."""
     validate(args)
     if isinstance(args.compare, str):  # `compare: other/model` in a YAML file
         args.compare = [args.compare]
     if args.compare is not None and not all(isinstance(c, str) and c for c in args.compare):
         raise ConfigError(f"--compare {args.compare!r}: expected model names or folders")
-    sampling = Sampling(args.temperature, args.top_p, args.top_k, args.max_new_tokens).check()
     if args.save_preferences and not args.compare:
         raise ConfigError("--save-preferences: needs --compare MODEL_B; a preference needs two or more answers")
     if args.save_preferences and args.prompt is not None:
@@ -108,7 +115,6 @@ def check_args(args: ChatArgs) -> Sampling:
         raise ConfigError("--prompt answers one message and exits; drop -i (or --prompt)")
     if args.reward:
         resolve_reward_spec(args.reward, None, "--reward")  # a wrong stage fails now, not after loading models
-    return sampling
 
 
 class ChatSession:
@@ -129,15 +135,24 @@ class ChatSession:
 
     @classmethod
     def from_args(cls, args: ChatArgs, say: Callable[[str], None] = lambda s: None) -> ChatSession:
-        sampling = check_args(args)
+        check_args(args)
         runtime.quiet_libraries()
         threads = runtime.configure_threads(args.threads)
+        loading = LoadOptions.of(args)
         specs = [args.model] + list(args.compare or [])
-        models = [load_lm(s, "MODEL" if i == 0 else "--compare", args.precision, say) for i, s in enumerate(specs)]
-        scorer = RewardModel.load(RewardModel.locate(args.reward, None, "--reward", say), args.precision) \
+        models = [load_lm(s, "MODEL" if i == 0 else "--compare", args.precision, say, loading)
+                  for i, s in enumerate(specs)]
+        scorer = RewardModel.load(RewardModel.locate(args.reward, None, "--reward", say, loading), args.precision) \
             if args.reward else None
         say(f"loaded {', '.join(specs)}" + (f" and reward model {args.reward}" if scorer else "")
             + f" ({threads} thread{'s' if threads != 1 else ''})")
+        sampling, line = pick_sampling(sampling_layers(args, models[0].path), args.max_new_tokens)
+        say(line)
+        for lm in models[1:]:
+            note = sampling_differs(("MODEL", models[0].path), (f"--compare {lm.name}", lm.path),
+                                    "so their answers compare fairly")
+            if note:
+                say(note)
         if args.seed is not None:
             runtime.seed_all(args.seed)
         return cls(models, sampling, args.system, scorer, args.save_preferences)
@@ -289,8 +304,7 @@ class ChatSession:
                "models": self.names}
         try:
             self.preferences.parent.mkdir(parents=True, exist_ok=True)
-            with self.preferences.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            append_jsonl(self.preferences, row)
         except OSError as e:
             raise ChatError(f"/prefer: cannot write {self.preferences} ({e.strerror or e})") from None
         r.recorded = True
@@ -332,8 +346,8 @@ class _Tail:
 
     def __rich_console__(self, console: Any, options: Any) -> Any:
         if self.title:  # stays on top while the text scrolls
-            yield Text(self.title, style="bold", no_wrap=True, overflow="ellipsis")
-        lines = console.render_lines(Text(self.text), options.update(height=None), pad=False)
+            yield Text(safe_text(self.title), style="bold", no_wrap=True, overflow="ellipsis")
+        lines = console.render_lines(Text(safe_text(self.text)), options.update(height=None), pad=False)
         for line in lines[-max(1, console.height - 3):]:
             yield from line
             yield Segment.line()
@@ -346,10 +360,10 @@ class ChatView:
         self.session, self.console = session, console
 
     def say(self, text: str, style: str = "dim") -> None:
-        self.console.print(Text(text, style=style), soft_wrap=True)
+        self.console.print(Text(safe_text(text), style=style), soft_wrap=True)
 
     def error(self, text: str) -> None:
-        self.console.print(Text.assemble(("error:", "red"), " " + text), soft_wrap=True)
+        self.console.print(Text.assemble(("error:", "red"), " " + safe_text(text)), soft_wrap=True)
 
     def ask(self, text: str) -> Round:
         s = self.session
@@ -375,8 +389,10 @@ class ChatView:
         return rnd
 
     def _body(self, t: Turn) -> Any:
-        # Markdown renders text; it never reads Rich markup, so "[red]" in an answer stays "[red]".
-        parts: list[Any] = [Markdown(t.text) if t.text else Text("(empty answer)", style="dim")]
+        # Markdown renders text; it never reads Rich markup, so "[red]" in an answer stays "[red]". Links show
+        # their address: a model's [text](url) is not a clickable hyperlink whose target the reader cannot see.
+        parts: list[Any] = [Markdown(safe_text(t.text), hyperlinks=False) if t.text
+                            else Text("(empty answer)", style="dim")]
         status = _status(t)
         if status:
             parts.append(Text(status, style="dim"))
@@ -390,7 +406,7 @@ class ChatView:
         if len(s.models) == 1:
             self.console.print(self._body(rnd.turns[0]))
             return
-        panels = [Panel(self._body(t), title=Text(f"{i + 1} · {t.model}"), title_align="left")
+        panels = [Panel(self._body(t), title=Text(safe_text(f"{i + 1} · {t.model}")), title_align="left")
                   for i, t in enumerate(rnd.turns)]
         if self.console.width >= WIDE:
             grid = Table.grid(expand=True, padding=(0, 1))
@@ -455,17 +471,27 @@ def chat_loop(session: ChatSession, read: Callable[[str], str] = input, write: A
 def answer_once(session: ChatSession, text: str, write: Callable[[str], Any] | None = None,
                 note: Callable[[str], Any] | None = None) -> Round:
     """One message, answered as plain text: only the answer goes to `write` (with --compare, each answer under a
-    `## N · model` heading, then one `reward N SCORE` line per answer); a single model's score goes to `note`."""
+    `## N · model` heading, then one `reward N SCORE` line per answer); a single model's score goes to `note`.
+    Terminal control sequences in an answer are removed (`safe_text`), even where one is split across pieces."""
     many = len(session.models) > 1
     write = write or (lambda piece: (sys.stdout.write(piece), sys.stdout.flush()))
     note = note or (lambda line: print(line, file=sys.stderr))
+    clean = SafeStream()
 
     def start(i: int) -> None:
+        rest = clean.flush()
+        if rest:
+            write(rest)
         if many:
-            write(("\n\n" if i else "") + f"## {i + 1} · {session.names[i]}\n\n")
+            write(("\n\n" if i else "") + safe_text(f"## {i + 1} · {session.names[i]}") + "\n\n")
 
-    rnd = session.ask(text, lambda i, piece: write(piece), start)
-    write("\n")
+    def add(i: int, piece: str) -> None:
+        shown = clean.feed(piece)
+        if shown:
+            write(shown)
+
+    rnd = session.ask(text, add, start)
+    write(clean.flush() + "\n")
     for i, t in enumerate(rnd.turns):
         if t.score is not None:
             (write if many else note)(f"reward{f' {i + 1}' if many else ''} {t.score:.3f}" + ("\n" if many else ""))

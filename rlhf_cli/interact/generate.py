@@ -10,6 +10,10 @@ Prompts are processed in fixed batches of `--batch-size` prompts over the whole 
 in it are skipped, a last line cut off by a crash is rewritten, and finished lines are never touched; a batch that
 was half written is sampled again whole, so a resumed file equals an uninterrupted one.
 
+Sampling settings not given come from the model's generation_config.json, else temperature 0.7 and top-p 0.9
+(`GENERATE_SAMPLING`: hotter than the chat, since answers to rank must differ). The file holds the answers as
+the model wrote them.
+
     rlhf generate runs/demo/sft --prompts examples/data/prompts.jsonl --out runs/demo/samples.jsonl -k 4
 """
 
@@ -25,11 +29,13 @@ from typing import Any
 from rlhf_cli.core import runtime
 from rlhf_cli.core.config import validate
 from rlhf_cli.core.errors import ConfigError, DataError
-from rlhf_cli.core.generation import Sampling, load_lm
+from rlhf_cli.core.generation import Sampling, load_lm, pick_sampling, refuse_reward_stage, sampling_layers
+from rlhf_cli.core.interrupt import StopSignals
+from rlhf_cli.core.models import LoadOptions, resolve_model
 from rlhf_cli.core.progress import Reporter
 from rlhf_cli.data import load_prompts
 from rlhf_cli.data.io import json_lines
-from rlhf_cli.interact.args import GenerateArgs
+from rlhf_cli.interact.args import GENERATE_SAMPLING, GenerateArgs
 
 
 @dataclass
@@ -54,10 +60,9 @@ def prompt_key(messages: list[dict[str, str]]) -> str:
     return json.dumps(messages, ensure_ascii=False, sort_keys=True)
 
 
-def _check(args: GenerateArgs) -> Sampling:
+def _check(args: GenerateArgs) -> None:
     validate(args)
-    s = Sampling(args.temperature, args.top_p, args.top_k, args.max_new_tokens).check()
-    if s.temperature == 0 and args.num_samples > 1:
+    if args.temperature == 0 and args.num_samples > 1:
         raise ConfigError(f"--temperature 0 is greedy decoding: all {args.num_samples} answers would be the same; "
                           f"use -k 1, or a temperature above 0")
     if args.prompts is None:
@@ -66,7 +71,17 @@ def _check(args: GenerateArgs) -> Sampling:
         raise ConfigError("--out: missing; expected the .jsonl file to write")
     if Path(args.out).is_dir():
         raise ConfigError(f"--out {args.out}: is a folder; expected a .jsonl file path")
-    return s
+
+
+def _sampling(args: GenerateArgs, folder: Path, say) -> Sampling:
+    """The flags, else the model's generation_config.json, else GENERATE_SAMPLING; read before any weights load."""
+    sampling, line = pick_sampling(sampling_layers(args, folder, GENERATE_SAMPLING), args.max_new_tokens)
+    if sampling.temperature == 0 and args.num_samples > 1:  # greedy from the generation config
+        raise ConfigError(f"MODEL {args.model}: its generation_config.json asks for greedy decoding (do_sample "
+                          f"false), so all {args.num_samples} answers would be the same; pass --temperature above "
+                          f"0 (such as 1.0), or -k 1")
+    say(line)
+    return sampling
 
 
 def read_existing(out: Path, model: str, k: int, say) -> tuple[set[str], bool]:
@@ -120,7 +135,7 @@ def run_generate(args: GenerateArgs, reporter: Reporter | None = None) -> Genera
     reporter = reporter or Reporter()
     say = reporter.info
     t0 = time.time()
-    sampling = _check(args)
+    _check(args)
     out = Path(args.out)
     ds = load_prompts(args.prompts, args.max_samples)
     say(ds.describe())
@@ -142,17 +157,18 @@ def run_generate(args: GenerateArgs, reporter: Reporter | None = None) -> Genera
         result.seconds = round(time.time() - t0, 2)
         return result
 
+    loading = LoadOptions.of(args)
+    refuse_reward_stage(args.model, "MODEL")
+    sampling = _sampling(args, resolve_model(args.model, "MODEL", say, loading), say)
     runtime.quiet_libraries()
     threads = runtime.configure_threads(args.threads)
-    lm = load_lm(args.model, "MODEL", args.precision, say)
+    lm = load_lm(args.model, "MODEL", args.precision, say, loading)
     encoded, result.truncated_prompts = lm.fit_prompts(prompts, sampling.max_new_tokens)
     if result.truncated_prompts:
         room = lm.context - sampling.max_new_tokens
         say(f"{result.truncated_prompts} prompts longer than {room} tokens kept their last {room} tokens")
     say(f"sampling {args.num_samples} answers per prompt from {args.model} ({threads} thread"
-        f"{'s' if threads != 1 else ''}, temperature "
-        f"{sampling.temperature:g}, top_p {sampling.top_p:g}, top_k {sampling.top_k}, "
-        f"max_new_tokens {sampling.max_new_tokens})")
+        f"{'s' if threads != 1 else ''}, {sampling.describe()}, max_new_tokens {sampling.max_new_tokens})")
 
     out.parent.mkdir(parents=True, exist_ok=True)
     reporter.start(todo)
@@ -160,7 +176,7 @@ def run_generate(args: GenerateArgs, reporter: Reporter | None = None) -> Genera
     new_tokens = eos = 0
     bs = args.batch_size
     try:
-        with out.open("a", encoding="utf-8") as f:
+        with StopSignals(reporter.info, "batch") as signals, out.open("a", encoding="utf-8") as f:
             for b, start in enumerate(range(0, len(keys), bs)):
                 idx = range(start, min(start + bs, len(keys)))
                 missing = [i for i in idx if keys[i] not in done]
@@ -183,6 +199,8 @@ def run_generate(args: GenerateArgs, reporter: Reporter | None = None) -> Genera
                 os.fsync(f.fileno())
                 elapsed = time.time() - t1
                 reporter.update(result.written, todo, {"tokens/s": new_tokens / max(elapsed, 1e-9)}, elapsed)
+                if signals and result.written < todo:  # the lines so far are on disk; the same command resumes
+                    raise signals.stop(f"after {result.written} of {todo} prompts", str(out), flag="")
     finally:
         reporter.finish()
     result.finished = eos / result.samples if result.samples else None

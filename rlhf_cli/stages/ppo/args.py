@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlhf_cli.core.args import (
+    allow_pickle_field,
     freeze_layers_field,
     lora_alpha_field,
     lora_dropout_field,
@@ -14,10 +15,12 @@ from rlhf_cli.core.args import (
     lora_targets_field,
     lr_field,
     max_length_field,
+    max_memory_field,
     max_samples_field,
     overwrite_field,
     precision_field,
     threads_field,
+    trust_remote_code_field,
     warmup_field,
     weight_decay_field,
 )
@@ -65,6 +68,9 @@ class PPOArgs:
     num_minibatches: int | None = opt(None, "Or: split each update's rollouts into this many minibatches.", min=1)
     grad_accum: int = opt(1, "Split each minibatch into this many micro-batches whose gradients are summed "
                              "(same result, less memory).", min=1)
+    max_memory: str | None = max_memory_field()
+    micro_batch_size: int | None = opt(None, "Rollouts per forward/backward pass (default: chosen by the memory "
+                                             "planner; must divide the minibatch).", min=1)
     lr: float | None = lr_field(f"Peak learning rate (default {DEFAULT_LR:g}; {DEFAULT_LORA_LR:g} with --lora).",
                                 example="1e-6")
     lr_scheduler: str = opt("linear", "Learning-rate schedule over the updates.",
@@ -101,6 +107,8 @@ class PPOArgs:
     group_by_length: bool = opt(True, "Make each update's minibatches of rollouts of similar length (less padding, "
                                       "faster on prompts of mixed lengths; their order is shuffled every epoch), "
                                       "else random minibatches.")
+    max_kl: float = opt(50.0, "Stop the run when the KL to the reference passes this many nats per response "
+                              "(runaway optimisation); the last checkpoint is kept.", above=0)
     target_kl: float | None = opt(None, "Stop an update's remaining PPO epochs once the approximate KL to the "
                                         "rollout policy passes this (e.g. 0.1).", above=0)
     value_init: str = opt("reward", "Start the value model from the reward model, or from the policy with a "
@@ -111,6 +119,8 @@ class PPOArgs:
     seed: int = opt(42, "Random seed (prompt order, sampling, minibatches, fresh heads, LoRA).")
     threads: int | None = threads_field()
     precision: str = precision_field()
+    allow_pickle: bool = allow_pickle_field()
+    trust_remote_code: bool = trust_remote_code_field()
     lora: bool = lora_field("Train LoRA adapters on the policy and the value model; the reference is the policy "
                             "with its adapters switched off.")
     lora_r: int = lora_r_field()

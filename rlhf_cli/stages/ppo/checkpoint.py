@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_cli.core.config import to_dict
 from rlhf_cli.core.errors import ConfigError
-from rlhf_cli.core.manifest import StagedOutput, write_manifest
+from rlhf_cli.core.files import append_jsonl, atomic_write_text
+from rlhf_cli.core.manifest import ResumableOutput, write_manifest
 from rlhf_cli.stages.ppo.args import RESUME_KEYS, PPOArgs
 from rlhf_cli.stages.ppo.preflight import Plan
 
@@ -30,21 +30,12 @@ class Stopped(Exception):
     """--stop-after reached: leave OUT.partial with its checkpoint, as an interruption would."""
 
 
-class ResumableOutput(StagedOutput):
-    """StagedOutput whose OUT.partial survives into a --resume run."""
-
-    def __init__(self, out: Path, overwrite: bool, resume: bool):
-        super().__init__(out, overwrite)
-        self.resume = resume
+class PPOOutput(ResumableOutput):
+    """The PPO stage's output: OUT.partial survives into --resume; our PPO's checkpoint summary is in it."""
 
     @property
     def checkpoint(self) -> Path:
         return self.partial / "state" / "state.json"
-
-    def __enter__(self) -> Path:
-        if self.resume:
-            return self.partial
-        return super().__enter__()
 
 
 @functools.lru_cache(maxsize=2)
@@ -70,8 +61,7 @@ def lr_lambda(kind: str, total: int, warmup: int) -> Callable[[int], float]:
 
 
 def jsonl_append(path: Path, row: dict) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    append_jsonl(path, row)
 
 
 def jsonl_keep(path: Path, upto: int) -> list[dict]:
@@ -80,7 +70,7 @@ def jsonl_keep(path: Path, upto: int) -> list[dict]:
         return []
     rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
     rows = [r for r in rows if r.get("step", 0) <= upto]
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return rows
 
 
@@ -107,9 +97,7 @@ def save_checkpoint(dest: Path, policy: PreTrainedModel, value: PreTrainedModel,
         value.save_pretrained(dest / "value", safe_serialization=True)
         save_tokenizer(tok, dest / "value")
     torch.save({k: v for k, v in state.items() if k != "summary"}, sdir / "trainer.pt")
-    tmp = sdir / "state.json.tmp"
-    tmp.write_text(json.dumps(state["summary"], indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, sdir / "state.json")
+    atomic_write_text(sdir / "state.json", json.dumps(state["summary"], indent=2, default=str) + "\n")
 
 
 def check_resume(a: PPOArgs, summary: dict, where: Path) -> None:

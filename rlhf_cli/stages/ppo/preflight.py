@@ -15,11 +15,11 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from rlhf_cli.core import runtime
+from rlhf_cli.core import memory, runtime
 from rlhf_cli.core.errors import CheckpointError, ConfigError, DataError
 from rlhf_cli.core.generation import encode_chat, stop_ids
 from rlhf_cli.core.manifest import Manifest, manifest_if_stage, require_stage
-from rlhf_cli.core.models import resolve_model, set_distinct_pad
+from rlhf_cli.core.models import SAFE_LOADING, LoadOptions, resolve_model, set_distinct_pad
 from rlhf_cli.core.reward_model import RewardModel, RewardSpec, read_config
 from rlhf_cli.core.stages import a_stage, command_for, is_policy
 from rlhf_cli.core.training import inherit
@@ -46,6 +46,7 @@ class Plan:
     too_long: int
     eos_ids: list[int]
     rm_max_length: int
+    loading: LoadOptions = SAFE_LOADING  # --allow-pickle, --trust-remote-code
 
     @property
     def reward(self) -> str:
@@ -65,7 +66,7 @@ def _pick_policy(a: PPOArgs, say: Callable[[str], None]) -> tuple[str, Path, Man
     if m is not None and not is_policy(m.stage):
         raise CheckpointError(f"--policy {a.policy}: is {a_stage(m.stage)}, expected an sft stage (a causal LM), "
                               f"made by `{command_for('sft')}`")
-    path = resolve_model(a.policy, flag="--policy", say=say)
+    path = resolve_model(a.policy, flag="--policy", say=say, loading=LoadOptions.of(a))
     archs = read_config(path, "--policy").get("architectures") or []
     if not any(x.endswith("ForCausalLM") or x.endswith("LMHeadModel") for x in archs):
         raise CheckpointError(f"--policy {a.policy}: not a causal language model (found "
@@ -75,14 +76,14 @@ def _pick_policy(a: PPOArgs, say: Callable[[str], None]) -> tuple[str, Path, Man
 
 
 def _pick_reward(a: PPOArgs, say: Callable[[str], None]) -> RewardSpec:
-    spec = RewardModel.locate(a.reward, a.run, "--reward", say)
+    spec = RewardModel.locate(a.reward, a.run, "--reward", say, LoadOptions.of(a))
     a.reward = spec.name
     return spec
 
 
-def _load_tok(path: Path, flag: str, name: str) -> PreTrainedTokenizerBase:
+def _load_tok(path: Path, flag: str, name: str, loading: LoadOptions) -> PreTrainedTokenizerBase:
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = AutoTokenizer.from_pretrained(path, **loading.code_kwargs())
     except Exception as e:  # no tokenizer files, or unreadable ones
         raise CheckpointError(f"{flag} {name}: no usable tokenizer in {path} ({type(e).__name__}); expected the "
                               f"tokenizer files next to the weights, as every stage saves them") from None
@@ -133,8 +134,8 @@ def preflight(a: PPOArgs, say: Callable[[str], None]) -> Plan:
                           f"response)")
 
     runtime.quiet_libraries()
-    tok = _load_tok(policy_path, "--policy", policy)
-    rm_tok = _load_tok(reward_path, "--reward", reward)
+    tok = _load_tok(policy_path, "--policy", policy, LoadOptions.of(a))
+    rm_tok = _load_tok(reward_path, "--reward", reward, LoadOptions.of(a))
     if not tok.chat_template:
         raise CheckpointError(f"--policy {policy}: the tokenizer has no chat template, so prompts cannot be "
                               f"rendered; use an instruct or sft model, or set chat_template")
@@ -175,4 +176,25 @@ def preflight(a: PPOArgs, say: Callable[[str], None]) -> Plan:
                 tok=tok, rm_tok=rm_tok, same_ids=same_ids,
                 turn_suffix=suffix if same_ids else [], why_reencode=why, prompts=prompts,
                 prompt_ids=ids, rows=rows, too_long=too_long, eos_ids=eos_ids_of(tok, policy_path),
-                rm_max_length=int(rm_max))
+                rm_max_length=int(rm_max), loading=LoadOptions.of(a))
+
+
+def plan_memory(a: PPOArgs, plan: Plan, precision: str, minibatch: int, say: Callable[[str], None]
+                ) -> memory.MemoryPlan:
+    """Micro-batches of each minibatch that fit (see `rlhf_cli.core.memory`): the policy and the value model
+    train on prompt + response tokens, logits only over the response; reference and RM sit beside them."""
+    shape = memory.ModelShape.of(plan.policy_path)
+    width = runtime.torch_dtype(precision).itemsize
+    frozen = (0 if a.lora else shape.params) + memory.ModelShape.of(plan.reward_path).params
+    work = memory.Workload(
+        causal=True, seq_len=max(len(p) for p in plan.prompt_ids) + a.max_new_tokens, logit_len=a.max_new_tokens,
+        trainable=memory.trainable_params(shape, lora=a.lora, lora_r=a.lora_r, freeze_layers=a.freeze_layers),
+        frozen_layers=a.freeze_layers, weight_bytes=width, act_bytes=width, frozen_params=frozen,
+        value_model=a.algo == "ppo")
+    fixed = a.micro_batch_size if a.algo == "ppo" else minibatch // a.grad_accum  # TRL sets its own batches
+    mp = memory.plan(shape, work, minibatch // a.grad_accum, a.grad_accum, max_memory=a.max_memory,
+                     micro_batch=fixed, cpu=not runtime.has_gpu(), what="the minibatch")
+    if mp.tight:
+        memory.return_freed_memory()
+    say(mp.describe())
+    return mp

@@ -49,7 +49,7 @@ from rlhf_cli.core.errors import ConfigError
 from rlhf_cli.core.manifest import stage_output
 from rlhf_cli.core.progress import Reporter
 from rlhf_cli.stages.ppo.args import PPOArgs, check_ppo_args
-from rlhf_cli.stages.ppo.checkpoint import ResumableOutput, Stopped
+from rlhf_cli.stages.ppo.checkpoint import PPOOutput, Stopped
 from rlhf_cli.stages.ppo.preflight import preflight
 from rlhf_cli.stages.ppo.trainer import PPOTrainer
 from rlhf_cli.stages.ppo.trl_algos import run_trl
@@ -62,7 +62,7 @@ def run_ppo(args: PPOArgs, reporter: Reporter | None = None) -> Path:
     say = reporter.info
     started = time.time()
     check_ppo_args(args)
-    staged = stage_output(args.out, args.run, "ppo", args.overwrite, ResumableOutput, resume=args.resume)
+    staged = stage_output(args.out, args.run, "ppo", args.overwrite, PPOOutput, resume=args.resume)
     if args.resume and args.algo == "ppo" and not staged.checkpoint.is_file():
         raise ConfigError(f"--resume: no checkpoint in {staged.partial} (one is written every --save-every N "
                           f"updates, and by --stop-after); start again without --resume")

@@ -19,16 +19,17 @@ import transformers
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig, PreTrainedModel
 
-from rlhf_cli.core import runtime
+from rlhf_cli.core import memory, runtime
 from rlhf_cli.core.config import dump_yaml, to_dict
-from rlhf_cli.core.errors import ConfigError
+from rlhf_cli.core.errors import ConfigError, TrainingError
+from rlhf_cli.core.interrupt import StopSignals
 from rlhf_cli.core.models import set_distinct_pad
 from rlhf_cli.core.progress import Reporter
 from rlhf_cli.core.reward_model import RewardModel, head_model, token_scores
 from rlhf_cli.core.training import freeze_lower_layers, lora_config
 from rlhf_cli.stages.ppo.args import DEFAULT_LORA_LR, DEFAULT_LR, DEFAULT_PPO_EPOCHS, PPOArgs, minibatch_size
 from rlhf_cli.stages.ppo.checkpoint import (
-    ResumableOutput,
+    PPOOutput,
     Stopped,
     check_resume,
     finish_lora,
@@ -51,7 +52,7 @@ from rlhf_cli.stages.ppo.core import (
     policy_loss,
     value_loss,
 )
-from rlhf_cli.stages.ppo.preflight import Plan
+from rlhf_cli.stages.ppo.preflight import Plan, plan_memory
 from rlhf_cli.stages.ppo.rollout import (
     Rollout,
     ScoreShaper,
@@ -108,12 +109,13 @@ def load_models(a: PPOArgs, plan: Plan, precision: str, resume_dir: Path | None
     tok = plan.tok
 
     def causal(path: Path) -> PreTrainedModel:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **plan.loading.model_kwargs())
         set_distinct_pad(tok, model)  # a pad token the tokenizer had to add needs an embedding row
         return model
 
     def classifier(path: Path) -> PreTrainedModel:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
+                                                                   **plan.loading.model_kwargs())
         set_distinct_pad(tok, model)
         return model
 
@@ -140,10 +142,14 @@ def load_models(a: PPOArgs, plan: Plan, precision: str, resume_dir: Path | None
     return policy, ref, rm, value
 
 
+class Diverged(Exception):
+    """A NaN score, loss or gradient norm, or a KL above --max-kl."""
+
+
 class PPOTrainer:
     """Our PPO: policy and value model trained against a frozen RM with a KL penalty to a frozen reference."""
 
-    def __init__(self, a: PPOArgs, plan: Plan, staged: ResumableOutput, reporter: Reporter,
+    def __init__(self, a: PPOArgs, plan: Plan, staged: PPOOutput, reporter: Reporter,
                  started: float):
         self.a, self.plan, self.staged, self.reporter, self.started = a, plan, staged, reporter, started
         self.threads = runtime.configure_threads(a.threads)
@@ -152,7 +158,8 @@ class PPOTrainer:
         self.lr = a.lr or (DEFAULT_LORA_LR if a.lora else DEFAULT_LR)
         self.epochs = a.ppo_epochs or DEFAULT_PPO_EPOCHS
         self.minibatch = minibatch_size(a)
-        self.micro = self.minibatch // a.grad_accum
+        self.memory = plan_memory(a, plan, self.precision, self.minibatch, reporter.info)
+        self.micro = self.memory.micro_batch
         self.total = a.max_steps or max(1, math.ceil(len(plan.prompt_ids) / a.batch_size))
         self.resume_summary = self._resume_summary() if a.resume else None
         transformers.set_seed(a.seed)  # fresh heads, LoRA initialisation
@@ -201,15 +208,20 @@ class PPOTrainer:
     def train(self) -> Path:
         """Run the updates; returns the finished stage folder (raises `Stopped` at --stop-after)."""
         self.reporter.info(self.describe())
-        with self.staged as dest:
+        with StopSignals(self.reporter.info, "update") as signals, self.staged as dest:
             step = self.begin(dest)
             self.reporter.start(self.total)
             while step < self.total:
-                batch = self.collect(step)  # rollouts, scores, KL-shaped rewards, advantages
-                stats = self.train_on(batch)  # PPO epochs over minibatches, then the KL controller
+                try:
+                    batch = self.collect(step)  # rollouts, scores, KL-shaped rewards, advantages
+                    self.guard(batch, step)  # NaN scores, runaway KL to the reference
+                    stats = self.train_on(batch)  # PPO epochs over minibatches, then the KL controller
+                except Diverged as e:
+                    self.reporter.finish()
+                    raise self.diverged(str(e), step + 1, dest) from None
                 step += 1
                 self.log(step, batch, stats)  # metrics.jsonl, samples, the live display
-                self.checkpoint_if_due(dest, step)  # --save-every; --stop-after raises Stopped
+                self.checkpoint_if_due(dest, step, signals)  # --save-every; --stop-after, signals stop here
             self.reporter.finish()
             self.finish(dest, step)
         return self.staged.out
@@ -222,7 +234,7 @@ class PPOTrainer:
             for p in (metrics, samples):
                 p.write_text("", encoding="utf-8")
         else:
-            self.load_state_dict(torch.load(dest / "state" / "trainer.pt", weights_only=False, map_location="cpu"))
+            self.load_state_dict(torch.load(dest / "state" / "trainer.pt", weights_only=True, map_location="cpu"))
             step = self.resume_summary["step"]
             self.history = jsonl_keep(metrics, step)
             jsonl_keep(samples, step)
@@ -276,6 +288,9 @@ class PPOTrainer:
                 stopped = self.a.target_kl is not None and mb_stats["approx_kl"] > self.a.target_kl
                 if not stopped:  # else the policy has drifted too far: drop this step and the rest
                     mb_stats["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.params, self.a.max_grad_norm))
+                    for k in ("policy_loss", "value_loss", "grad_norm"):
+                        if not math.isfinite(mb_stats[k]):  # before the step: the weights stay as they were
+                            raise Diverged(f"{k.replace('_', ' ')} is {mb_stats[k]}")
                     self.optimizer.step()
                     steps_done += 1
                 for k, v in mb_stats.items():
@@ -319,7 +334,7 @@ class PPOTrainer:
                 first_check.update({"check/first_logratio_max": float(deviation.max()),
                                     "check/first_approx_kl": float(pg_stats["approx_kl"])})
             for k, v in {"policy_loss": pg, "value_loss": vf, **pg_stats, **vf_stats}.items():
-                mb_stats[k] = mb_stats.get(k, 0.0) + float(v) * float(weight)
+                mb_stats[k] = mb_stats.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * float(weight)
         return mb_stats
 
     def log(self, step: int, batch: Batch, stats: UpdateStats) -> None:
@@ -332,6 +347,7 @@ class PPOTrainer:
             "score_mean": float(raw.mean()), "score_std": float(raw.std()) if raw.numel() > 1 else 0.0,
             "reward_mean": float(batch.scores.mean()), "kl": float(batch.seq_kl.mean()), "kl_coef": batch.kl_coef,
             "entropy": float(masked_mean(batch.entropy, mask)), "response_length": float(ro.mask.sum(1).float().mean()),
+            "response_length_max": int(ro.mask.sum(1).max()),
             "eos_fraction": float(ro.ends.float().mean()),
             **stats.means,
             "value_mean": float(masked_mean(batch.values, mask)),
@@ -381,8 +397,33 @@ class PPOTrainer:
         runtime.set_rng_state(st["rng"])
         self.elapsed_before = st.get("elapsed", 0.0)
 
-    def checkpoint_if_due(self, dest: Path, step: int) -> None:
+    def guard(self, batch: Batch, step: int) -> None:
+        """Stop before an update that would learn from NaN scores or from a policy already far from the
+        reference (--max-kl)."""
+        bad = batch.raw_scores[~torch.isfinite(batch.raw_scores)]
+        if len(bad):
+            raise Diverged(f"the reward model's score is {float(bad[0])} for a response")
+        kl = float(batch.seq_kl.mean())
+        if not math.isfinite(kl) or kl > self.a.max_kl:
+            raise Diverged(f"the KL to the reference is {kl:.1f} nats per response, above --max-kl {self.a.max_kl:g} "
+                           f"(runaway optimisation)")
+
+    def diverged(self, what: str, update: int, dest: Path) -> TrainingError:
+        good = self.staged.checkpoint
+        if good.is_file():
+            at = json.loads(good.read_text(encoding="utf-8"))["step"]
+            keep = f"the last good checkpoint (update {at}) is in {dest}: --resume continues from it"
+        else:
+            keep = "no checkpoint was saved before it (--save-every N keeps one)"
+        return TrainingError(f"{what} at update {update}: training stopped; {keep}; expected a stable run: lower "
+                             f"--lr, raise --kl-coef, or check the reward model")
+
+    def checkpoint_if_due(self, dest: Path, step: int, signals: StopSignals | None = None) -> None:
         a = self.a
+        if signals and step < self.total:
+            save_checkpoint(dest, self.policy, self.value, self.plan.tok, a, self.state_dict(step))
+            self.reporter.finish()
+            raise signals.stop(f"after update {step} of {self.total}", str(dest))
         if a.save_every and step % a.save_every == 0 and step < self.total:
             save_checkpoint(dest, self.policy, self.value, self.plan.tok, a, self.state_dict(step))
         if a.stop_after is not None and step >= a.stop_after and step < self.total:
@@ -409,6 +450,7 @@ class PPOTrainer:
                for k in ("time/generate", "time/score", "time/forward", "time/train")},
             "reward_input": "token ids" if self.plan.same_ids else "re-encoded text",
             "threads": self.threads, "precision": self.precision, "lr": self.lr,
+            "memory": self.memory.to_dict() | {"measured_peak_gb": memory.measured_peak_gb()},
         }
         write_ppo_manifest(dest, a, self.plan, metrics, self.started, lr=self.lr, ppo_epochs=self.epochs,
                            minibatch_size=self.minibatch)

@@ -15,15 +15,17 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from rlhf_cli.core import runtime
+from rlhf_cli.core import memory, runtime
 from rlhf_cli.core.config import dump_yaml
+from rlhf_cli.core.errors import TrainingError
+from rlhf_cli.core.interrupt import StopSignals
 from rlhf_cli.core.models import set_distinct_pad
 from rlhf_cli.core.progress import Reporter
 from rlhf_cli.core.reward_model import RewardModel
 from rlhf_cli.core.training import drop_printer, freeze_lower_layers, lora_config, save_model
 from rlhf_cli.stages.ppo.args import DEFAULT_LORA_LR, DEFAULT_LR, PPO_ONLY, PPOArgs
-from rlhf_cli.stages.ppo.checkpoint import ResumableOutput, Stopped, jsonl_append, jsonl_keep, write_ppo_manifest
-from rlhf_cli.stages.ppo.preflight import Plan
+from rlhf_cli.stages.ppo.checkpoint import PPOOutput, Stopped, jsonl_append, jsonl_keep, write_ppo_manifest
+from rlhf_cli.stages.ppo.preflight import Plan, plan_memory
 from rlhf_cli.stages.ppo.rollout import ScoreShaper
 
 TRAINERS = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)}
@@ -52,8 +54,11 @@ class RewardFunction:
 class TRLLog(TrainerCallback):
     """metrics.jsonl (one line per step, the same names as our PPO's), the live figures, and --stop-after."""
 
-    def __init__(self, a: PPOArgs, dest: Path, total: int, reporter: Reporter, history: list[dict]):
+    def __init__(self, a: PPOArgs, dest: Path, total: int, reporter: Reporter, history: list[dict],
+                 signals: StopSignals | None = None):
         self.a, self.dest, self.total, self.reporter, self.history = a, dest, total, reporter, history
+        self.signals = signals
+        self.bad: str | None = None  # a NaN/inf figure or runaway KL: stop without saving
         self.t0 = self.last_step_time = time.time()
 
     def on_train_begin(self, args, state, control, **kw):
@@ -61,6 +66,17 @@ class TRLLog(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kw):
         logs = dict(logs or {})
+        for k in ("loss", "grad_norm", "reward"):
+            if isinstance(logs.get(k), (int, float)) and not math.isfinite(logs[k]):
+                self.bad = f"{k.replace('_', ' ')} is {logs[k]} at step {state.global_step}"
+        kl = logs.get("kl")
+        length = logs.get("completions/mean_length") or self.a.max_new_tokens
+        if isinstance(kl, (int, float)) and kl * length > self.a.max_kl:  # TRL logs the KL per token
+            self.bad = (f"the KL to the reference is about {kl * length:.1f} nats per response at "
+                        f"step {state.global_step}, above --max-kl {self.a.max_kl:g} (runaway optimisation)")
+        if self.bad:
+            control.should_training_stop, control.should_save = True, False
+            return
         if "reward" not in logs:
             return
         now = time.time()
@@ -79,7 +95,8 @@ class TRLLog(TrainerCallback):
                              now - self.t0)
 
     def on_step_end(self, args, state, control, **kw):
-        if self.a.stop_after is not None and self.a.stop_after <= state.global_step < self.total:
+        stop_after = self.a.stop_after is not None and self.a.stop_after <= state.global_step
+        if (stop_after or self.signals) and state.global_step < self.total and not self.bad:
             control.should_training_stop = True
             control.should_save = True
 
@@ -105,7 +122,7 @@ def trl_config(a: PPOArgs, out: Path, lr: float, precision: str, total: int) -> 
     )
 
 
-def run_trl(a: PPOArgs, plan: Plan, staged: ResumableOutput, reporter: Reporter, started: float) -> Path:
+def run_trl(a: PPOArgs, plan: Plan, staged: PPOOutput, reporter: Reporter, started: float) -> Path:
     """Train with TRL's GRPO or RLOO; returns the finished stage folder (raises `Stopped` at --stop-after)."""
     say = reporter.info
     defaults = PPOArgs()
@@ -117,15 +134,17 @@ def run_trl(a: PPOArgs, plan: Plan, staged: ResumableOutput, reporter: Reporter,
     lr = a.lr or (DEFAULT_LORA_LR if a.lora else DEFAULT_LR)
     total = a.max_steps or max(1, math.ceil(len(plan.prompt_ids) * a.group_size / a.batch_size))
     tok = plan.tok
+    mem = plan_memory(a, plan, precision, a.batch_size, say)  # an estimate and a refusal; TRL picks the batches
     transformers.set_seed(a.seed)
-    policy = AutoModelForCausalLM.from_pretrained(plan.policy_path, dtype=runtime.torch_dtype(precision))
+    policy = AutoModelForCausalLM.from_pretrained(plan.policy_path, dtype=runtime.torch_dtype(precision),
+                                                  **plan.loading.model_kwargs())
     set_distinct_pad(tok, policy)
     policy.generation_config.eos_token_id = plan.eos_ids
     if a.freeze_layers:
         freeze_lower_layers(policy, a.freeze_layers)
     rm = RewardModel.load(plan.reward_spec, precision, tok=plan.rm_tok, max_length=plan.rm_max_length)
     history: list[dict] = []
-    with staged as dest:
+    with StopSignals(say) as signals, staged as dest:
         resume_from = None
         if a.resume:
             last = max(int(p.name.split("-")[-1]) for p in (dest / "trainer").glob("checkpoint-*"))
@@ -142,11 +161,20 @@ def run_trl(a: PPOArgs, plan: Plan, staged: ResumableOutput, reporter: Reporter,
             args=trl_config(a, dest / "trainer", lr, precision, total), processing_class=tok,
             train_dataset=Dataset.from_list([{"prompt": r["prompt"]} for r in plan.rows]),
             peft_config=lora_config(a, "CAUSAL_LM", policy) if a.lora else None,
-            callbacks=[TRLLog(a, dest, total, reporter, history)])
+            callbacks=[log := TRLLog(a, dest, total, reporter, history, signals)])
         drop_printer(trainer)
         t0 = time.time()
         trainer.train(resume_from_checkpoint=resume_from)
-        if a.stop_after is not None and trainer.state.global_step < total:
+        step = trainer.state.global_step
+        if log.bad:
+            done = sorted((dest / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+            keep = f"the last good checkpoint is {done[-1]} (--resume continues from it)" if done else \
+                "no checkpoint was saved before it (--save-every N keeps one)"
+            raise TrainingError(f"{log.bad}: training stopped; {keep}; expected a stable run: lower --lr, raise "
+                                f"--kl-coef, or check the reward model")
+        if signals and step < total:
+            raise signals.stop(f"at step {step} of {total}", str(dest / "trainer" / f"checkpoint-{step}"))
+        if a.stop_after is not None and step < total:
             raise Stopped()
         shutil.rmtree(dest / "trainer", ignore_errors=True)
         tok.padding_side = "right"
@@ -159,6 +187,7 @@ def run_trl(a: PPOArgs, plan: Plan, staged: ResumableOutput, reporter: Reporter,
                    "final_kl": last_row.get("kl"), "final_entropy": last_row.get("entropy"),
                    "final_response_length": last_row.get("response_length"),
                    "seconds_per_update": (time.time() - t0) / max(1, steps),
-                   "threads": threads, "precision": precision, "lr": lr}
+                   "threads": threads, "precision": precision, "lr": lr,
+                   "memory": mem.to_dict() | {"measured_peak_gb": memory.measured_peak_gb()}}
         write_ppo_manifest(dest, a, plan, metrics, started, lr=lr, ppo_epochs=a.ppo_epochs or 1)
     return staged.out

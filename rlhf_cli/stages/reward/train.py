@@ -25,26 +25,35 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
-from rlhf_cli.core import runtime
+from rlhf_cli.core import memory, runtime
 from rlhf_cli.core.args import DEFAULT_MODEL
 from rlhf_cli.core.config import dump_yaml, to_dict
 from rlhf_cli.core.errors import CheckpointError
+from rlhf_cli.core.interrupt import StopSignals
 from rlhf_cli.core.manifest import Manifest, manifest_if_stage, require_stage, write_manifest
-from rlhf_cli.core.models import load_tokenizer, resolve_model, set_distinct_pad
+from rlhf_cli.core.models import LoadOptions, load_tokenizer, resolve_model, set_distinct_pad
 from rlhf_cli.core.progress import Reporter
 from rlhf_cli.core.reward_model import encode_pairs, pair_metrics
 from rlhf_cli.core.stages import a_stage, command_for, is_policy
 from rlhf_cli.core.training import (
+    RESUME_FILE,
+    GuardCallback,
     ProgressCallback,
+    check_resume,
+    complete_checkpoints,
     describe_setup,
     drop_printer,
     freeze_lower_layers,
     hf_training_kwargs,
     inherit,
     lora_config,
+    plan_memory,
     prepare_stage,
+    raise_if_stopped,
     save_model,
+    train_loss,
     write_metrics,
+    write_resume_file,
 )
 from rlhf_cli.data import load_prefs
 from rlhf_cli.stages.reward.args import DEFAULT_LORA_LR, DEFAULT_LR, DEFAULT_MAX_LENGTH, RewardArgs
@@ -72,10 +81,15 @@ class GroupBatchSampler:
     """Batches of whole prompts: every pair of a prompt lands in the same batch (a prompt with more pairs than
     the batch size fills whole batches of its own first). Prompts are packed once (first-fit decreasing, after
     a seeded shuffle) so the number of batches is the same every epoch, as the Trainer expects; the order of
-    the batches is reshuffled every epoch."""
+    the batches is reshuffled every epoch.
 
-    def __init__(self, groups: list[int], batch_size: int, seed: int):
+    With micro-batches (`micro` < `batch_size`), each batch is cut into `batch_size / micro` consecutive
+    micro-batches, which the Trainer accumulates into one optimiser step: a prompt's pairs still share a step."""
+
+    def __init__(self, groups: list[int], batch_size: int, seed: int, micro: int | None = None):
         self.seed, self.epoch = seed, 0
+        self.micro = micro or batch_size
+        self.chunks = max(batch_size // self.micro, 1)
         by: dict[int, list[int]] = {}
         for i, g in enumerate(groups):
             by.setdefault(g, []).append(i)
@@ -98,25 +112,41 @@ class GroupBatchSampler:
                 bins.append(list(rest))
         self.batches.extend(bins)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The Trainer sets the epoch (a resumed run too), so each epoch's order depends on it alone."""
+        self.epoch = epoch
+
+    def split(self, batch: list[int]) -> list[list[int]]:
+        """`chunks` near-equal micro-batches (fewer when the batch has fewer pairs than that)."""
+        n = min(self.chunks, len(batch))
+        size, extra = divmod(len(batch), n)
+        out, start = [], 0
+        for k in range(n):
+            end = start + size + (1 if k < extra else 0)
+            out.append(batch[start:end])
+            start = end
+        return out
+
     def __iter__(self):
         batches = self.batches[:]
         random.Random(self.seed + 1 + self.epoch).shuffle(batches)
-        self.epoch += 1
-        return iter(batches)
+        self.epoch += 1  # for loops that do not call set_epoch
+        return iter([m for b in batches for m in self.split(b)])
 
     def __len__(self) -> int:
-        return len(self.batches)
+        return sum(min(self.chunks, len(b)) for b in self.batches)
 
 
 class GroupedRewardTrainer(RewardTrainer):
     """RewardTrainer whose batches hold whole prompts (`GroupBatchSampler`)."""
 
-    def __init__(self, *args: Any, groups: list[int], seed: int, **kw: Any):
+    def __init__(self, *args: Any, groups: list[int], seed: int, batch_size: int, **kw: Any):
         super().__init__(*args, **kw)
-        self.groups, self.group_seed = groups, seed
+        self.groups, self.group_seed, self.group_batch = groups, seed, batch_size
 
     def get_train_dataloader(self) -> DataLoader:
-        sampler = GroupBatchSampler(self.groups, self.args.per_device_train_batch_size, self.group_seed)
+        sampler = GroupBatchSampler(self.groups, self.group_batch, self.group_seed,
+                                    micro=self.args.per_device_train_batch_size)
         return self.accelerator.prepare(DataLoader(self.train_dataset, batch_sampler=sampler,
                                                    collate_fn=self.data_collator, num_workers=0))
 
@@ -131,19 +161,25 @@ def run_reward(args: RewardArgs, reporter: Reporter | None = None) -> Path:
     model_name, parent = pick_start_model(args, say)
     max_length = inherit(args, parent, "max_length", DEFAULT_MAX_LENGTH, say)
     lr = args.lr or (DEFAULT_LORA_LR if args.lora else DEFAULT_LR)
-    model_path = resolve_model(model_name, say=say)
+    saved = check_resume(args, staged)
+    loading = LoadOptions.of(args)
+    model_path = resolve_model(model_name, say=say, loading=loading)
 
     runtime.quiet_libraries()
     threads = runtime.configure_threads(args.threads)
     precision = runtime.pick_precision(args.precision)
-    tok = load_tokenizer(model_path)
+    tok = load_tokenizer(model_path, loading=loading)
     train_rows, trunc = encode_pairs(train, tok, max_length)
     eval_rows, etrunc = encode_pairs(evalset, tok, max_length) if evalset else ([], 0)
     if trunc or etrunc:
         say(f"{trunc + etrunc} sequences longer than {max_length} tokens kept their last {max_length} tokens")
 
+    lengths = [max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in train_rows + eval_rows]
+    plan = plan_memory(args, model_path, causal=False, lengths=lengths, seqs_per_example=2, precision=precision,
+                       say=say, saved=saved)
+
     transformers.set_seed(args.seed)  # the fresh score head is random
-    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1,
+    model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, **loading.model_kwargs(),
                                                                dtype=runtime.torch_dtype(precision))
     set_distinct_pad(tok, model)
     trainable = freeze_lower_layers(model, args.freeze_layers)
@@ -154,34 +190,42 @@ def run_reward(args: RewardArgs, reporter: Reporter | None = None) -> Path:
     train_ds = Dataset.from_list([{k: r[k] for k in cols} for r in train_rows])
     groups = [r["group"] for r in train_rows]
 
-    with staged as dest:
-        cfg = RewardConfig(**hf_training_kwargs(args, dest, lr, precision),
+    with StopSignals(say) as signals, staged as dest:
+        resume_from = complete_checkpoints(dest)[-1] if saved else None
+        if resume_from is None:
+            write_resume_file(dest, args, plan)
+        cfg = RewardConfig(**hf_training_kwargs(args, dest, lr, precision, plan),
                            max_length=None, center_rewards_coefficient=args.center_rewards,
                            remove_unused_columns=False)
-        trainer_cls = functools.partial(GroupedRewardTrainer, groups=groups, seed=args.seed) \
+        trainer_cls = functools.partial(GroupedRewardTrainer, groups=groups, seed=args.seed,
+                                        batch_size=plan.micro_batch * plan.grad_accum) \
             if args.group_by_prompt else RewardTrainer
         trainer = trainer_cls(model=model, args=cfg, processing_class=tok, train_dataset=train_ds,
                               peft_config=lora_config(args, "SEQ_CLS", model) if args.lora else None,
-                              callbacks=[ProgressCallback(reporter)])
+                              callbacks=[ProgressCallback(reporter), guard := GuardCallback(signals)])
         drop_printer(trainer)
         metrics: dict[str, Any] = {"pairs": len(train_rows), "prompts": train.prompts}
         if eval_rows:
-            before = pair_metrics(trainer.model, eval_rows, tok.pad_token_id, args.batch_size * 2)
+            before = pair_metrics(trainer.model, eval_rows, tok.pad_token_id, plan.micro_batch * 2)
             metrics.update(eval_accuracy_before=before.accuracy, eval_mean_margin_before=before.mean_margin)
         t0 = time.time()
-        result = trainer.train()
-        metrics.update(train_loss=result.training_loss, steps=trainer.state.global_step,
+        if resume_from is not None:
+            say(f"resuming from {resume_from}")
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        raise_if_stopped(trainer, guard, dest, signals, args)
+        metrics.update(train_loss=train_loss(trainer, result.training_loss), steps=trainer.state.global_step,
                        train_seconds=round(time.time() - t0, 2))
         accs = [h["accuracy"] for h in trainer.state.log_history if "accuracy" in h]
         if accs:
             metrics["train_accuracy_last"] = accs[-1]
         if eval_rows:
-            after = pair_metrics(trainer.model, eval_rows, tok.pad_token_id, args.batch_size * 2)
+            after = pair_metrics(trainer.model, eval_rows, tok.pad_token_id, plan.micro_batch * 2)
             metrics.update(eval_accuracy=after.accuracy, eval_mean_margin=after.mean_margin,
                            eval_pairs=after.pairs)
             say(f"held-out pairwise accuracy {before.accuracy:.3f} -> {after.accuracy:.3f}, "
                 f"mean margin {before.mean_margin:.3f} -> {after.mean_margin:.3f} ({after.pairs} pairs)")
         shutil.rmtree(dest / "trainer", ignore_errors=True)
+        (dest / RESUME_FILE).unlink(missing_ok=True)
         save_model(trainer, tok, dest, args)
         write_metrics(trainer, dest)
         dump_yaml(args, dest / "rlhf_config.yaml", header="# rlhf reward --config rlhf_config.yaml\n")
@@ -189,5 +233,7 @@ def run_reward(args: RewardArgs, reporter: Reporter | None = None) -> Path:
                 "truncated_sequences": trunc + etrunc}
         write_manifest(dest, stage="reward", parents=[str(parent.path) if parent else model_name],
                        args=to_dict(args) | {"resolved_model": str(model_path), "lr": lr}, data=data,
-                       metrics=metrics | {"threads": threads, "precision": precision}, started=started)
+                       metrics=metrics | {"threads": threads, "precision": precision,
+                                          "memory": plan.to_dict() | {"measured_peak_gb": memory.measured_peak_gb()}},
+                       started=started)
     return staged.out

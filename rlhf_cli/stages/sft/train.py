@@ -18,16 +18,26 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
-from rlhf_cli.core import runtime, training
+from rlhf_cli.core import memory, runtime, training
 from rlhf_cli.core.chat_template import training_template
 from rlhf_cli.core.config import dump_yaml, to_dict
 from rlhf_cli.core.errors import CheckpointError
+from rlhf_cli.core.interrupt import StopSignals
 from rlhf_cli.core.manifest import manifest_if_stage, write_manifest
-from rlhf_cli.core.models import load_tokenizer, resolve_model, set_distinct_pad
+from rlhf_cli.core.models import LoadOptions, load_tokenizer, resolve_model, set_distinct_pad
 from rlhf_cli.core.progress import Reporter
 from rlhf_cli.core.stages import a_stage, command_for, is_policy
-from rlhf_cli.data import load_sft
+from rlhf_cli.data import DataSet, load_sft
 from rlhf_cli.stages.sft.args import DEFAULT_LORA_LR, DEFAULT_LR, DEFAULT_MAX_LENGTH, SFTArgs
+
+
+def sft_lengths(train: DataSet, tok, max_length: int, args: SFTArgs) -> list[int]:
+    """Token lengths of the training rows as the trainer will see them (capped at --max-length); with packing
+    every sequence is --max-length long."""
+    if args.packing:
+        return [max_length]
+    texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in train.rows]
+    return [min(len(ids), max_length) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
 
 
 def run_sft(args: SFTArgs, reporter: Reporter | None = None) -> Path:
@@ -44,21 +54,29 @@ def run_sft(args: SFTArgs, reporter: Reporter | None = None) -> Path:
             f"stage, for example `{command_for('sft')}`")
     max_length = training.inherit(args, parent, "max_length", DEFAULT_MAX_LENGTH, say)
     lr = args.lr or (DEFAULT_LORA_LR if args.lora else DEFAULT_LR)
-    model_path = resolve_model(args.model, say=say)
+    saved = training.check_resume(args, staged)
+    loading = LoadOptions.of(args)
+    model_path = resolve_model(args.model, say=say, loading=loading)
 
     runtime.quiet_libraries()
     threads = runtime.configure_threads(args.threads)
     precision = runtime.pick_precision(args.precision)
-    tok = load_tokenizer(model_path)
+    tok = load_tokenizer(model_path, loading=loading)
     if args.assistant_only_loss:
         tok.chat_template = training_template(tok)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=runtime.torch_dtype(precision))
+    plan = training.plan_memory(args, model_path, causal=True, lengths=sft_lengths(train, tok, max_length, args),
+                                seqs_per_example=1, precision=precision, say=say, saved=saved)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=runtime.torch_dtype(precision),
+                                                 **loading.model_kwargs())
     set_distinct_pad(tok, model)
     trainable = training.freeze_lower_layers(model, args.freeze_layers)
     say(training.describe_setup(f"model {args.model}", model, args, precision, threads, lr, trainable))
 
-    with staged as dest:
-        cfg = SFTConfig(**training.hf_training_kwargs(args, dest, lr, precision),
+    with StopSignals(say) as signals, staged as dest:
+        resume_from = training.complete_checkpoints(dest)[-1] if saved else None
+        if resume_from is None:
+            training.write_resume_file(dest, args, plan)
+        cfg = SFTConfig(**training.hf_training_kwargs(args, dest, lr, precision, plan),
                         max_length=max_length, packing=args.packing,
                         assistant_only_loss=args.assistant_only_loss, dataset_num_proc=None)
         trainer = SFTTrainer(
@@ -66,15 +84,18 @@ def run_sft(args: SFTArgs, reporter: Reporter | None = None) -> Path:
             train_dataset=Dataset.from_list(train.rows),
             eval_dataset=Dataset.from_list(evalset.rows) if evalset else None,
             peft_config=training.lora_config(args, "CAUSAL_LM", model) if args.lora else None,
-            callbacks=[training.ProgressCallback(reporter)],
+            callbacks=[training.ProgressCallback(reporter), guard := training.GuardCallback(signals)],
         )
         training.drop_printer(trainer)
         metrics: dict = {}
         if evalset:
             metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
         t0 = time.time()
-        result = trainer.train()
-        metrics.update(train_loss=result.training_loss, steps=trainer.state.global_step,
+        if resume_from is not None:
+            say(f"resuming from {resume_from}")
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+        training.raise_if_stopped(trainer, guard, dest, signals, args)
+        metrics.update(train_loss=training.train_loss(trainer, result.training_loss), steps=trainer.state.global_step,
                        train_seconds=round(time.time() - t0, 2),
                        tokens=int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0))
         first = next((h["loss"] for h in trainer.state.log_history if "loss" in h), None)
@@ -83,11 +104,14 @@ def run_sft(args: SFTArgs, reporter: Reporter | None = None) -> Path:
         if evalset:
             metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
         shutil.rmtree(dest / "trainer", ignore_errors=True)
+        (dest / training.RESUME_FILE).unlink(missing_ok=True)
         training.save_model(trainer, tok, dest, args)
         training.write_metrics(trainer, dest)
         dump_yaml(args, dest / "rlhf_config.yaml", header="# rlhf sft --config rlhf_config.yaml\n")
         data = {"train": train.summary(), "eval": evalset.summary() if evalset else None}
         write_manifest(dest, stage="sft", parents=[str(parent.path) if parent else args.model],
                        args=to_dict(args) | {"resolved_model": str(model_path), "lr": lr}, data=data,
-                       metrics=metrics | {"threads": threads, "precision": precision}, started=started)
+                       metrics=metrics | {"threads": threads, "precision": precision,
+                                          "memory": plan.to_dict() | {"measured_peak_gb": memory.measured_peak_gb()}},
+                       started=started)
     return staged.out
