@@ -242,7 +242,7 @@ def test_grpo_sigterm_checkpoints_and_resumes(tiny, tmp_path):
     out = tmp_path / "grpo"
     cmd = rlhf("ppo", "--algo", "grpo", "--policy", sft, "--reward", rm, "--prompts", EXAMPLES / "prompts.jsonl",
                "--out", out, "--max-steps", 30, "--batch-size", 4, "--group-size", 2, "--max-new-tokens", 8,
-               "--threads", 1)
+               "--threads", 1, "--micro-batch-size", 2)
     proc = start(cmd)
     metrics = out.with_name("grpo.partial") / "metrics.jsonl"
     wait_for((out.with_name("grpo.partial"), "metrics.jsonl"), proc)
@@ -256,3 +256,5 @@ def test_grpo_sigterm_checkpoints_and_resumes(tiny, tmp_path):
     again = subprocess.run(resume_line(stderr), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resuming from step" in " ".join(again.stderr.split()) and manifest(out)["metrics"]["updates"] == 30
+    mem = manifest(out)["metrics"]["memory"]  # TRL trained each batch of 4 in accumulated micro-batches of 2
+    assert (mem["micro_batch"], mem["grad_accum"]) == (2, 2)

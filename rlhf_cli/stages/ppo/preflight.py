@@ -191,9 +191,9 @@ def plan_memory(a: PPOArgs, plan: Plan, precision: str, minibatch: int, say: Cal
         trainable=memory.trainable_params(shape, lora=a.lora, lora_r=a.lora_r, freeze_layers=a.freeze_layers),
         frozen_layers=a.freeze_layers, weight_bytes=width, act_bytes=width, frozen_params=frozen,
         value_model=a.algo == "ppo")
-    fixed = a.micro_batch_size if a.algo == "ppo" else minibatch // a.grad_accum  # TRL sets its own batches
     mp = memory.plan(shape, work, minibatch // a.grad_accum, a.grad_accum, max_memory=a.max_memory,
-                     micro_batch=fixed, cpu=not runtime.has_gpu(), what="the minibatch")
+                     micro_batch=a.micro_batch_size, cpu=not runtime.has_gpu(),
+                     what="the minibatch" if a.algo == "ppo" else "--batch-size / --grad-accum")
     if mp.tight:
         memory.return_freed_memory()
     say(mp.describe())

@@ -104,12 +104,15 @@ class TRLLog(TrainerCallback):
         self.reporter.finish()
 
 
-def trl_config(a: PPOArgs, out: Path, lr: float, precision: str, total: int) -> Any:
-    """The GRPO/RLOO config for our flags."""
+def trl_config(a: PPOArgs, out: Path, lr: float, precision: str, total: int,
+               mem: memory.MemoryPlan | None = None) -> Any:
+    """The GRPO/RLOO config for our flags; `mem`: the planner's micro-batches (TRL samples the whole
+    --batch-size at once and trains on it in micro-batches that it accumulates)."""
     config_cls, _ = TRAINERS[a.algo]
+    micro, accum = (mem.micro_batch, mem.grad_accum) if mem else (a.batch_size // a.grad_accum, a.grad_accum)
     return config_cls(
-        output_dir=str(out), per_device_train_batch_size=a.batch_size // a.grad_accum,
-        gradient_accumulation_steps=a.grad_accum, learning_rate=lr, lr_scheduler_type=a.lr_scheduler,
+        output_dir=str(out), per_device_train_batch_size=micro,
+        gradient_accumulation_steps=accum, learning_rate=lr, lr_scheduler_type=a.lr_scheduler,
         warmup_steps=a.warmup_ratio,  # transformers reads a value below 1 as a fraction of the steps
         weight_decay=a.weight_decay, max_steps=total, seed=a.seed, data_seed=a.seed,
         bf16=precision == "bf16", fp16=precision == "fp16", gradient_checkpointing=False, logging_steps=1,
@@ -134,7 +137,7 @@ def run_trl(a: PPOArgs, plan: Plan, staged: PPOOutput, reporter: Reporter, start
     lr = a.lr or (DEFAULT_LORA_LR if a.lora else DEFAULT_LR)
     total = a.max_steps or max(1, math.ceil(len(plan.prompt_ids) * a.group_size / a.batch_size))
     tok = plan.tok
-    mem = plan_memory(a, plan, precision, a.batch_size, say)  # an estimate and a refusal; TRL picks the batches
+    mem = plan_memory(a, plan, precision, a.batch_size, say)
     transformers.set_seed(a.seed)
     policy = AutoModelForCausalLM.from_pretrained(plan.policy_path, dtype=runtime.torch_dtype(precision),
                                                   **plan.loading.model_kwargs())
@@ -158,7 +161,7 @@ def run_trl(a: PPOArgs, plan: Plan, staged: PPOOutput, reporter: Reporter, start
             f"beta {a.kl_coef:g}")
         trainer = TRAINERS[a.algo][1](
             model=policy, reward_funcs=RewardFunction(rm, a, plan.eos_ids),
-            args=trl_config(a, dest / "trainer", lr, precision, total), processing_class=tok,
+            args=trl_config(a, dest / "trainer", lr, precision, total, mem), processing_class=tok,
             train_dataset=Dataset.from_list([{"prompt": r["prompt"]} for r in plan.rows]),
             peft_config=lora_config(a, "CAUSAL_LM", policy) if a.lora else None,
             callbacks=[log := TRLLog(a, dest, total, reporter, history, signals)])
