@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -483,3 +484,24 @@ def test_conversation_ending_with_the_user_is_cut_with_a_note(tmp_path):
     ds = load_sft(str(data))
     assert ds.rows[1] == {"messages": [U("q"), A("a")]}
     assert f"1 ending with a user turn cut after their last answer (first at {data}:2)" in ds.describe()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The parser's own errors, through the real entry point (a process, as a user runs it)
+
+
+@pytest.mark.parametrize("argv,where", [
+    (["sft", "--batch-sise", "2"], "No such option: --batch-sise (Possible options: --batch-size"),
+    (["sft", "--lr", "abc"], "Invalid value for '--lr'"),
+    (["eval", "reward", "--json", "--bogus"], "No such option: --bogus"),
+])
+def test_parser_errors_are_one_line_naming_the_help(argv, where):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "rlhf_cli", *argv], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, COLUMNS="300"))
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and r.stdout == "" and len(lines) == 1, r.stderr
+    assert lines[0].startswith("error: ") and where in lines[0], lines[0]
+    assert lines[0].endswith(f"see `rlhf {' '.join(a for a in argv[:2] if not a.startswith('-'))} --help`")

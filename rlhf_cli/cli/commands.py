@@ -201,4 +201,23 @@ positional_command(app, "report", ReportArgs, report,
 
 
 def main() -> None:
-    app(prog_name="rlhf")
+    """The `rlhf` entry point: the command-line parser's own usage errors (an unknown flag, a value of the wrong
+    type) become one `error:` line naming the command's --help, as every other error is."""
+    import sys
+
+    from typer.exceptions import TyperException
+
+    try:
+        code = app(prog_name="rlhf", standalone_mode=False)
+    except TyperException as e:
+        if not hasattr(e, "format_message"):  # typer.Abort: Ctrl-C at a prompt
+            sys.exit(130)
+        if type(e).__name__ == "NoArgsIsHelpError":  # `rlhf` alone, or a group without its command: the help
+            print(e.ctx.get_help())
+            sys.exit(2)
+        ctx = getattr(e, "ctx", None)
+        where = ctx.command_path if ctx is not None else "rlhf"
+        message = " ".join(e.format_message().split())
+        err.print(f"[red]error:[/] {esc(message)}; see `{where} --help`", highlight=False, soft_wrap=True)
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(code if isinstance(code, int) else 0)
