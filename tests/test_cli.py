@@ -557,3 +557,18 @@ def test_python_dash_m_and_console_script_answer_help():
     for cmd in ([sys.executable, "-m", "rlhf_cli", "--help"], [str(Path(sys.executable).parent / "rlhf"), "--help"]):
         r = subprocess.run(cmd, capture_output=True, text=True)
         assert r.returncode == 0 and "sft" in r.stdout and "reward" in r.stdout and "ppo" in r.stdout
+
+
+def test_progress_lines_when_stderr_is_a_log_file(tiny, tmp_path):
+    """A live display shows nothing in a log file until the end; there the reporter writes plain lines."""
+    log = tmp_path / "stderr.log"
+    with log.open("w") as f:
+        r = subprocess.run([sys.executable, "-m", "rlhf_cli", "sft", "--model", str(tiny), "--data",
+                            str(EXAMPLES / "sft_messages.jsonl"), "--max-steps", "3", "--batch-size", "2",
+                            "--threads", "1", "--out", str(tmp_path / "o")], stdout=subprocess.DEVNULL, stderr=f,
+                           timeout=300)
+    text = log.read_text(encoding="utf-8")
+    assert r.returncode == 0, text
+    lines = [x for x in text.splitlines() if x.startswith("sft ")]
+    assert lines[0].startswith("sft 1/3") and lines[-1].startswith("sft 3/3") and "loss" in lines[-1], text
+    assert all("elapsed" in x and "eta" in x for x in lines) and "\x1b" not in text

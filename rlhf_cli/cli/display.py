@@ -35,8 +35,19 @@ def shown(text: str) -> str:
     return escape(safe_text(text))
 
 
+PLAIN_EVERY = 10.0  # seconds between progress lines when stderr is not a terminal (logs, CI, nohup)
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
 class RichReporter(Reporter):
-    """One live display per run: step/total, the stage's live figures, elapsed time and ETA."""
+    """One live display per run: step/total, the stage's live figures, elapsed time and ETA. When stderr is not
+    a terminal (a log file, CI, nohup) a live display would show nothing until the end, so it writes one plain
+    line instead at most every PLAIN_EVERY seconds, and at the first and last step."""
 
     def __init__(self, title: str, shown: tuple[str, ...] | None = SHOWN):
         """`shown`: the figure names to display (None: every figure the stage reports)."""
@@ -44,11 +55,18 @@ class RichReporter(Reporter):
         self.shown = shown
         self.progress: Progress | None = None
         self.task: Any = None
+        self.plain = False
+        self.last_line = 0.0
 
     def info(self, message: str) -> None:
         (self.progress.console if self.progress else err).print(shown(message), highlight=False, soft_wrap=True)
 
     def start(self, total: int) -> None:
+        self.t0 = time.time()
+        self.plain = not err.is_terminal
+        if self.plain:
+            self.last_line = 0.0
+            return
         self.progress = Progress(
             TextColumn(f"[bold]{shown(self.title)}[/]"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[figures]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
@@ -58,10 +76,18 @@ class RichReporter(Reporter):
         self.t0 = time.time()
 
     def update(self, step: int, total: int, figures: dict[str, float], elapsed: float) -> None:
-        if self.progress is None:
+        if self.progress is None and not self.plain:
             self.start(total)
         line = "  ".join(f"{'lr' if k == 'learning_rate' else k} {fmt(v)}" for k, v in figures.items()
                          if self.shown is None or k in self.shown)
+        if self.plain:
+            now = time.time()
+            if step in (1, total) or now - self.last_line >= PLAIN_EVERY:
+                self.last_line = now
+                eta = f"  eta {_clock(elapsed / step * (total - step))}" if total and step else ""
+                err.print(shown(f"{self.title} {step}/{total or '?'}  {line}  elapsed {_clock(elapsed)}{eta}"),
+                          highlight=False, soft_wrap=True)
+            return
         self.progress.update(self.task, completed=step, total=total or None, figures=shown(line))
 
     def samples(self, title: str, rows: list[dict[str, Any]]) -> None:
