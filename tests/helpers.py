@@ -99,3 +99,22 @@ def one_error(result, code: int, *fragments: str) -> str:
     for f in fragments:
         assert f in errors[0], (f, errors[0])
     return errors[0]
+
+
+class FakeStream:
+    """Stands in for `LM.stream` (monkeypatched): a fixed answer, in the given pieces."""
+
+    def __init__(self, pieces: list[str]):
+        from rlhf_cli.core.generation import Answer
+
+        self.pieces, self.stopped, self.dropped = pieces, False, 0
+        self.answer = Answer("".join(pieces).strip(), True, len(pieces))
+
+    def __iter__(self):
+        return iter(self.pieces)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+    def finish(self) -> str:
+        return ""

@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import build_tiny, invoke, ok, one_error
+from helpers import FakeStream, build_tiny, invoke, ok, one_error
 
-from rlhf_cli.core.generation import LM, Answer, Sampling, load_lm
+from rlhf_cli.core.generation import LM, Sampling, load_lm
 from rlhf_cli.core.manifest import write_manifest
 from rlhf_cli.core.reward_model import RewardModel
 from rlhf_cli.core.runtime import seed_all
@@ -73,23 +73,6 @@ def expected_answers(model: Path, messages: list[str], seed: int, system: str | 
     session = ChatSession([load_lm(str(model))], Sampling(max_new_tokens=8), system=system)  # the default settings
     seed_all(seed)
     return [session.ask(m).turns[0].text for m in messages]
-
-
-class FakeStream:
-    """Stands in for `LM.stream`: a fixed answer, in pieces."""
-
-    def __init__(self, pieces: list[str]):
-        self.pieces, self.stopped, self.dropped = pieces, False, 0
-        self.answer = Answer("".join(pieces).strip(), True, len(pieces))
-
-    def __iter__(self):
-        return iter(self.pieces)
-
-    def stop(self) -> None:
-        self.stopped = True
-
-    def finish(self) -> str:
-        return ""
 
 
 def test_help_lists_model_argument_and_flags():

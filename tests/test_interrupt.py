@@ -47,6 +47,18 @@ def wait_for(path_glob: tuple[Path, str], proc: subprocess.Popen, timeout: float
         time.sleep(0.1)
 
 
+def wait_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until `path` holds `n` lines (a running stage's metrics or output)."""
+    t0 = time.time()
+    while not path.is_file() or len(path.read_text(encoding="utf-8").splitlines()) < n:
+        if proc.poll() is not None:
+            raise AssertionError(f"finished before {path} had {n} lines: {proc.communicate()}")
+        if time.time() - t0 > timeout:
+            proc.kill()
+            raise AssertionError(f"{path} never reached {n} lines")
+        time.sleep(0.05)
+
+
 def resume_line(stderr: str) -> list[str]:
     line = " ".join(stderr.split())  # Rich may wrap
     cmd = shlex.split(line.split("resume with: ", 1)[1])
@@ -153,11 +165,7 @@ def test_ppo_sigint_checkpoints_and_resumes(tiny, tmp_path):
     cmd = rlhf("ppo", "--policy", sft, "--reward", rm, "--prompts", EXAMPLES / "prompts.jsonl", "--out", out,
                "--max-steps", 40, "--batch-size", 2, "--max-new-tokens", 8, "--threads", 1, "--sample-every", 0)
     proc = start(cmd)
-    wait_for((out.with_name("ppo.partial"), "metrics.jsonl"), proc)
-    metrics = out.with_name("ppo.partial") / "metrics.jsonl"
-    t0 = time.time()
-    while len(metrics.read_text().splitlines()) < 2 and time.time() - t0 < 120:
-        time.sleep(0.1)
+    wait_lines(out.with_name("ppo.partial") / "metrics.jsonl", 2, proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-2000:]
@@ -176,9 +184,7 @@ def test_generate_sigint_keeps_whole_lines_and_the_same_command_finishes(tiny, t
     cmd = rlhf("generate", tiny, "--prompts", prompts, "--out", out, "-k", 2, "--batch-size", 2,
                "--max-new-tokens", 24, "--threads", 1)
     proc = start(cmd)
-    t0 = time.time()
-    while (not out.exists() or len(out.read_text().splitlines()) < 4) and time.time() - t0 < 120:
-        time.sleep(0.05)
+    wait_lines(out, 4, proc)
     proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr[-2000:]
@@ -244,11 +250,7 @@ def test_grpo_sigterm_checkpoints_and_resumes(tiny, tmp_path):
                "--out", out, "--max-steps", 30, "--batch-size", 4, "--group-size", 2, "--max-new-tokens", 8,
                "--threads", 1, "--micro-batch-size", 2)
     proc = start(cmd)
-    metrics = out.with_name("grpo.partial") / "metrics.jsonl"
-    wait_for((out.with_name("grpo.partial"), "metrics.jsonl"), proc)
-    t0 = time.time()
-    while len(metrics.read_text().splitlines()) < 2 and time.time() - t0 < 120:
-        time.sleep(0.1)
+    wait_lines(out.with_name("grpo.partial") / "metrics.jsonl", 2, proc)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 143, stderr[-2000:]

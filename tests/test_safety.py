@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import EXAMPLES, U, invoke, ok, one_error, write_jsonl
+from helpers import EXAMPLES, FakeStream, U, invoke, ok, one_error, write_jsonl
 
 from rlhf_cli.core.generation import LM, Answer
 from rlhf_cli.core.text import SafeStream, safe_text
@@ -141,26 +141,12 @@ def test_safe_text_removes_control_sequences_whole():
         assert stream.feed(text[:cut]) + stream.feed(text[cut:]) + stream.flush() == safe_text(text)
 
 
-class FakeStream:
-    """`LM.stream` answering EVIL in pieces that split its control sequences."""
-
-    def __init__(self):
-        self.pieces = ["Sure: \x1b]0;ow", "ned\x07\x1b", "[2J[bold red]boom[/] \r\x08"]
-        self.stopped, self.dropped = False, 0
-        self.answer = Answer("Sure: " + EVIL, True, 3)
-
-    def __iter__(self):
-        return iter(self.pieces)
-
-    def stop(self) -> None:
-        self.stopped = True
-
-    def finish(self) -> str:
-        return ""
+# EVIL in pieces that split its control sequences
+EVIL_PIECES = ["Sure: \x1b]0;ow", "ned\x07\x1b", "[2J[bold red]boom[/] \r\x08"]
 
 
 def test_chat_shows_model_output_as_plain_text(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(LM, "stream", lambda self, messages, sampling: FakeStream())
+    monkeypatch.setattr(LM, "stream", lambda self, messages, sampling: FakeStream(EVIL_PIECES))
     once = ok(invoke("chat", tiny, "--prompt", "hi", *FAST))
     assert once.stdout == "Sure: [bold red]boom[/] \n"
 

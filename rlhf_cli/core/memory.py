@@ -223,6 +223,10 @@ class MemoryPlan:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def with_peak(self) -> dict:
+        """The plan and the peak measured so far: what a stage's manifest records as `metrics.memory`."""
+        return self.to_dict() | {"measured_peak_gb": measured_peak_gb()}
+
 
 def plan(shape: ModelShape, work: Workload, batch_size: int, grad_accum: int, *, checkpointing: bool = False,
          max_memory: str | None = None, micro_batch: int | None = None, cpu: bool = True,
@@ -279,10 +283,6 @@ def plan(shape: ModelShape, work: Workload, batch_size: int, grad_accum: int, *,
         f"memory: this run needs at least {need:.1f} GB (one example of {work.seq_len} tokens per pass, gradient "
         f"checkpointing), {budget / GB:.1f} GB is the budget ({source}); expected a smaller --max-length, --lora, "
         f"--freeze-layers N, or a larger --max-memory if that memory is really free")
-
-
-def activation_bytes(precision: str) -> int:
-    return 2 if precision in ("bf16", "fp16") else 4
 
 
 def trainable_params(shape: ModelShape, *, lora: bool = False, lora_r: int = 16, freeze_layers: int = 0) -> int:

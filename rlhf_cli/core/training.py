@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -70,8 +71,7 @@ def load_train_eval(args: TrainArgs, load: Callable[..., DataSet], say: Callable
 
 
 def plan_memory(args: Any, model_path: Path, *, causal: bool, lengths: list[int], seqs_per_example: int,
-                precision: str, say: Callable[[str], None], what: str = "--batch-size",
-                batch_size: int | None = None, saved: dict | None = None) -> memory.MemoryPlan:
+                precision: str, say: Callable[[str], None], saved: dict | None = None) -> memory.MemoryPlan:
     """The memory plan of a stage (see `rlhf_cli.core.memory`), said in one line, before any weight loads."""
     shape = memory.ModelShape.of(model_path)
     trainable = memory.trainable_params(shape, lora=bool(getattr(args, "lora", False)),
@@ -81,9 +81,9 @@ def plan_memory(args: Any, model_path: Path, *, causal: bool, lengths: list[int]
     work = memory.Workload(causal=causal, seq_len=max(lengths or [1]), seqs_per_example=seqs_per_example,
                            trainable=trainable, frozen_layers=getattr(args, "freeze_layers", 0) or 0,
                            weight_bytes=width, act_bytes=width)
-    plan = memory.plan(shape, work, batch_size or args.batch_size, args.grad_accum,
+    plan = memory.plan(shape, work, args.batch_size, args.grad_accum,
                        checkpointing=bool(getattr(args, "gradient_checkpointing", False)),
-                       max_memory=args.max_memory, cpu=not runtime.has_gpu(), what=what,
+                       max_memory=args.max_memory, cpu=not runtime.has_gpu(),
                        micro_batch=saved["micro_batch"] if saved else args.micro_batch_size)
     if plan.tight:
         memory.return_freed_memory()
@@ -238,13 +238,9 @@ RESUME_KEYS = ("model", "data", "format", "max_samples", "eval_data", "eval_spli
                "lora_alpha", "lora_targets", "freeze_layers", "precision")
 
 
-class Diverged(Exception):
-    """A loss or gradient norm that is NaN or infinite."""
-
-
 def complete_checkpoints(dest: Path) -> list[Path]:
-    """The Trainer checkpoints in `dest` that were written to the end (trainer_state.json is written last),
-    oldest first."""
+    """The Trainer checkpoints in `dest/trainer` (sft, reward, and TRL's GRPO/RLOO) that were written to the end
+    (trainer_state.json is written last), oldest first."""
     found = [p for p in (dest / CHECKPOINTS).glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
     return sorted(found, key=lambda p: int(p.name.rsplit("-", 1)[-1]))
 
@@ -276,10 +272,24 @@ def to_resume_dict(args: Any) -> dict:
     return {k: getattr(args, k, None) for k in RESUME_KEYS}
 
 
-def write_resume_file(dest: Path, args: Any, plan: memory.MemoryPlan) -> None:
+def resume_point(dest: Path, saved: dict | None, args: Any, plan: memory.MemoryPlan,
+                 say: Callable[[str], None]) -> str | None:
+    """The checkpoint `trainer.train(resume_from_checkpoint=...)` continues from, or None for a fresh run, which
+    records its settings in RESUME_FILE for a later --resume."""
+    if saved:
+        last = complete_checkpoints(dest)[-1]
+        say(f"resuming from {last}")
+        return str(last)
     body = {"args": to_resume_dict(args), "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
             "gradient_checkpointing": plan.gradient_checkpointing}
     atomic_write_text(dest / RESUME_FILE, json.dumps(body, indent=2, default=str) + "\n")
+    return None
+
+
+def drop_checkpoints(dest: Path) -> None:
+    """A finished stage folder keeps neither the Trainer's checkpoints nor the resume settings."""
+    shutil.rmtree(dest / CHECKPOINTS, ignore_errors=True)
+    (dest / RESUME_FILE).unlink(missing_ok=True)
 
 
 def checkpoint_kwargs(args: Any) -> dict[str, Any]:
@@ -312,7 +322,7 @@ class GuardCallback(TrainerCallback):
             control.should_save = True
 
 
-def raise_if_stopped(trainer: Trainer, guard: GuardCallback, dest: Path, signals: Any, args: Any) -> None:
+def raise_if_stopped(trainer: Trainer, guard: GuardCallback, dest: Path, signals: Any) -> None:
     """After `trainer.train()` returns: `Interrupted` with the resume command, or the divergence error."""
     step, total = trainer.state.global_step, trainer.state.max_steps
     if guard.bad is not None:

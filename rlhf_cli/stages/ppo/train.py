@@ -48,6 +48,7 @@ from pathlib import Path
 from rlhf_cli.core.errors import ConfigError
 from rlhf_cli.core.manifest import stage_output
 from rlhf_cli.core.progress import Reporter
+from rlhf_cli.core.training import complete_checkpoints
 from rlhf_cli.stages.ppo.args import PPOArgs, check_ppo_args
 from rlhf_cli.stages.ppo.checkpoint import PPOOutput, Stopped
 from rlhf_cli.stages.ppo.preflight import preflight
@@ -66,7 +67,7 @@ def run_ppo(args: PPOArgs, reporter: Reporter | None = None) -> Path:
     if args.resume and args.algo == "ppo" and not staged.checkpoint.is_file():
         raise ConfigError(f"--resume: no checkpoint in {staged.partial} (one is written every --save-every N "
                           f"updates, and by --stop-after); start again without --resume")
-    if args.resume and args.algo != "ppo" and not list((staged.partial / "trainer").glob("checkpoint-*")):
+    if args.resume and args.algo != "ppo" and not complete_checkpoints(staged.partial):
         raise ConfigError(f"--resume: no checkpoint in {staged.partial / 'trainer'} (one is written every "
                           f"--save-every N steps, and by --stop-after); start again without --resume")
     if not args.resume and staged.partial.exists():

@@ -19,7 +19,7 @@ import transformers
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig, PreTrainedModel
 
-from rlhf_cli.core import memory, runtime
+from rlhf_cli.core import runtime
 from rlhf_cli.core.config import dump_yaml, to_dict
 from rlhf_cli.core.errors import ConfigError, TrainingError
 from rlhf_cli.core.interrupt import StopSignals
@@ -450,7 +450,7 @@ class PPOTrainer:
                for k in ("time/generate", "time/score", "time/forward", "time/train")},
             "reward_input": "token ids" if self.plan.same_ids else "re-encoded text",
             "threads": self.threads, "precision": self.precision, "lr": self.lr,
-            "memory": self.memory.to_dict() | {"measured_peak_gb": memory.measured_peak_gb()},
+            "memory": self.memory.with_peak(),
         }
         write_ppo_manifest(dest, a, self.plan, metrics, self.started, lr=self.lr, ppo_epochs=self.epochs,
                            minibatch_size=self.minibatch)

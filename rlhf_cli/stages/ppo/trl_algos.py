@@ -4,7 +4,6 @@ layout as our PPO (group baselines instead of a value model; the KL penalty is T
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,14 @@ from rlhf_cli.core.interrupt import StopSignals
 from rlhf_cli.core.models import set_distinct_pad
 from rlhf_cli.core.progress import Reporter
 from rlhf_cli.core.reward_model import RewardModel
-from rlhf_cli.core.training import drop_printer, freeze_lower_layers, lora_config, save_model
+from rlhf_cli.core.training import (
+    complete_checkpoints,
+    drop_checkpoints,
+    drop_printer,
+    freeze_lower_layers,
+    lora_config,
+    save_model,
+)
 from rlhf_cli.stages.ppo.args import DEFAULT_LORA_LR, DEFAULT_LR, PPO_ONLY, PPOArgs
 from rlhf_cli.stages.ppo.checkpoint import PPOOutput, Stopped, jsonl_append, jsonl_keep, write_ppo_manifest
 from rlhf_cli.stages.ppo.preflight import Plan, plan_memory
@@ -150,9 +156,10 @@ def run_trl(a: PPOArgs, plan: Plan, staged: PPOOutput, reporter: Reporter, start
     with StopSignals(say) as signals, staged as dest:
         resume_from = None
         if a.resume:
-            last = max(int(p.name.split("-")[-1]) for p in (dest / "trainer").glob("checkpoint-*"))
+            last_checkpoint = complete_checkpoints(dest)[-1]
+            last = int(last_checkpoint.name.rsplit("-", 1)[-1])
             history.extend(jsonl_keep(dest / "metrics.jsonl", last))
-            resume_from = str(dest / "trainer" / f"checkpoint-{last}")
+            resume_from = str(last_checkpoint)
             say(f"resuming from step {last} of {total} in {dest}")
         else:
             (dest / "metrics.jsonl").write_text("", encoding="utf-8")
@@ -170,7 +177,7 @@ def run_trl(a: PPOArgs, plan: Plan, staged: PPOOutput, reporter: Reporter, start
         trainer.train(resume_from_checkpoint=resume_from)
         step = trainer.state.global_step
         if log.bad:
-            done = sorted((dest / "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+            done = complete_checkpoints(dest)
             keep = f"the last good checkpoint is {done[-1]} (--resume continues from it)" if done else \
                 "no checkpoint was saved before it (--save-every N keeps one)"
             raise TrainingError(f"{log.bad}: training stopped; {keep}; expected a stable run: lower --lr, raise "
@@ -179,7 +186,7 @@ def run_trl(a: PPOArgs, plan: Plan, staged: PPOOutput, reporter: Reporter, start
             raise signals.stop(f"at step {step} of {total}", str(dest / "trainer" / f"checkpoint-{step}"))
         if a.stop_after is not None and step < total:
             raise Stopped()
-        shutil.rmtree(dest / "trainer", ignore_errors=True)
+        drop_checkpoints(dest)
         tok.padding_side = "right"
         save_model(trainer, tok, dest, a)
         dump_yaml(a, dest / "rlhf_config.yaml", header="# rlhf ppo --config rlhf_config.yaml\n")
@@ -191,6 +198,6 @@ def run_trl(a: PPOArgs, plan: Plan, staged: PPOOutput, reporter: Reporter, start
                    "final_response_length": last_row.get("response_length"),
                    "seconds_per_update": (time.time() - t0) / max(1, steps),
                    "threads": threads, "precision": precision, "lr": lr,
-                   "memory": mem.to_dict() | {"measured_peak_gb": memory.measured_peak_gb()}}
+                   "memory": mem.with_peak()}
         write_ppo_manifest(dest, a, plan, metrics, started, lr=lr, ppo_epochs=a.ppo_epochs or 1)
     return staged.out

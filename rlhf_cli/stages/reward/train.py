@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import random
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
-from rlhf_cli.core import memory, runtime
+from rlhf_cli.core import runtime
 from rlhf_cli.core.args import DEFAULT_MODEL
 from rlhf_cli.core.config import dump_yaml, to_dict
 from rlhf_cli.core.errors import CheckpointError
@@ -36,12 +35,11 @@ from rlhf_cli.core.progress import Reporter
 from rlhf_cli.core.reward_model import encode_pairs, pair_metrics
 from rlhf_cli.core.stages import a_stage, command_for, is_policy
 from rlhf_cli.core.training import (
-    RESUME_FILE,
     GuardCallback,
     ProgressCallback,
     check_resume,
-    complete_checkpoints,
     describe_setup,
+    drop_checkpoints,
     drop_printer,
     freeze_lower_layers,
     hf_training_kwargs,
@@ -50,10 +48,10 @@ from rlhf_cli.core.training import (
     plan_memory,
     prepare_stage,
     raise_if_stopped,
+    resume_point,
     save_model,
     train_loss,
     write_metrics,
-    write_resume_file,
 )
 from rlhf_cli.data import load_prefs
 from rlhf_cli.stages.reward.args import DEFAULT_LORA_LR, DEFAULT_LR, DEFAULT_MAX_LENGTH, RewardArgs
@@ -191,9 +189,7 @@ def run_reward(args: RewardArgs, reporter: Reporter | None = None) -> Path:
     groups = [r["group"] for r in train_rows]
 
     with StopSignals(say) as signals, staged as dest:
-        resume_from = complete_checkpoints(dest)[-1] if saved else None
-        if resume_from is None:
-            write_resume_file(dest, args, plan)
+        resume_from = resume_point(dest, saved, args, plan, say)
         cfg = RewardConfig(**hf_training_kwargs(args, dest, lr, precision, plan),
                            max_length=None, center_rewards_coefficient=args.center_rewards,
                            remove_unused_columns=False)
@@ -209,10 +205,8 @@ def run_reward(args: RewardArgs, reporter: Reporter | None = None) -> Path:
             before = pair_metrics(trainer.model, eval_rows, tok.pad_token_id, plan.micro_batch * 2)
             metrics.update(eval_accuracy_before=before.accuracy, eval_mean_margin_before=before.mean_margin)
         t0 = time.time()
-        if resume_from is not None:
-            say(f"resuming from {resume_from}")
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        raise_if_stopped(trainer, guard, dest, signals, args)
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        raise_if_stopped(trainer, guard, dest, signals)
         metrics.update(train_loss=train_loss(trainer, result.training_loss), steps=trainer.state.global_step,
                        train_seconds=round(time.time() - t0, 2))
         accs = [h["accuracy"] for h in trainer.state.log_history if "accuracy" in h]
@@ -224,8 +218,7 @@ def run_reward(args: RewardArgs, reporter: Reporter | None = None) -> Path:
                            eval_pairs=after.pairs)
             say(f"held-out pairwise accuracy {before.accuracy:.3f} -> {after.accuracy:.3f}, "
                 f"mean margin {before.mean_margin:.3f} -> {after.mean_margin:.3f} ({after.pairs} pairs)")
-        shutil.rmtree(dest / "trainer", ignore_errors=True)
-        (dest / RESUME_FILE).unlink(missing_ok=True)
+        drop_checkpoints(dest)
         save_model(trainer, tok, dest, args)
         write_metrics(trainer, dest)
         dump_yaml(args, dest / "rlhf_config.yaml", header="# rlhf reward --config rlhf_config.yaml\n")
@@ -234,6 +227,6 @@ def run_reward(args: RewardArgs, reporter: Reporter | None = None) -> Path:
         write_manifest(dest, stage="reward", parents=[str(parent.path) if parent else model_name],
                        args=to_dict(args) | {"resolved_model": str(model_path), "lr": lr}, data=data,
                        metrics=metrics | {"threads": threads, "precision": precision,
-                                          "memory": plan.to_dict() | {"measured_peak_gb": memory.measured_peak_gb()}},
+                                          "memory": plan.with_peak()},
                        started=started)
     return staged.out

@@ -10,7 +10,6 @@ gradient checkpointing on CPU, bf16 on GPUs that have it.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
-from rlhf_cli.core import memory, runtime, training
+from rlhf_cli.core import runtime, training
 from rlhf_cli.core.chat_template import training_template
 from rlhf_cli.core.config import dump_yaml, to_dict
 from rlhf_cli.core.errors import CheckpointError
@@ -73,9 +72,7 @@ def run_sft(args: SFTArgs, reporter: Reporter | None = None) -> Path:
     say(training.describe_setup(f"model {args.model}", model, args, precision, threads, lr, trainable))
 
     with StopSignals(say) as signals, staged as dest:
-        resume_from = training.complete_checkpoints(dest)[-1] if saved else None
-        if resume_from is None:
-            training.write_resume_file(dest, args, plan)
+        resume_from = training.resume_point(dest, saved, args, plan, say)
         cfg = SFTConfig(**training.hf_training_kwargs(args, dest, lr, precision, plan),
                         max_length=max_length, packing=args.packing,
                         assistant_only_loss=args.assistant_only_loss, dataset_num_proc=None)
@@ -91,10 +88,8 @@ def run_sft(args: SFTArgs, reporter: Reporter | None = None) -> Path:
         if evalset:
             metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
         t0 = time.time()
-        if resume_from is not None:
-            say(f"resuming from {resume_from}")
-        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        training.raise_if_stopped(trainer, guard, dest, signals, args)
+        result = trainer.train(resume_from_checkpoint=resume_from)
+        training.raise_if_stopped(trainer, guard, dest, signals)
         metrics.update(train_loss=training.train_loss(trainer, result.training_loss), steps=trainer.state.global_step,
                        train_seconds=round(time.time() - t0, 2),
                        tokens=int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0))
@@ -103,8 +98,7 @@ def run_sft(args: SFTArgs, reporter: Reporter | None = None) -> Path:
         metrics.update(first_loss=first, last_loss=last)
         if evalset:
             metrics["eval_loss"] = trainer.evaluate()["eval_loss"]
-        shutil.rmtree(dest / "trainer", ignore_errors=True)
-        (dest / training.RESUME_FILE).unlink(missing_ok=True)
+        training.drop_checkpoints(dest)
         training.save_model(trainer, tok, dest, args)
         training.write_metrics(trainer, dest)
         dump_yaml(args, dest / "rlhf_config.yaml", header="# rlhf sft --config rlhf_config.yaml\n")
@@ -112,6 +106,6 @@ def run_sft(args: SFTArgs, reporter: Reporter | None = None) -> Path:
         write_manifest(dest, stage="sft", parents=[str(parent.path) if parent else args.model],
                        args=to_dict(args) | {"resolved_model": str(model_path), "lr": lr}, data=data,
                        metrics=metrics | {"threads": threads, "precision": precision,
-                                          "memory": plan.to_dict() | {"measured_peak_gb": memory.measured_peak_gb()}},
+                                          "memory": plan.with_peak()},
                        started=started)
     return staged.out
