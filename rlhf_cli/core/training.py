@@ -91,15 +91,15 @@ def plan_memory(args: Any, model_path: Path, *, causal: bool, lengths: list[int]
     return plan
 
 
-def hf_training_kwargs(args: TrainArgs, out: Path, lr: float, precision: str,
-                       plan: memory.MemoryPlan | None = None) -> dict[str, Any]:
-    """TrainingArguments that suit the hardware; TRL's defaults (bf16, gradient checkpointing) hurt on CPU."""
-    micro = plan.micro_batch if plan else args.batch_size
+def hf_training_kwargs(args: TrainArgs, out: Path, lr: float, precision: str, plan: memory.MemoryPlan
+                       ) -> dict[str, Any]:
+    """TrainingArguments that suit the hardware and the memory plan; TRL's defaults (bf16, gradient
+    checkpointing) hurt on CPU."""
     return dict(
-        output_dir=str(out / "trainer"),
-        per_device_train_batch_size=micro,
-        per_device_eval_batch_size=micro,
-        gradient_accumulation_steps=plan.grad_accum if plan else args.grad_accum,
+        output_dir=str(out / CHECKPOINTS),
+        per_device_train_batch_size=plan.micro_batch,
+        per_device_eval_batch_size=plan.micro_batch,
+        gradient_accumulation_steps=plan.grad_accum,
         learning_rate=lr,
         lr_scheduler_type=args.lr_scheduler,
         warmup_steps=args.warmup_ratio,  # transformers reads a value below 1 as a fraction of the steps
@@ -110,7 +110,7 @@ def hf_training_kwargs(args: TrainArgs, out: Path, lr: float, precision: str,
         data_seed=args.seed,
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        gradient_checkpointing=plan.gradient_checkpointing if plan else args.gradient_checkpointing,
+        gradient_checkpointing=plan.gradient_checkpointing,
         logging_steps=args.logging_steps,
         logging_strategy="steps",
         **checkpoint_kwargs(args),
