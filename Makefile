@@ -39,13 +39,15 @@ demo: install
 	$(BIN)/rlhf report $(RUN)
 	@echo "talk to the result: $(BIN)/rlhf chat $(RUN)/ppo --compare $(RUN)/sft --reward $(RUN)/reward"
 
-# The report tests open the HTML report in Debian's headless Chromium.
+# The report tests open the HTML report in Debian's headless Chromium; the label web test drives it with
+# chromium-driver (Selenium).
 $(STAMPS)/chromium:
 	@mkdir -p $(STAMPS)
-	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null); } || \
-	  echo "warning: chromium is not installed (apt-get install chromium); the report test will fail"
-	@command -v chromium >/dev/null 2>&1 && touch $@ || true
+	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+	  command -v apt-get >/dev/null 2>&1 && (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install \
+	  -y -qq chromium chromium-driver >/dev/null); } || \
+	  echo "warning: chromium or chromium-driver missing (apt-get install chromium chromium-driver); tests will fail"
+	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 && touch $@ || true
 
 test: install $(STAMPS)/chromium
 	$(BIN)/python -m pytest -q

@@ -397,6 +397,22 @@ def test_prefs_ranking_ties_as_inner_list(tmp_path):
     assert ds.dropped == Counter({"tied pairs skipped": 1})
 
 
+def test_prefs_retraction_rows_cancel_the_latest_ranking_of_that_item_and_annotator(tmp_path):
+    def row(item, who, ranking):
+        return {"prompt": "q" + item, "responses": ["A", "B", "C"], "ranking": ranking, "item": item,
+                "annotator": who}
+
+    rows = [row("x", "ana", [0, 1, 2]), row("x", "bo", [2, 1, 0]), {"retract": "x", "annotator": "ana"},
+            row("x", "ana", [1, [0, 2]]), row("y", "ana", [2, 0, 1]), {"retract": "y", "annotator": "ana"},
+            {"retract": "y", "annotator": "ana"}]  # the second finds nothing left to cancel
+    ds = load_prefs(str(write_jsonl(tmp_path / "rk.jsonl", rows)))
+    assert ds.read == 7 and ds.prompts == 1
+    assert ds.dropped == Counter({"rankings undone": 2, "tied pairs skipped": 1})
+    assert sorted(_pairs(ds)) == sorted([("C", "B"), ("C", "A"), ("B", "A"), ("B", "A"), ("B", "C")])
+    with pytest.raises(DataError, match="every ranking in it was undone"):
+        load_prefs(str(write_jsonl(tmp_path / "all.jsonl", rows[4:6])))
+
+
 @pytest.mark.parametrize("ranking", [[0, 1], [0, 1, 1], [0, 1, 3], "0,1,2"])
 def test_prefs_bad_ranking_names_field(tmp_path, ranking):
     rows = [{"prompt": "q", "responses": ["A", "B", "C"], "ranking": ranking}]

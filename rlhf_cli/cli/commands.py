@@ -20,7 +20,7 @@ from rlhf_cli.core.errors import ConfigError
 from rlhf_cli.core.manifest import read_manifest
 from rlhf_cli.core.progress import fmt
 from rlhf_cli.evaluation.args import EvalPolicyArgs, EvalRewardArgs, ReportArgs
-from rlhf_cli.interact.args import ChatArgs, GenerateArgs
+from rlhf_cli.interact.args import ChatArgs, GenerateArgs, LabelArgs
 from rlhf_cli.stages.ppo.args import PPOArgs
 from rlhf_cli.stages.reward.args import RewardArgs
 from rlhf_cli.stages.sft.args import SFTArgs
@@ -152,6 +152,87 @@ def chat(args: ChatArgs) -> None:
     raise typer.Exit(code)
 
 
+def label(args: LabelArgs) -> None:
+    from rlhf_cli.interact.label import label_terminal, open_session
+
+    session = open_session(args, RichReporter("label").info)
+    if args.web:
+        from rlhf_cli.interact.label_web import serve
+
+        def ready(url: str) -> None:
+            out.print(f"rank in your browser: {esc(url)}\n(Ctrl-C stops the server; every ranking is saved the "
+                      f"moment it is made)", highlight=False, soft_wrap=True)
+            sys.stdout.flush()
+
+        try:
+            serve(session, args.host, args.port, ready)
+        except KeyboardInterrupt:
+            pass  # Ctrl-C is how the server is meant to stop
+        p = session.progress()
+        head = "server stopped: "
+    else:
+        p = label_terminal(session, input, out)
+        head = ""
+    skipped = f" ({p.skipped} skipped: shown again next time)" if p.skipped else ""
+    resume = "; run the same command again to go on" if p.done < p.total else ""
+    out.print(f"{head}{p.done} of {p.total} ranked{skipped}; {esc(session.annotator)}'s rankings are in "
+              f"{esc(str(session.out))}{resume}", highlight=False, soft_wrap=True)
+    if p.done:
+        next_command(f"rlhf reward --data {session.out}")
+
+
+class _RankByDefault(typer.core.TyperGroup):
+    """`rlhf label SAMPLES ...` is `rlhf label rank SAMPLES ...`; `rlhf label stats RANKINGS` is the other command."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["rank", *args]
+        return super().parse_args(ctx, args)
+
+
+label_app = typer.Typer(cls=_RankByDefault, no_args_is_help=True,
+                        help="Rank the K answers `rlhf generate` wrote, best first (terminal, or --web); `rlhf label "
+                             "SAMPLES --out RANKINGS` runs `rank`.")
+app.add_typer(label_app, name="label")
+
+
+@label_app.command("stats")
+def label_stats_cmd(rankings: Path = typer.Argument(..., metavar="RANKINGS", help="Rankings file from rlhf label."),
+                    json_out: bool = JSON_OPT[1], debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")
+                    ) -> None:
+    """Rankings per annotator, and how often two annotators order the same answer pair the same way."""
+    from rlhf_cli.interact.label import label_stats
+
+    try:
+        res = label_stats(rankings)
+    except Exception as e:
+        fail(e, debug)
+    if json_out:
+        return print_json(res)
+    t = Table(title=f"rankings in {esc(res['file'])}", title_justify="left")
+    for col in ("annotator", "items ranked", "with ties", "undos"):
+        t.add_column(col)
+    for name, s in res["annotators"].items():
+        t.add_row(esc(name), str(s["items"]), str(s["ties"]), str(s["undos"]))
+    out.print(t)
+    if res["agreement"]:
+        a = Table(title="agreement: answer pairs both ordered (neither tied), ordered the same way",
+                  title_justify="left")
+        for col in ("annotators", "shared items", "pairs", "agreement", "pairs left out (tied)"):
+            a.add_column(col)
+        for r in res["agreement"]:
+            a.add_row(f"{esc(r['a'])} / {esc(r['b'])}", str(r["items"]), str(r["pairs"]),
+                      "-" if r["agreement"] is None else f"{r['agreement']:.1%} ({r['agree']}/{r['pairs']})",
+                      str(r["tied_pairs"]))
+        out.print(a)
+        if res["overall_agreement"] is not None and len(res["agreement"]) > 1:
+            out.print(f"all pairs of annotators: {res['overall_agreement']:.1%} of {res['compared_pairs']} pairs",
+                      highlight=False)
+    elif len(res["annotators"]) < 2:
+        out.print("one annotator: agreement needs two people ranking the same items (--annotator NAME)",
+                  highlight=False)
+
+
 @app.command("models")
 def models_cmd(prepare: bool = typer.Option(False, "--prepare", help="Convert the embedded default model now."),
                debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
@@ -194,6 +275,9 @@ positional_command(app, "generate", GenerateArgs, generate,
                    "Sample K answers per prompt from any model into a JSONL file to rank (resumable).", "model")
 positional_command(app, "chat", ChatArgs, chat,
                    "Talk to any model; --compare several side by side and record the answer you prefer.", "model")
+positional_command(label_app, "rank", LabelArgs, label,
+                   "Rank the K answers per prompt of SAMPLES (from `rlhf generate`) into --out, best first, ties "
+                   "allowed; resumable, several annotators per file.", "samples")
 positional_command(app, "report", ReportArgs, report,
                    "Plots and a one-page HTML or Markdown report of a run's stages.", "run",
                    extra={"json_out": (bool, typer.Option(False, "--json", help="Print a JSON summary (report "

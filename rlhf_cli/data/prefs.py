@@ -1,6 +1,11 @@
 """Preferences: every accepted format -> `{"prompt": [msgs], "chosen": [assistant msg], "rejected": [assistant
 msg], "group": id, "margin": float}`; a ranked list of K answers becomes its K-choose-2 pairs, all with the
-prompt's group id."""
+prompt's group id.
+
+Ranking files that people write with `rlhf label` are append-only logs: undoing a ranking appends a retraction row
+`{"retract": ITEM, "annotator": NAME}`, which cancels the latest earlier ranking row of that `item` by that
+`annotator` (`live_records`). Appending keeps every write a single fsynced line, safe against crashes and against
+several annotators appending to one file at once; a rewrite would race with them."""
 
 from __future__ import annotations
 
@@ -27,6 +32,36 @@ from rlhf_cli.data.io import (
 )
 
 PREF_FORMATS = ("auto", "explicit", "implicit", "ranked")
+RETRACT = "retract"  # the field of a retraction row (undo in `rlhf label`)
+
+
+def live_records(records: list[Record]) -> tuple[list[Record], int]:
+    """The rows left once retraction rows have cancelled the rankings they undo, and how many were cancelled.
+
+    A retraction `{"retract": ITEM, "annotator": NAME}` cancels the latest earlier, not yet cancelled row whose
+    `item` is ITEM and whose `annotator` is NAME (a missing annotator matches a missing one); one that finds none
+    (its ranking was deleted by hand) cancels nothing."""
+    if not any(RETRACT in r.row for r in records):
+        return records, 0
+    live: list[Record | None] = []
+    open_rows: dict[tuple[Any, Any], list[int]] = {}  # (item, annotator) -> indices in `live`, oldest first
+    cancelled = 0
+    for rec in records:
+        row = rec.row
+        if RETRACT in row:
+            stack = open_rows.get((_hashable(row[RETRACT]), _hashable(row.get("annotator"))))
+            if stack:
+                live[stack.pop()] = None
+                cancelled += 1
+            continue
+        if "item" in row:
+            open_rows.setdefault((_hashable(row["item"]), _hashable(row.get("annotator"))), []).append(len(live))
+        live.append(rec)
+    return [r for r in live if r is not None], cancelled
+
+
+def _hashable(v: Any) -> Any:
+    return json.dumps(v, sort_keys=True) if isinstance(v, (list, dict)) else v
 
 
 def detect_pref_format(row: dict) -> str | None:
@@ -128,11 +163,18 @@ def load_prefs(spec: str, fmt: str = "auto", max_samples: int | None = None, fla
                use_margin: bool = False) -> DataSet:
     """Pairs from any preference format; `max_samples` counts source rows (prompts), not pairs."""
     records = read_records(spec, flag)
+    read = len(records)
+    records, retracted = live_records(records)
+    if retracted and not records:
+        raise DataError(f"{flag} {spec}: every ranking in it was undone (retracted); rank some answers with "
+                        f"`rlhf label`, or pass other data")
     require_records(records, spec, flag)
     fmt = pick_format(records[0], fmt, detect_pref_format, _PREF_EXPECTED, flag, spec, _PREF_FIELDS)
     if fmt not in PREF_FORMATS[1:]:  # else an unknown name would silently be read as implicit dialogues
         raise DataError(f"--format {fmt}: unknown preference format; expected one of {', '.join(PREF_FORMATS)}")
-    ds = DataSet([], spec, fmt, read=len(records))
+    ds = DataSet([], spec, fmt, read=read)
+    if retracted:
+        ds.drop("rankings undone", spec, retracted)
     groups: dict[str, int] = {}
     used = 0
     for rec in records:

@@ -1,4 +1,4 @@
-"""Flags of `rlhf chat` and `rlhf generate` (torch-free, so `--help` is instant)."""
+"""Flags of `rlhf chat`, `rlhf generate` and `rlhf label` (torch-free, so `--help` is instant)."""
 
 from __future__ import annotations
 
@@ -66,6 +66,32 @@ class GenerateArgs:
     seed: int = opt(42, "Random seed: the same seed, model, prompts and batch size write the same file.")
     max_samples: int | None = max_samples_field()
     overwrite: bool = opt(False, "Start --out afresh instead of resuming it.")
+    precision: str = precision_field()
+    threads: int | None = threads_field()
+    allow_pickle: bool = allow_pickle_field()
+    trust_remote_code: bool = trust_remote_code_field()
+
+
+LABEL_ORDERS = ("file", "random", "uncertain")
+
+
+@dataclass
+class LabelArgs:
+    samples: str | None = opt(None, "Answers to rank: a file written by `rlhf generate` (a prompt and its K "
+                                    "responses per line).")
+    out: str | None = opt(None, "Rankings file (JSONL) every ranking is appended to the moment it is made; an "
+                                "existing file is resumed.", metavar="FILE")
+    annotator: str | None = opt(None, "Your name, stored with each ranking (several people may rank into one "
+                                      "file) [default: the OS user name].")
+    order: str = opt("file", "Order to show items in: file order, random (seeded by --seed), or uncertain (the "
+                             "items whose answers --reward separates least first).", choices=LABEL_ORDERS)
+    seed: int = opt(0, "Seed of --order random: the same seed shows the same order (and resumes in it).")
+    reward: str | None = opt(None, "Reward model (a reward stage folder) for --order uncertain.")
+    web: bool = opt(False, "Rank in a browser: serve a local page on --host/--port instead of the terminal.")
+    host: str = opt("127.0.0.1", "With --web: the address to listen on (127.0.0.1: this machine only).")
+    port: int = opt(0, "With --web: the port (0 picks a free one); the page's address is printed.", min=0,
+                    max=65535)
+    batch_size: int = opt(16, "With --order uncertain: answers scored per reward model batch.", min=1)
     precision: str = precision_field()
     threads: int | None = threads_field()
     allow_pickle: bool = allow_pickle_field()
