@@ -14,6 +14,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -142,6 +143,13 @@ def test_bad_flags_and_files_are_one_error_line(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
     one_error(label(bad, "--out", tmp_path / "r.jsonl", input=""), 1, "bad.jsonl:1", "rlhf generate")
     one_error(invoke("label", "stats", tmp_path / "none.jsonl"), 1, "no such file")
+    one_error(label(s, "--out", "r.jsonl", "--reward", "some/rm", input=""), 2, "--reward: only used with --order "
+                                                                                 "uncertain")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        one_error(label(s, "--out", "r.jsonl", "--web", "--port", taken.getsockname()[1], input=""), 2,
+                  "cannot listen there", "--port 0")
 
 
 def test_markup_and_control_sequences_in_answers_are_shown_as_text(tmp_path):
@@ -190,6 +198,25 @@ def test_sigkill_after_a_ranking_loses_nothing_and_resumes(tmp_path):
     assert "the last line was cut off" in result.stderr
     assert [(r["source"][-1], r["ranking"]) for r in rows(out)] == [("1", [1, 0, 2, 3]), ("2", [0, 1, 2, 3])]
     assert len(load_prefs(str(out)).rows) == 12
+
+
+def test_real_terminal_ctrl_c_at_the_prompt_keeps_what_was_ranked(tmp_path):
+    import pexpect
+
+    s, out = samples(tmp_path), Path("rankings.jsonl")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", COLUMNS="100")
+    child = pexpect.spawn(sys.executable, ["-m", "rlhf_cli", "label", str(s), "--out", str(out)], cwd=tmp_path,
+                          env=env, encoding="utf-8", timeout=60)
+    child.expect_exact("q quit, ? help)> ")
+    child.sendline("2 1 3 4")
+    child.expect_exact("saved: 2 1 3 4")
+    child.expect_exact("q quit, ? help)> ")
+    child.sendintr()
+    child.expect_exact("interrupted: 1 of 4 ranked")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 130
+    assert [r["ranking"] for r in rows(tmp_path / out)] == [[1, 0, 2, 3]]
 
 
 # ---------------------------------------------------------------------------------------------------------

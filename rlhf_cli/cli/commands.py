@@ -118,8 +118,8 @@ def generate(args: GenerateArgs) -> None:
                   f"same command again to resume", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     out.print(table(f"generate finished: {res.out}", res.summary()))
-    out.print(esc("order each line's responses best first (or add \"ranking\": [best, ..., worst]), then"),
-              highlight=False, soft_wrap=True)
+    out.print(esc(f"rank the answers with `rlhf label {res.out} --out RANKINGS.jsonl` (or order each line's "
+                  f"responses best first by hand), then"), highlight=False, soft_wrap=True)
     next_command(f"rlhf reward --data {res.out}")
 
 
@@ -171,12 +171,20 @@ def label(args: LabelArgs) -> None:
         p = session.progress()
         head = "server stopped: "
     else:
-        p = label_terminal(session, input, out)
+        if sys.stdin.isatty():
+            import readline  # noqa: F401 (line editing for input())
         head = ""
+        try:
+            p = label_terminal(session, input, out)
+        except KeyboardInterrupt:  # at the prompt: every ranking made is already on disk
+            out.print()
+            p, head = session.progress(), "interrupted: "
     skipped = f" ({p.skipped} skipped: shown again next time)" if p.skipped else ""
     resume = "; run the same command again to go on" if p.done < p.total else ""
     out.print(f"{head}{p.done} of {p.total} ranked{skipped}; {esc(session.annotator)}'s rankings are in "
               f"{esc(str(session.out))}{resume}", highlight=False, soft_wrap=True)
+    if head == "interrupted: ":
+        raise typer.Exit(130)
     if p.done:
         next_command(f"rlhf reward --data {session.out}")
 

@@ -299,9 +299,8 @@ class LabelSession:
             out.parent.mkdir(parents=True, exist_ok=True)
         return session
 
-    @property
-    def by_id(self) -> dict[str, Item]:
-        return {it.id: it for it in self.items}
+    def __post_init__(self) -> None:
+        self.by_id = {it.id: it for it in self.items}
 
     def progress(self) -> Progress:
         done = set(self.ranked)
