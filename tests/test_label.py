@@ -26,7 +26,7 @@ from helpers import ROOT, invoke, ok, one_error, write_jsonl
 
 from rlhf_cli.data import load_prefs
 from rlhf_cli.interact.args import LabelArgs
-from rlhf_cli.interact.label import item_id, label_stats, open_session, parse_ranking, score_gap
+from rlhf_cli.interact.label import item_id, label_stats, load_items, open_session, parse_ranking, score_gap
 
 LETTERS = "abcd"
 
@@ -159,6 +159,8 @@ def test_markup_and_control_sequences_in_answers_are_shown_as_text(tmp_path):
     assert "say [bold]hi[/bold]" in result.stdout and "[red]red[/red] ok" in result.stdout
     assert "\x1b]0;" not in result.stdout and "pwned" not in result.stdout
     assert rows(out)[0]["responses"][0] == row["responses"][0]  # the file keeps the raw text
+    shown = load_items(str(s))[0][0].shown()  # what the web page gets
+    assert shown["responses"][0] == "[red]red[/red] ok" and shown["prompt"][0]["content"] == "say [bold]hi[/bold]"
 
 
 # ---------------------------------------------------------------------------------------------------------

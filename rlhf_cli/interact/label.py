@@ -75,8 +75,10 @@ class Item:
     model: str | None = None
     finished: list[bool] | None = None  # reached EOS, per answer (from `rlhf generate`)
 
-    def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "prompt": self.prompt, "responses": self.responses, "where": self.where,
+    def shown(self) -> dict[str, Any]:
+        """The item for a page to show: its text without terminal control sequences (`safe_text`)."""
+        return {"id": self.id, "prompt": [{"role": m["role"], "content": safe_text(m["content"])} for m in self.prompt],
+                "responses": [safe_text(r) for r in self.responses], "where": safe_text(self.where),
                 "model": self.model, "finished": self.finished}
 
 

@@ -59,7 +59,7 @@ class TokenGate:
 def _state(session: LabelSession, **extra: Any) -> JSONResponse:
     item = session.current()
     body = {"annotator": session.annotator, "progress": session.progress().to_json(),
-            "item": item.to_json() if item else None, "can_undo": bool(session.ranked), **extra}
+            "item": item.shown() if item else None, "can_undo": bool(session.ranked), **extra}
     return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
 
