@@ -140,6 +140,8 @@ def test_bad_flags_and_files_are_one_error_line(tmp_path):
     one_error(label(s, "--out", tmp_path / "r.jsonl", "--order", "uncertain", input=""), 2,
               "--order uncertain: needs --reward RM")
     one_error(label(s, "--out", s, input=""), 2, "is the samples file itself")
+    shutil.copy(s, "copy.jsonl")
+    one_error(label(s, "--out", "copy.jsonl", input=""), 2, "--out copy.jsonl: line 1 is not a ranking")
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
     one_error(label(bad, "--out", tmp_path / "r.jsonl", input=""), 1, "bad.jsonl:1", "rlhf generate")
     one_error(invoke("label", "stats", tmp_path / "none.jsonl"), 1, "no such file")

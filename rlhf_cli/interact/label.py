@@ -292,6 +292,11 @@ class LabelSession:
             session.repaired = repair_jsonl_tail(out)
             _, live, _ = read_rankings(out)
             for rec in live:
+                if not any(k in rec.row for k in ("ranking", "scores", "chosen")):
+                    # a samples file (or a list of answers without an order) would read as ranked best first
+                    raise ConfigError(f"--out {out}: line {rec.where.rsplit(':', 1)[1]} is not a ranking (no "
+                                      f"\"ranking\" field; a file from `rlhf generate`?); choose another --out "
+                                      f"for the rankings")
                 if rec.row.get("annotator") == annotator and RETRACT not in rec.row:
                     i = row_item(rec)
                     if i in session.ranked:  # ranked twice (two sessions at once): the later one counts
