@@ -1,0 +1,20 @@
+"""`rlhf pipeline` flags (torch-free, so `--help` is instant)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rlhf_cli.core.config import opt
+
+# What --from names: the round-1 stages in recipe order (stage3 is also accepted under its algorithm's folder name)
+FROM_STAGES = ("sft", "reward", "stage3", "eval")
+
+
+@dataclass
+class PipelineArgs:
+    recipe: str | None = opt(None, "Recipe YAML: the run folder, the model, and one section per stage (sft, reward, "
+                                   "stage3, eval), each holding what that stage's --config file would.",
+                             metavar="RECIPE")
+    from_stage: str | None = opt(None, "Redo this stage and everything after it, replacing what is there (default: "
+                                       "run only what is missing or whose settings changed).", flag="--from",
+                                 choices=FROM_STAGES, metavar="STAGE")
