@@ -26,6 +26,7 @@ _API = {
     "ReportArgs": "rlhf_cli.evaluation.args", "make_report": "rlhf_cli.evaluation.report",
     "GenerateArgs": "rlhf_cli.interact.args", "run_generate": "rlhf_cli.interact.generate",
     "ChatArgs": "rlhf_cli.interact.args", "ChatSession": "rlhf_cli.interact.chat",
+    "load_recipe": "rlhf_cli.pipeline.recipe", "run_pipeline": "rlhf_cli.pipeline.run",
     "RLHFError": "rlhf_cli.core.errors", "ConfigError": "rlhf_cli.core.errors", "DataError": "rlhf_cli.core.errors",
     "CheckpointError": "rlhf_cli.core.errors",
 }

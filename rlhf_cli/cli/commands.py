@@ -169,7 +169,7 @@ def pipeline(args: PipelineArgs) -> None:
 
     if args.recipe is None:
         raise ConfigError("RECIPE: missing; pass a recipe YAML, such as `rlhf pipeline examples/recipes/demo.yaml`")
-    recipe = load_recipe(args.recipe)  # the whole recipe is checked before anything runs
+    recipe = load_recipe(args.recipe, args.run)  # the whole recipe is checked before anything runs
     from rlhf_cli.pipeline.run import Paused, run_pipeline
 
     def reporter(name: str) -> RichReporter:

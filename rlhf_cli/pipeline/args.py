@@ -15,6 +15,7 @@ class PipelineArgs:
     recipe: str | None = opt(None, "Recipe YAML: the run folder, the model, and one section per stage (sft, reward, "
                                    "stage3, eval), each holding what that stage's --config file would.",
                              metavar="RECIPE")
+    run: str | None = opt(None, "Run folder, instead of the recipe's `run:` (for example `make demo RUN=runs/x`).")
     from_stage: str | None = opt(None, "Redo this stage and everything after it, replacing what is there (default: "
                                        "run only what is missing or whose settings changed).", flag="--from",
                                  choices=FROM_STAGES, metavar="STAGE")

@@ -202,8 +202,9 @@ def _require_file(spec: Any, section: str, key: str, where: _Where, what: str) -
         raise ConfigError(f"{where(section, key)}: {spec}: no such file; expected {what}")
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Read and check the whole recipe; the first problem is one ConfigError naming the file, section and key."""
+def load_recipe(path: str | Path, run: str | None = None) -> Recipe:
+    """Read and check the whole recipe; the first problem is one ConfigError naming the file, section and key.
+    `run` replaces the recipe's run folder."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"RECIPE {path}: no such file; expected a recipe YAML, such as examples/recipes/demo.yaml")
@@ -216,6 +217,8 @@ def load_recipe(path: str | Path) -> Recipe:
         if str(key) not in TOP_KEYS:
             raise ConfigError(f"{where(str(key))}: unknown key {key!r}; expected one of: {', '.join(TOP_KEYS)}"
                               + near_key(str(key), TOP_KEYS))
+    if run is not None:
+        raw["run"] = run
     if not raw.get("run"):
         raise ConfigError(f"{where(None)}: `run:` missing; expected the run folder, such as `run: runs/demo`")
     model = str(raw.get("model") or DEFAULT_MODEL)

@@ -220,8 +220,8 @@ class Pipeline:
     def data_changed(self, m: Any, args: Any) -> str | None:
         """The training data's fingerprint against the manifest's, where the stage records one for the whole
         file (no held-out split cut from it)."""
-        recorded = (m.data.get("train") or m.data.get("prompts") or {}).get("fingerprint") \
-            if isinstance(m.data, dict) else None
+        data = m.data.get("data") if isinstance(m.data.get("data"), dict) else {}
+        recorded = (data.get("train") or data.get("prompts") or {}).get("fingerprint")
         if recorded is None or getattr(args, "eval_split", 0):
             return None
         from rlhf_cli.data import load_prefs, load_prompts, load_sft
@@ -233,7 +233,7 @@ class Pipeline:
             elif m.stage == "reward":
                 now = load_prefs(args.data, args.format, args.max_samples, use_margin=args.margin).fingerprint()
                 spec = args.data
-            elif getattr(args, "prompts", None) is not None and "prompts" in m.data:
+            elif getattr(args, "prompts", None) is not None and "prompts" in data:
                 now = load_prompts(args.prompts, args.max_samples).fingerprint()
                 spec = args.prompts
             else:
