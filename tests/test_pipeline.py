@@ -248,3 +248,19 @@ def test_shipped_recipes_validate(name, monkeypatch):
 def test_shipped_recipe_names():
     assert {p.name for p in (ROOT / "examples" / "recipes").glob("*.yaml")} >= {
         "demo.yaml", "two_rounds_cpu.yaml", "gpu_0.5b.yaml"}
+
+
+def test_recipe_check_loads_no_torch():
+    """Checking a recipe (and `rlhf pipeline --help`) loads no heavy library: stages are imported when they run."""
+    code = ("import sys; from rlhf_cli.pipeline.recipe import load_recipe; load_recipe('examples/recipes/demo.yaml');"
+            " import rlhf_cli.cli; print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', "
+            "'trl', 'matplotlib'}))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                          env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_sft_model_in_its_section_must_match_the_top(tiny, tmp_path):
+    recipe = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run", sft={"model": "other/model"})
+    text = " ".join(pipeline(recipe, code=2).stderr.split())
+    assert "sft: key 'model': other/model differs from the recipe's top-level" in text

@@ -230,9 +230,11 @@ def load_recipe(path: str | Path, run: str | None = None) -> Recipe:
 
     # sft
     sft = _section(raw, "sft", where, True)
-    if "model" in sft:
-        raise ConfigError(f"{where('sft', 'model')}: the model to start from is the recipe's top-level `model:`; "
-                          f"move it there")
+    if "model" in sft:  # as in an `rlhf sft --config` file; one model only, said once
+        if raw.get("model") is not None and str(sft["model"]) != model:
+            raise ConfigError(f"{where('sft', 'model')}: {sft['model']} differs from the recipe's top-level "
+                              f"`model: {model}`; give the model to start from once, at the top")
+        model = str(sft.pop("model"))
     _refuse_owned(sft, OWNED["sft"], "sft", where, "it writes RUN/sft")
     sft = _check_args(SFTArgs, sft, {"model": model}, "sft", where, load_class("rlhf_cli.core.args:check_train_args"))
     for k in ("data", "eval_data"):

@@ -358,6 +358,11 @@ class Pipeline:
         out = folder / "rankings.jsonl"
         rows = [row for _, row in json_lines(samples.read_text(encoding="utf-8").splitlines())]
         missing, stale = self.uncovered(rows, out)
+        judge = self.recipe.auto_label
+        meta = folder / "rankings.json"  # which judge ranked them (auto_label), so a judge made again re-ranks
+        judged = {"judge": _norm(judge), "judge_finished": _finished(Path(judge))} if judge else None
+        if judged and meta.is_file() and json.loads(meta.read_text(encoding="utf-8")) != judged:
+            missing = list(range(len(rows)))
         if not missing:
             self.record(StageRun(k, "rankings", out, "skipped", 0.0, {"prompts": len(rows)}, "every prompt ranked"))
             return out
@@ -369,6 +374,7 @@ class Pipeline:
                          f"{self.recipe.path}` again to continue")
         t0 = time.time()
         self.auto_rank(rows, out)
+        atomic_write_text(meta, json.dumps(judged, indent=1) + "\n")
         self.remade.add(_norm(out))
         self.record(StageRun(k, "rankings", out, "ran", round(time.time() - t0, 2), {"prompts": len(rows)},
                              f"ranked by {self.recipe.auto_label}"))
