@@ -163,6 +163,7 @@ def test_two_auto_labelled_rounds_chain(tiny, tmp_path):
     ppo2 = read_manifest(r2 / "ppo")
     assert ppo2.data["parents"] == [str(run / "ppo"), str(r2 / "reward")]
     assert read_manifest(run / "ppo").data["parents"] == [str(run / "sft"), str(run / "reward")]
+    assert (run / "report.html").is_file() and (r2 / "report.html").is_file()
     ev2 = json.loads((r2 / "eval.json").read_text())["results"]
     assert ev2["round"] == 2 and "win_rate_vs_previous" in ev2 and "rm_accuracy" in ev2
     round_rows = [x for x in out.stdout.splitlines() if x.startswith(("│ 1 ", "│ 2 "))]  # the rounds table
@@ -264,3 +265,10 @@ def test_sft_model_in_its_section_must_match_the_top(tiny, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", tiny, tmp_path / "run", sft={"model": "other/model"})
     text = " ".join(pipeline(recipe, code=2).stderr.split())
     assert "sft: key 'model': other/model differs from the recipe's top-level" in text
+
+
+def test_from_names_this_recipes_stage3(tiny, tmp_path):
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny, run)
+    text = " ".join(pipeline(recipe, "--from", "dpo", code=2).stderr.split())
+    assert "--from dpo: this recipe's stage 3 is ppo (algo ppo)" in text and not (run / "sft").exists()

@@ -123,7 +123,9 @@ class Pipeline:
                  on_stage: Callable[[StageRun], None] | None = None):
         if from_stage is not None and from_stage not in FROM_STAGES:
             if from_stage != recipe.algo.stage:
-                raise ConfigError(f"--from {from_stage}: expected one of: {', '.join(FROM_STAGES)}")
+                raise ConfigError(f"--from {from_stage}: this recipe's stage 3 is {recipe.algo.stage} "
+                                  f"(algo {recipe.algo_name}); expected one of: {', '.join(FROM_STAGES)}, "
+                                  f"{recipe.algo.stage}")
             from_stage = "stage3"
         self.recipe, self.from_stage = recipe, from_stage
         self.reporter_for = reporter_for or (lambda name: Reporter())
@@ -495,8 +497,15 @@ class Pipeline:
             return str(dest)
         t0 = time.time()
         res = make_report(ReportArgs(run=str(self.recipe.run)), self.reporter_for("report"))
+        plots = len(res["plots"])
+        # `rlhf report` reads the stage folders right under a run folder: a later round's folder is a run folder
+        # of its own (its reward and stage-3 folders), with a report of its own
+        for k in range(2, self.recipe.rounds + 1):
+            folder = self.recipe.run / f"round{k}"
+            plots += len(make_report(ReportArgs(run=str(folder), title=f"rlhf report: {folder} (round {k})"),
+                                     self.reporter_for("report"))["plots"])
         self.record(StageRun(0, "report", Path(res["report"]), "ran", round(time.time() - t0, 2),
-                             {"stages": len(res["stages"]), "plots": len(res["plots"])}, ""))
+                             {"rounds": self.recipe.rounds, "plots": plots}, ""))
         return res["report"]
 
     def write_summary(self, report: str | None) -> None:
