@@ -473,13 +473,12 @@ class Pipeline:
                               self.reporter_for("eval reward"))
             results["rm_accuracy"] = acc["accuracy"]
         base = ev | {"model": str(policy), "reward": judge}
-        if _norm(previous) != _norm(sft):
-            vs_previous = eval_policy(EvalPolicyArgs(**base | {"baseline": str(previous)}),
-                                      self.reporter_for("eval policy"))
+        first_round = _norm(previous) == _norm(sft)  # round 1: the previous policy is the sft model
+        vs_previous = None if first_round else eval_policy(EvalPolicyArgs(**base | {"baseline": str(previous)}),
+                                                           self.reporter_for("eval policy"))
         # against the sft stage last: its eval_policy.json stays in the policy's folder for `rlhf report`
         vs_sft = eval_policy(EvalPolicyArgs(**base | {"baseline": str(sft)}), self.reporter_for("eval policy"))
-        if _norm(previous) == _norm(sft):
-            vs_previous = vs_sft
+        vs_previous = vs_previous or vs_sft
         results |= {"mean_score": vs_sft["mean_score"], "kl_to_sft": vs_sft["kl"], "win_rate_vs_sft":
                     vs_sft["win_rate"], "win_rate_vs_previous": vs_previous["win_rate"], "prompts": vs_sft["prompts"]}
         atomic_write_text(dest, json.dumps({"key": key, "results": results}, indent=1, default=str) + "\n")
