@@ -28,15 +28,7 @@ $(STAMPS)/install: pyproject.toml
 
 demo: install
 	$(BIN)/rlhf models --prepare
-	@if [ -f $(RUN)/sft/rlhf_manifest.json ]; then echo "skip: $(RUN)/sft is done"; \
-	  else $(BIN)/rlhf sft --config examples/configs/demo_sft.yaml --run $(RUN); fi
-	@if [ -f $(RUN)/reward/rlhf_manifest.json ]; then echo "skip: $(RUN)/reward is done"; \
-	  else $(BIN)/rlhf reward --config examples/configs/demo_reward.yaml --run $(RUN); fi
-	@if [ -f $(RUN)/ppo/rlhf_manifest.json ]; then echo "skip: $(RUN)/ppo is done"; \
-	  else $(BIN)/rlhf ppo --config examples/configs/demo_ppo.yaml --run $(RUN); fi
-	$(BIN)/rlhf eval reward --run $(RUN) --data examples/data/prefs_explicit.jsonl
-	$(BIN)/rlhf eval policy --run $(RUN) --prompts examples/data/prompts.jsonl --max-samples 16 --max-new-tokens 48
-	$(BIN)/rlhf report $(RUN)
+	$(BIN)/rlhf pipeline examples/recipes/demo.yaml --run $(RUN)
 	@echo "talk to the result: $(BIN)/rlhf chat $(RUN)/ppo --compare $(RUN)/sft --reward $(RUN)/reward"
 
 # The report tests open the HTML report in Debian's headless Chromium; the label web test drives it with

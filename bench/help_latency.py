@@ -14,5 +14,5 @@ p.add_argument("-n", type=int, default=10)
 n = p.parse_args().n
 trl = [str(BIN / "trl"), "--help"]
 for cmd in ([], ["sft"], ["reward"], ["ppo"], ["eval", "reward"], ["eval", "policy"], ["generate"], ["chat"],
-            ["report"], ["models"]):
+            ["report"], ["models"], ["pipeline"]):
     ab(" ".join(["rlhf", *cmd, "--help"]) + " vs trl --help", [str(BIN / "rlhf"), *cmd, "--help"], trl, n)

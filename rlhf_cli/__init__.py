@@ -28,6 +28,7 @@ _API = {
     "ChatArgs": "rlhf_cli.interact.args", "ChatSession": "rlhf_cli.interact.chat",
     "LabelArgs": "rlhf_cli.interact.args", "LabelSession": "rlhf_cli.interact.label",
     "label_stats": "rlhf_cli.interact.label",
+    "load_recipe": "rlhf_cli.pipeline.recipe", "run_pipeline": "rlhf_cli.pipeline.run",
     "RLHFError": "rlhf_cli.core.errors", "ConfigError": "rlhf_cli.core.errors", "DataError": "rlhf_cli.core.errors",
     "CheckpointError": "rlhf_cli.core.errors",
 }

@@ -335,8 +335,6 @@ WRONG_STAGES = [  # (id, arguments, fragments): R the reward stage, S the sft st
      ["--policy {R}: is a reward stage, expected an sft stage", "rlhf sft"]),
     ("sft-model-is-reward", ["sft", "--model", "R", "--data", "D", "--out", "O"],
      ["--model {R}: is a reward stage", "rlhf sft"]),
-    ("reward-model-is-reward", ["reward", "--model", "R", "--data", "PREFS", "--out", "O"],
-     ["--model {R}: is a reward stage, expected an sft stage"]),
     ("chat-with-reward", ["chat", "R", "--prompt", "hi"], ["MODEL {R}: is a reward stage", "cannot write them"]),
     ("generate-with-reward", ["generate", "R", "--prompts", "P", "--out", "O"], ["MODEL {R}: is a reward stage"]),
     ("ppo-reward-is-sft", ["ppo", "--policy", "S", "--reward", "S", "--prompts", "P", "--out", "O"],

@@ -21,6 +21,7 @@ from rlhf_cli.core.manifest import read_manifest
 from rlhf_cli.core.progress import fmt
 from rlhf_cli.evaluation.args import EvalPolicyArgs, EvalRewardArgs, ReportArgs
 from rlhf_cli.interact.args import ChatArgs, GenerateArgs, LabelArgs
+from rlhf_cli.pipeline.args import PipelineArgs
 from rlhf_cli.stages.ppo.args import PPOArgs
 from rlhf_cli.stages.reward.args import RewardArgs
 from rlhf_cli.stages.sft.args import SFTArgs
@@ -239,6 +240,46 @@ def label_stats_cmd(rankings: Path = typer.Argument(..., metavar="RANKINGS", hel
     elif len(res["annotators"]) < 2:
         out.print("one annotator: agreement needs two people ranking the same items (--annotator NAME)",
                   highlight=False)
+def _pipeline_stage_table(s) -> Table:
+    """One finished step of `rlhf pipeline`: stage, status, time, key figures."""
+    t = Table(title_justify="left", show_edge=False)
+    for col in ("round", "stage", "status", "time", "key metrics", "folder"):
+        t.add_column(col, overflow="fold")
+    figures = ", ".join(f"{k} {fmt(v)}" for k, v in s.metrics.items() if isinstance(v, (int, float)))
+    status = s.status + (f" ({s.why})" if s.why and s.status != "skipped" else "")
+    t.add_row(str(s.round or ""), s.name, esc(status), f"{s.seconds:.0f} s", esc(figures), esc(str(s.folder)))
+    return t
+
+
+def pipeline(args: PipelineArgs) -> None:
+    from rlhf_cli.pipeline.recipe import load_recipe
+
+    if args.recipe is None:
+        raise ConfigError("RECIPE: missing; pass a recipe YAML, such as `rlhf pipeline examples/recipes/demo.yaml`")
+    recipe = load_recipe(args.recipe, args.run)  # the whole recipe is checked before anything runs
+    from rlhf_cli.pipeline.run import Paused, run_pipeline
+
+    def reporter(name: str) -> RichReporter:
+        return RichReporter(name, shown=None) if name == "ppo" else RichReporter(name)
+
+    try:
+        res = run_pipeline(recipe, args.from_stage, reporter, lambda s: out.print(_pipeline_stage_table(s)))
+    except Paused as e:
+        err.print(f"[yellow]paused:[/] {esc(str(e))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(e.exit_code) from None
+    t = Table(title=f"rounds of {res.run}", title_justify="left")
+    cols = (("round", "round"), ("rm_accuracy", "held-out RM accuracy"), ("mean_score", "mean score"),
+            ("kl_to_sft", "KL to sft"), ("win_rate_vs_sft", "win rate vs sft"),
+            ("win_rate_vs_previous", "win rate vs previous round"))
+    for _, name in cols:
+        t.add_column(name)
+    for row in res.rounds:
+        t.add_row(*(fmt(row.get(k)) if row.get(k) is not None else "-" for k, _ in cols))
+    out.print(t)
+    if res.report:
+        out.print(f"report: {esc(res.report)}", highlight=False, soft_wrap=True)
+    out.print(f"talk to the result: rlhf chat {esc(str(res.policy))} --compare {esc(str(res.sft))} --reward "
+              f"{esc(str(res.reward))}", highlight=False, soft_wrap=True)
 
 
 @app.command("models")
@@ -286,6 +327,9 @@ positional_command(app, "chat", ChatArgs, chat,
 positional_command(label_app, "rank", LabelArgs, label,
                    "Rank the K answers per prompt of SAMPLES (from `rlhf generate`) into --out, best first, ties "
                    "allowed; resumable, several annotators per file.", "samples")
+positional_command(app, "pipeline", PipelineArgs, pipeline,
+                   "The whole recipe from one YAML file (sft -> reward -> stage 3 -> eval -> report, in rounds); "
+                   "skips finished stages, resumes an unfinished one.", "recipe")
 positional_command(app, "report", ReportArgs, report,
                    "Plots and a one-page HTML or Markdown report of a run's stages.", "run",
                    extra={"json_out": (bool, typer.Option(False, "--json", help="Print a JSON summary (report "

@@ -122,20 +122,27 @@ def near_key(name: str, known: Iterable[str]) -> str:
 def resolve(cls: type, config: str | Path | None = None, flags: dict[str, Any] | None = None) -> Any:
     """Build `cls` from its defaults, then the YAML file, then the flags that were given (not None)."""
     known = {f.name: (f, tp) for f, tp in fields_of(cls)}
-    values: dict[str, Any] = {}
-    if config is not None:
-        for key, value in load_yaml(config).items():
-            name = str(key).replace("-", "_")
-            if name not in known:
-                raise ConfigError(f"{config}: unknown key {key!r}; expected one of: {', '.join(sorted(known))}"
-                                  + near_key(name, known))
-            values[name] = _coerce(value, known[name][1], f"{config}: key {key!r}")
+    values = mapping_values(cls, load_yaml(config), str(config)) if config is not None else {}
     for name, value in (flags or {}).items():
         if value is not None:
             values[name] = _coerce(value, known[name][1], flag_of(name))
     args = cls(**values)
     validate(args)
     return args
+
+
+def mapping_values(cls: type, mapping: dict[str, Any], where: str) -> dict[str, Any]:
+    """The settings of a YAML mapping as `cls` field values: keys checked (unknown -> one error with "did you
+    mean"), values coerced to the field types; `where` names the mapping in errors (a file, a recipe section)."""
+    known = {f.name: tp for f, tp in fields_of(cls)}
+    values: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise ConfigError(f"{where}: unknown key {key!r}; expected one of: {', '.join(sorted(known))}"
+                              + near_key(name, known))
+        values[name] = _coerce(value, known[name], f"{where}: key {key!r}")
+    return values
 
 
 def flag_of(name: str) -> str:

@@ -68,10 +68,13 @@ def pick_start_model(args: RewardArgs, say: Callable[[str], None]) -> tuple[str,
                 f"model: pass --model SFT_DIR)")
             args.model = DEFAULT_MODEL
     parent = manifest_if_stage(args.model)
-    if parent is not None and not is_policy(parent.stage):
+    if parent is not None and parent.stage == "reward":
+        # a later round of the recipe (`rlhf pipeline`, reward_init: previous) goes on training the last RM
+        say(f"--model {args.model}: a reward stage; training goes on from its weights and score head")
+    elif parent is not None and not is_policy(parent.stage):
         raise CheckpointError(
-            f"--model {args.model}: is {a_stage(parent.stage)}, expected an sft stage, made by "
-            f"`{command_for('sft')}`")
+            f"--model {args.model}: is {a_stage(parent.stage)}, expected an sft stage (or a reward stage to go on "
+            f"training), made by `{command_for('sft')}`")
     return args.model, parent
 
 
