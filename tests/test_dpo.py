@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -132,22 +133,36 @@ def test_dpo_folder_is_a_normal_causal_lm_that_chat_answers_with(w):
 
 @pytest.mark.parametrize("method,loss,trainer", [("kto", "kto", "trl.KTOTrainer"),
                                                  ("orpo", "orpo", "trl.experimental.orpo.ORPOTrainer"),
-                                                 ("cpo", "sigmoid", "trl.experimental.cpo.CPOTrainer"),
+                                                 ("cpo", "hinge", "trl.experimental.cpo.CPOTrainer"),
                                                  ("simpo", "simpo", "trl.experimental.cpo.CPOTrainer")])
 def test_every_method_trains_end_to_end(w, method, loss, trainer):
-    out = w.root / method
     ev = write_jsonl(w.root / f"ev_{method}.jsonl", yes_no(2, start=200))
-    ok(invoke("dpo", "--model", w.tiny, "--data", w.data, "--max-samples", 4, "--eval-data", ev, "--out", out,
-              "--method", method, "--max-steps", 1, "--batch-size", 2, "--lr", "1e-3", *FAST))
+    where = ["--model", w.tiny, "--out", w.root / method]
+    if method == "simpo":  # --run: starts from RUN/sft, writes RUN/dpo
+        run = w.root / "run"
+        shutil.copytree(w.tiny, run / "sft")
+        write_manifest(run / "sft", stage="sft", parents=["x"], args={}, data={}, metrics={}, started=time.time())
+        where = ["--run", run]
+    if method == "cpo":  # --config: settings from YAML (a flag would override them)
+        cfg = w.root / "cpo.yaml"
+        cfg.write_text("method: cpo\nloss: hinge\nbeta: 0.2\n", encoding="utf-8")
+        where += ["--config", cfg]
+    else:
+        where += ["--method", method]
+    ok(invoke("dpo", *where, "--data", w.data, "--max-samples", 4, "--eval-data", ev, "--max-steps", 1,
+              "--batch-size", 2, "--lr", "1e-3", *FAST))
+    out = w.root / "run" / "dpo" if method == "simpo" else w.root / method
     m = manifest(out)
     assert m["stage"] == "dpo"
     assert (m["args"]["method"], m["args"]["loss"], m["args"]["trainer"]) == (method, loss, trainer)
-    assert m["args"]["beta"] == (2.0 if method == "simpo" else 0.1)
+    assert m["args"]["beta"] == {"simpo": 2.0, "cpo": 0.2}.get(method, 0.1)
     assert m["metrics"]["steps"] == 1 and "eval_loss" in m["metrics"] and "eval_reward_margin" in m["metrics"]
     if method == "kto":  # 4 pairs -> 4 desirable and 4 undesirable answers
         assert m["metrics"]["rows"] == 8 and m["metrics"]["eval_rows"] == 4
     else:
         assert m["metrics"]["pairs"] == 4 and "eval_reward_accuracy" in m["metrics"]
+    if method == "simpo":
+        assert m["parents"] == [str(w.root / "run" / "sft")]
     assert (out / "model.safetensors").is_file()
 
 
@@ -189,6 +204,9 @@ def test_resume_continues_from_the_checkpoint(w):
     with pytest.raises(Interrupted, match="stopped by SIGTERM at step 2 of 4"):
         run_dpo(args, StopAt(2))
     assert not out.exists() and (out.with_name("cut.partial") / "trainer" / "checkpoint-2").is_dir()
+    other = [f if f != "orpo" else "cpo" for f in flags]
+    one_error(invoke("dpo", *other, "--resume"), ConfigError.exit_code,
+              "--method cpo: the run being resumed used orpo; resume with the same settings")
     result = ok(invoke("dpo", *flags, "--resume"))
     assert "resuming from" in result.stderr and "checkpoint-2" in result.stderr
     assert manifest(out)["metrics"]["steps"] == 4

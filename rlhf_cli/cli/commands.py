@@ -83,7 +83,8 @@ def dpo(args: DPOArgs) -> None:
         out.print(f"{folder} holds the LoRA adapter only (--no-lora-merge): load it with peft on top of "
                   f"{args.model}", highlight=False, soft_wrap=True)
         return
-    next_command(f"rlhf eval policy --model {folder} --baseline {args.model} --reward RM_DIR --prompts PROMPTS.jsonl")
+    rm = Path(args.run) / "reward" if args.run and (Path(args.run) / "reward").is_dir() else "RM_DIR"
+    next_command(f"rlhf eval policy --model {folder} --baseline {args.model} --reward {rm} --prompts PROMPTS.jsonl")
 
 
 def eval_reward(args: EvalRewardArgs, json_out: bool = False) -> None:
