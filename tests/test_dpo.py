@@ -168,12 +168,16 @@ def test_every_method_trains_end_to_end(w, method, loss, trainer):
 
 def test_ranked_lists_with_lora_merge_into_a_full_model(w):
     out = w.root / "lora"
-    ok(invoke("dpo", "--model", w.tiny, "--data", EXAMPLES / "prefs_ranked.jsonl", "--max-samples", 2, "--out",
-              out, "--lora", "--lora-r", 4, "--max-steps", 1, "--batch-size", 2, "--threads", 1,
-              "--max-length", 128))
+    ok(invoke("dpo", "--model", w.tiny, "--data", EXAMPLES / "prefs_ranked.jsonl", "--max-samples", 3,
+              "--eval-split", 0.3, "--out", out, "--lora", "--lora-r", 4, "--max-steps", 1, "--batch-size", 2,
+              "--lr", "1e-2", "--warmup-ratio", 0, "--threads", 1, "--max-length", 128))
     m = manifest(out)
-    assert (m["metrics"]["pairs"], m["metrics"]["prompts"]) == (12, 2)  # two ranked lists of 4: 6 pairs each
+    # three ranked lists of 4 answers: 6 pairs each, one list held out by prompt
+    assert (m["metrics"]["pairs"], m["metrics"]["prompts"], m["metrics"]["eval_pairs"]) == (12, 2, 6)
     assert m["args"]["reference"] == "reference: the start model (LoRA adapters off)"
+    # fresh adapters add nothing, so before training the policy is exactly its reference: every margin is 0
+    assert m["metrics"]["eval_reward_margin_before"] == pytest.approx(0.0, abs=1e-6)
+    assert m["metrics"]["eval_reward_margin"] != 0.0
     # one copy of the weights in memory: the reference is the same weights with the adapters off
     full = manifest(w.out)["metrics"]["memory"]["parts_gb"]["weights"]
     assert m["metrics"]["memory"]["parts_gb"]["weights"] == pytest.approx(full / 2, abs=0.001)
