@@ -65,7 +65,7 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from rlhf_cli.core import runtime, training
 from rlhf_cli.core.args import DEFAULT_MODEL
-from rlhf_cli.core.config import dump_yaml, to_dict
+from rlhf_cli.core.config import dump_yaml, to_dict, validate
 from rlhf_cli.core.errors import CheckpointError, ConfigError, DataError
 from rlhf_cli.core.interrupt import StopSignals
 from rlhf_cli.core.manifest import Manifest, manifest_if_stage, require_stage, write_manifest
@@ -90,6 +90,7 @@ EVAL_FIGURES = {"eval_loss": "eval_loss", "eval_rewards/margins": "eval_reward_m
 
 def resolve_method(args: DPOArgs) -> None:
     """The loss and beta the method runs with (written back into args, so the manifest and a resume see them)."""
+    validate(args)
     losses = LOSSES[args.method]
     args.loss = args.loss or losses[0]
     if args.loss not in losses:
