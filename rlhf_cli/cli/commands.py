@@ -22,6 +22,7 @@ from rlhf_cli.core.progress import fmt
 from rlhf_cli.evaluation.args import EvalPolicyArgs, EvalRewardArgs, ReportArgs
 from rlhf_cli.interact.args import ChatArgs, GenerateArgs, LabelArgs
 from rlhf_cli.pipeline.args import PipelineArgs
+from rlhf_cli.stages.dpo.args import DPOArgs
 from rlhf_cli.stages.ppo.args import PPOArgs
 from rlhf_cli.stages.reward.args import RewardArgs
 from rlhf_cli.stages.sft.args import SFTArgs
@@ -71,6 +72,20 @@ def ppo(args: PPOArgs) -> None:
         return
     out.print(table(f"ppo finished: {folder}", m.metrics))
     next_command(f"rlhf chat {folder}")
+
+
+def dpo(args: DPOArgs) -> None:
+    from rlhf_cli.stages.dpo.train import run_dpo
+
+    folder = run_dpo(args, RichReporter("dpo", shown=("loss", "rewards/margins", "rewards/accuracies",
+                                                      "learning_rate", "tokens/s")))
+    out.print(table(f"dpo ({args.method}) finished: {folder}", read_manifest(folder).metrics))
+    if args.lora and not args.lora_merge:
+        out.print(f"{folder} holds the LoRA adapter only (--no-lora-merge): load it with peft on top of "
+                  f"{args.model}", highlight=False, soft_wrap=True)
+        return
+    rm = Path(args.run) / "reward" if args.run and (Path(args.run) / "reward").is_dir() else "RM_DIR"
+    next_command(f"rlhf eval policy --model {folder} --baseline {args.model} --reward {rm} --prompts PROMPTS.jsonl")
 
 
 def eval_reward(args: EvalRewardArgs, json_out: bool = False) -> None:
@@ -315,6 +330,8 @@ args_command(app, "sft", SFTArgs, sft, "Stage 1: supervised fine-tuning on <prom
 args_command(app, "reward", RewardArgs, reward, "Stage 2: train a reward model on preference pairs or ranked lists.")
 args_command(app, "ppo", PPOArgs, ppo,
              "Stage 3: PPO against the reward model with a KL penalty to the SFT policy (or --algo grpo|rloo).")
+args_command(app, "dpo", DPOArgs, dpo,
+             "Train the policy on preferences without a reward model: DPO, or --method kto|orpo|cpo|simpo.")
 args_command(eval_app, "reward", EvalRewardArgs, eval_reward,
              "Pairwise accuracy and mean margin of a reward model on a preference file.", extra={"json_out": JSON_OPT})
 args_command(eval_app, "policy", EvalPolicyArgs, eval_policy,

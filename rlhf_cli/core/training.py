@@ -71,8 +71,10 @@ def load_train_eval(args: TrainArgs, load: Callable[..., DataSet], say: Callable
 
 
 def plan_memory(args: Any, model_path: Path, *, causal: bool, lengths: list[int], seqs_per_example: int,
-                precision: str, say: Callable[[str], None], saved: dict | None = None) -> memory.MemoryPlan:
-    """The memory plan of a stage (see `rlhf_cli.core.memory`), said in one line, before any weight loads."""
+                precision: str, say: Callable[[str], None], saved: dict | None = None,
+                reference: bool = False) -> memory.MemoryPlan:
+    """The memory plan of a stage (see `rlhf_cli.core.memory`), said in one line, before any weight loads.
+    `reference`: a frozen copy of the model is held beside it (DPO's reference model)."""
     shape = memory.ModelShape.of(model_path)
     trainable = memory.trainable_params(shape, lora=bool(getattr(args, "lora", False)),
                                         lora_r=getattr(args, "lora_r", 16),
@@ -80,7 +82,7 @@ def plan_memory(args: Any, model_path: Path, *, causal: bool, lengths: list[int]
     width = runtime.torch_dtype(precision).itemsize
     work = memory.Workload(causal=causal, seq_len=max(lengths or [1]), seqs_per_example=seqs_per_example,
                            trainable=trainable, frozen_layers=getattr(args, "freeze_layers", 0) or 0,
-                           weight_bytes=width, act_bytes=width)
+                           weight_bytes=width, act_bytes=width, frozen_params=shape.params if reference else 0)
     plan = memory.plan(shape, work, args.batch_size, args.grad_accum,
                        checkpointing=bool(getattr(args, "gradient_checkpointing", False)),
                        max_memory=args.max_memory, cpu=not runtime.has_gpu(),
@@ -212,11 +214,12 @@ class ProgressCallback(TrainerCallback):
         self.reporter.finish()
 
 
-def write_metrics(trainer: Trainer, dest: Path) -> None:
+def write_metrics(trainer: Trainer, dest: Path, extra: tuple[str, ...] = ()) -> None:
     """`metrics.jsonl`: one JSON object per logged training step (step, loss, learning_rate, and the stage's own
-    figures such as accuracy and margin for reward), then eval entries; what `rlhf report` plots."""
+    figures such as accuracy and margin for reward, or the `extra` keys a stage names), then eval entries; what
+    `rlhf report` plots."""
     keep = ("loss", "learning_rate", "grad_norm", "accuracy", "margin", "mean_token_accuracy", "entropy",
-            "eval_loss", "epoch", "num_input_tokens_seen")
+            "eval_loss", "epoch", "num_input_tokens_seen") + extra
     rows = [{"step": h.get("step")} | {k: h[k] for k in keep if k in h}
             for h in trainer.state.log_history if "loss" in h or "eval_loss" in h]
     atomic_write_text(dest / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
@@ -260,7 +263,7 @@ def check_resume(args: Any, staged: StagedOutput) -> dict | None:
         raise ConfigError(f"--resume: {part / RESUME_FILE} is unreadable ({e}); start again without --resume") \
             from None
     now = to_resume_dict(args)
-    changed = [k for k in RESUME_KEYS if k in saved["args"] and saved["args"][k] != now.get(k)]
+    changed = [k for k in now if k in saved["args"] and saved["args"][k] != now.get(k)]
     if changed:
         k = changed[0]
         raise ConfigError(f"--{k.replace('_', '-')} {now.get(k)}: the run being resumed used "
@@ -269,7 +272,8 @@ def check_resume(args: Any, staged: StagedOutput) -> dict | None:
 
 
 def to_resume_dict(args: Any) -> dict:
-    return {k: getattr(args, k, None) for k in RESUME_KEYS}
+    """The settings a resumed run must share: RESUME_KEYS and the stage's own `resume_keys` (a class attribute)."""
+    return {k: getattr(args, k, None) for k in RESUME_KEYS + tuple(getattr(args, "resume_keys", ()))}
 
 
 def resume_point(dest: Path, saved: dict | None, args: Any, plan: memory.MemoryPlan,
