@@ -21,12 +21,13 @@ from rlhf_cli.core.errors import ConfigError
 def opt(default: Any = None, help: str = "", *, flag: str | None = None, short: str | None = None,
         hidden: bool = False, choices: tuple[str, ...] | None = None, metavar: str | None = None,
         min: float | None = None, max: float | None = None, above: float | None = None,
-        below: float | None = None, expect: str | None = None) -> Any:
+        below: float | None = None, expect: str | None = None, joins_list: bool = False) -> Any:
     """A documented args field. `choices` restricts a string field; `flag` renames the CLI flag; `metavar` names
     the value in --help. Bounds: `min`/`max` inclusive, `above`/`below` exclusive, checked by `validate` on every
-    value that is not None; `expect` words the expected value in the error (else it is worded from the bounds)."""
+    value that is not None; `expect` words the expected value in the error (else it is worded from the bounds).
+    `joins_list`: a comma-list string field that YAML may also give as a list."""
     meta = {"help": help, "flag": flag, "short": short, "hidden": hidden, "choices": choices, "metavar": metavar,
-            "bounds": (min, max, above, below), "expect": expect}
+            "bounds": (min, max, above, below), "expect": expect, "joins_list": joins_list}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -129,6 +130,8 @@ def resolve(cls: type, config: str | Path | None = None, flags: dict[str, Any] |
             if name not in known:
                 raise ConfigError(f"{config}: unknown key {key!r}; expected one of: {', '.join(sorted(known))}"
                                   + near_key(name, known))
+            if isinstance(value, list) and known[name][0].metadata.get("joins_list"):
+                value = ",".join(str(v) for v in value)
             values[name] = _coerce(value, known[name][1], f"{config}: key {key!r}")
     for name, value in (flags or {}).items():
         if value is not None:
