@@ -115,7 +115,7 @@ def hf_training_kwargs(args: TrainArgs, out: Path, lr: float, precision: str, pl
         logging_strategy="steps",
         **checkpoint_kwargs(args),
         eval_strategy="no",
-        report_to=tracking.hf_report_to(args.report_to),
+        report_to=tracking.hf_report_to(getattr(args, "report_to", None)),
         run_name=tracking.run_name(out),
         project=tracking.PROJECT,
         disable_tqdm=True,
