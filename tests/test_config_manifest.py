@@ -250,6 +250,6 @@ def test_staged_output_replaces_old_folder_on_success(tmp_path):
         assert not (dest / "junk").exists()
         (dest / "weights.bin").write_text("new")
         make_stage(dest, "sft", metrics={"train_loss": 0.5})
-    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, "weights.bin"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([MANIFEST, "README.md", "weights.bin"])  # with its card
     assert read_manifest(out).metrics == {"train_loss": 0.5}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sft"]  # no .partial, no .old

@@ -326,6 +326,22 @@ def models_cmd(prepare: bool = typer.Option(False, "--prepare", help="Convert th
         fail(e, debug)
 
 
+@app.command("push")
+def push_cmd(folder: Path = typer.Argument(..., metavar="DIR", help="A finished stage folder (holding its "
+                                           "rlhf_manifest.json)."),
+             repo: str = typer.Argument(..., metavar="REPO", help="Hub repo id, USER/NAME (created if missing)."),
+             private: bool = typer.Option(False, "--private", help="Create the repo private."),
+             debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
+    """Upload a finished stage folder, with its model card, to the Hugging Face Hub."""
+    from rlhf_cli.core.hub import push_folder
+
+    try:
+        url = push_folder(folder, repo, private=private, say=RichReporter("push").info)
+        out.print(f"pushed {esc(str(folder))} to {esc(url)}", highlight=False, soft_wrap=True)
+    except Exception as e:
+        fail(e, debug)
+
+
 args_command(app, "sft", SFTArgs, sft, "Stage 1: supervised fine-tuning on <prompt, answer> demonstrations.")
 args_command(app, "reward", RewardArgs, reward, "Stage 2: train a reward model on preference pairs or ranked lists.")
 args_command(app, "ppo", PPOArgs, ppo,

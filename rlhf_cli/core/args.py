@@ -8,7 +8,8 @@ Groups: run folders (`overwrite_field`, `max_samples_field`), optimisation (`Tra
 stages; `lr_field`, `warmup_field`, `weight_decay_field`, `max_length_field`, `freeze_layers_field` shared with
 PPO), LoRA (`lora_*_field`), runtime (`threads_field`, `precision_field`), loading (`allow_pickle_field`,
 `trust_remote_code_field`), sampling for chat, generate and eval policy (`temperature_field`, `top_p_field`,
-`top_k_field`, `repetition_penalty_field`, `SAMPLING_DEFAULTS`). Flags whose text differs per command
+`top_k_field`, `repetition_penalty_field`, `SAMPLING_DEFAULTS`), tracking and the hub (`report_to_field`,
+`push_to_hub_field`, `private_field`, `check_reporting`). Flags whose text differs per command
 (seeds, output folders) are declared by each command.
 """
 
@@ -164,6 +165,34 @@ def repetition_penalty_field(fallbacks: dict[str, float] = SAMPLING_DEFAULTS, fi
                expect="a positive number (1 = off)")
 
 
+# ------------------------------------------------------------------------------------------------ tracking, hub
+# Every training stage lists these three; `check_reporting` checks them before any model loads.
+
+
+def report_to_field() -> Any:
+    return opt("none", "Experiment tracking: none, tensorboard, wandb, trackio or mlflow, or a comma list such as "
+                       "tensorboard,mlflow (a list in YAML). TensorBoard writes OUT/runs: `tensorboard --logdir "
+                       "RUN` shows every stage.", metavar="NAMES", joins_list=True)
+
+
+def push_to_hub_field() -> Any:
+    return opt(None, "Upload the finished stage folder, with its model card, to this hub repo (USER/NAME); the "
+                     "token (`hf auth login` or HF_TOKEN) and the hub are checked before training.", metavar="REPO")
+
+
+def private_field() -> Any:
+    return opt(False, "Make the --push-to-hub repo private when it is created.")
+
+
+def check_reporting(args: Any) -> None:
+    """--report-to (each integration installed) and --push-to-hub (a token, the hub reachable): called at the start
+    of every training stage, so a run that could not log or upload fails before it trains."""
+    from rlhf_cli.core import hub, tracking
+
+    tracking.check_report_to(getattr(args, "report_to", None))
+    hub.check_push(getattr(args, "push_to_hub", None))
+
+
 # ------------------------------------------------------------------------------------------------ Trainer stages
 
 
@@ -215,6 +244,9 @@ class TrainArgs:
     save_every: int | None = save_every_field()
     resume: bool = opt(False, "Continue an interrupted run from the checkpoint in OUT.partial (same data and "
                               "settings).")
+    report_to: str = report_to_field()
+    push_to_hub: str | None = push_to_hub_field()
+    private: bool = private_field()
 
 
 def check_train_args(args: TrainArgs) -> None:
@@ -222,3 +254,4 @@ def check_train_args(args: TrainArgs) -> None:
     validate(args)
     if args.data is None:
         raise ConfigError("--data: missing; expected a data file, folder or hub dataset name")
+    check_reporting(args)

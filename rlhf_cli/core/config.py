@@ -21,12 +21,13 @@ from rlhf_cli.core.errors import ConfigError
 def opt(default: Any = None, help: str = "", *, flag: str | None = None, short: str | None = None,
         hidden: bool = False, choices: tuple[str, ...] | None = None, metavar: str | None = None,
         min: float | None = None, max: float | None = None, above: float | None = None,
-        below: float | None = None, expect: str | None = None) -> Any:
+        below: float | None = None, expect: str | None = None, joins_list: bool = False) -> Any:
     """A documented args field. `choices` restricts a string field; `flag` renames the CLI flag; `metavar` names
     the value in --help. Bounds: `min`/`max` inclusive, `above`/`below` exclusive, checked by `validate` on every
-    value that is not None; `expect` words the expected value in the error (else it is worded from the bounds)."""
+    value that is not None; `expect` words the expected value in the error (else it is worded from the bounds).
+    `joins_list`: a comma-list string field that YAML may also give as a list."""
     meta = {"help": help, "flag": flag, "short": short, "hidden": hidden, "choices": choices, "metavar": metavar,
-            "bounds": (min, max, above, below), "expect": expect}
+            "bounds": (min, max, above, below), "expect": expect, "joins_list": joins_list}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -134,14 +135,16 @@ def resolve(cls: type, config: str | Path | None = None, flags: dict[str, Any] |
 def mapping_values(cls: type, mapping: dict[str, Any], where: str) -> dict[str, Any]:
     """The settings of a YAML mapping as `cls` field values: keys checked (unknown -> one error with "did you
     mean"), values coerced to the field types; `where` names the mapping in errors (a file, a recipe section)."""
-    known = {f.name: tp for f, tp in fields_of(cls)}
+    known = {f.name: (f, tp) for f, tp in fields_of(cls)}
     values: dict[str, Any] = {}
     for key, value in mapping.items():
         name = str(key).replace("-", "_")
         if name not in known:
             raise ConfigError(f"{where}: unknown key {key!r}; expected one of: {', '.join(sorted(known))}"
                               + near_key(name, known))
-        values[name] = _coerce(value, known[name], f"{where}: key {key!r}")
+        if isinstance(value, list) and known[name][0].metadata.get("joins_list"):
+            value = ",".join(str(v) for v in value)
+        values[name] = _coerce(value, known[name][1], f"{where}: key {key!r}")
     return values
 
 

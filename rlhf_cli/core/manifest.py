@@ -68,7 +68,9 @@ def library_versions() -> dict[str, str]:
 
 def write_manifest(folder: Path, *, stage: str, parents: list[str], args: dict[str, Any],
                    data: dict[str, Any], metrics: dict[str, Any], started: float) -> Path:
-    """Write the manifest last and atomically (temp file + rename)."""
+    """Write the model card (README.md), then the manifest last and atomically (temp file + rename)."""
+    from rlhf_cli.core.model_card import write_model_card
+
     now = time.time()
     body = {
         "format": FORMAT_VERSION,
@@ -82,6 +84,7 @@ def write_manifest(folder: Path, *, stage: str, parents: list[str], args: dict[s
         "finished": _dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(now - started, 2),
     }
+    write_model_card(folder, body)
     atomic_write_text(folder / MANIFEST, json.dumps(body, indent=2, ensure_ascii=False, default=str) + "\n")
     return folder / MANIFEST
 

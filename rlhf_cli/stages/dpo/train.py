@@ -63,7 +63,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
-from rlhf_cli.core import runtime, training
+from rlhf_cli.core import hub, runtime, training
 from rlhf_cli.core.args import DEFAULT_MODEL
 from rlhf_cli.core.config import dump_yaml, to_dict, validate
 from rlhf_cli.core.errors import CheckpointError, ConfigError, DataError
@@ -320,4 +320,5 @@ def run_dpo(args: DPOArgs, reporter: Reporter | None = None) -> Path:
                        data=data, metrics=metrics | {"threads": threads, "precision": precision,
                                                      "memory": plan.with_peak()},
                        started=started)
+    hub.push_if_asked(args, staged.out, say)  # --push-to-hub: checked before training, uploaded now
     return staged.out

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from rlhf_cli.core.args import (
     allow_pickle_field,
+    check_reporting,
     freeze_layers_field,
     lora_alpha_field,
     lora_dropout_field,
@@ -19,6 +20,9 @@ from rlhf_cli.core.args import (
     max_samples_field,
     overwrite_field,
     precision_field,
+    private_field,
+    push_to_hub_field,
+    report_to_field,
     threads_field,
     trust_remote_code_field,
     warmup_field,
@@ -131,10 +135,13 @@ class PPOArgs:
     lora_merge: bool = lora_merge_field()
     freeze_layers: int = freeze_layers_field("Freeze the embeddings and the lowest N layers of the policy and value "
                                              "model.")
+    report_to: str = report_to_field()
+    push_to_hub: str | None = push_to_hub_field()
+    private: bool = private_field()
 
 
 def check_ppo_args(a: PPOArgs) -> None:
-    """Choices and bounds of every field, then the rules between fields."""
+    """Choices and bounds of every field, then the rules between fields, then tracking and the hub."""
     validate(a)
     if a.algo == "ppo":
         mb = minibatch_size(a)
@@ -152,6 +159,7 @@ def check_ppo_args(a: PPOArgs) -> None:
         if a.group_size < 2:
             raise ConfigError(f"--group-size {a.group_size}: --algo {a.algo} compares responses to the same "
                               f"prompt; expected at least 2")
+    check_reporting(a)
 
 
 def minibatch_size(a: PPOArgs) -> int:

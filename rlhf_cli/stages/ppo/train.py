@@ -45,6 +45,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from rlhf_cli.core import hub
 from rlhf_cli.core.errors import ConfigError
 from rlhf_cli.core.manifest import stage_output
 from rlhf_cli.core.progress import Reporter
@@ -77,7 +78,10 @@ def run_ppo(args: PPOArgs, reporter: Reporter | None = None) -> Path:
                                  else f"the text re-encoded with its own chat template ({plan.why_reencode})"))
     try:
         if args.algo != "ppo":
-            return run_trl(args, plan, staged, reporter, started)
-        return PPOTrainer(args, plan, staged, reporter, started).train()
+            folder = run_trl(args, plan, staged, reporter, started)
+        else:
+            folder = PPOTrainer(args, plan, staged, reporter, started).train()
     except Stopped:
         return staged.partial
+    hub.push_if_asked(args, folder, say)  # --push-to-hub: checked before training, uploaded now
+    return folder

@@ -26,6 +26,7 @@ from rlhf_cli.core.interrupt import StopSignals
 from rlhf_cli.core.models import set_distinct_pad
 from rlhf_cli.core.progress import Reporter
 from rlhf_cli.core.reward_model import RewardModel, head_model, token_scores
+from rlhf_cli.core.tracking import Tracker
 from rlhf_cli.core.training import freeze_lower_layers, lora_config
 from rlhf_cli.stages.ppo.args import DEFAULT_LORA_LR, DEFAULT_LR, DEFAULT_PPO_EPOCHS, PPOArgs, minibatch_size
 from rlhf_cli.stages.ppo.checkpoint import (
@@ -177,6 +178,7 @@ class PPOTrainer:
             max_new_tokens=a.max_new_tokens, eos_token_id=plan.eos_ids, pad_token_id=plan.tok.pad_token_id,
             bos_token_id=plan.tok.bos_token_id, use_cache=True)
         self.history: list[dict] = []
+        self.tracker = Tracker(None, staged.partial)  # --report-to opens the real one when training starts
         self.elapsed_before, self.t_start = 0.0, time.time()  # t_start is set again when training begins
 
     def _resume_summary(self) -> dict:
@@ -208,7 +210,8 @@ class PPOTrainer:
     def train(self) -> Path:
         """Run the updates; returns the finished stage folder (raises `Stopped` at --stop-after)."""
         self.reporter.info(self.describe())
-        with StopSignals(self.reporter.info, "update") as signals, self.staged as dest:
+        with StopSignals(self.reporter.info, "update") as signals, self.staged as dest, \
+                Tracker(self.a.report_to, dest, to_dict(self.a)) as self.tracker:
             step = self.begin(dest)
             self.reporter.start(self.total)
             while step < self.total:
@@ -223,6 +226,7 @@ class PPOTrainer:
                 self.log(step, batch, stats)  # metrics.jsonl, samples, the live display
                 self.checkpoint_if_due(dest, step, signals)  # --save-every; --stop-after, signals stop here
             self.reporter.finish()
+            self.tracker.close()  # its last events before the manifest, which is written last
             self.finish(dest, step)
         return self.staged.out
 
@@ -360,6 +364,7 @@ class PPOTrainer:
         }
         self.history.append(row)
         jsonl_append(self.staged.partial / "metrics.jsonl", row)
+        self.tracker.log(step, row)  # --report-to: the same figures, as train/NAME
         if a.sample_every and (step % a.sample_every == 0 or step == 1):
             self.show_samples(step, batch)
         self.reporter.update(step, self.total, {

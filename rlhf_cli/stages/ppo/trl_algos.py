@@ -14,7 +14,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from rlhf_cli.core import memory, runtime
+from rlhf_cli.core import memory, runtime, tracking
 from rlhf_cli.core.config import dump_yaml
 from rlhf_cli.core.errors import TrainingError
 from rlhf_cli.core.interrupt import StopSignals
@@ -123,7 +123,8 @@ def trl_config(a: PPOArgs, out: Path, lr: float, precision: str, total: int,
         weight_decay=a.weight_decay, max_steps=total, seed=a.seed, data_seed=a.seed,
         bf16=precision == "bf16", fp16=precision == "fp16", gradient_checkpointing=False, logging_steps=1,
         logging_strategy="steps", save_strategy="steps" if a.save_every else "no", save_steps=a.save_every or 500,
-        eval_strategy="no", report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+        eval_strategy="no", report_to=tracking.hf_report_to(a.report_to), run_name=tracking.run_name(out.parent),
+        project=tracking.PROJECT, disable_tqdm=True, dataloader_num_workers=0,
         num_generations=a.group_size, max_completion_length=a.max_new_tokens, temperature=a.temperature,
         top_p=a.top_p, top_k=a.top_k or 0, beta=a.kl_coef, epsilon=a.clip_eps, max_grad_norm=a.max_grad_norm,
         num_iterations=a.ppo_epochs or 1, disable_dropout=True, log_completions=False, shuffle_dataset=True,

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
-from rlhf_cli.core import runtime
+from rlhf_cli.core import hub, runtime
 from rlhf_cli.core.args import DEFAULT_MODEL
 from rlhf_cli.core.config import dump_yaml, to_dict
 from rlhf_cli.core.errors import CheckpointError
@@ -232,4 +232,5 @@ def run_reward(args: RewardArgs, reporter: Reporter | None = None) -> Path:
                        metrics=metrics | {"threads": threads, "precision": precision,
                                           "memory": plan.with_peak()},
                        started=started)
+    hub.push_if_asked(args, staged.out, say)  # --push-to-hub: checked before training, uploaded now
     return staged.out

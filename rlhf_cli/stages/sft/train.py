@@ -17,7 +17,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
-from rlhf_cli.core import runtime, training
+from rlhf_cli.core import hub, runtime, training
 from rlhf_cli.core.chat_template import training_template
 from rlhf_cli.core.config import dump_yaml, to_dict
 from rlhf_cli.core.errors import CheckpointError
@@ -108,4 +108,5 @@ def run_sft(args: SFTArgs, reporter: Reporter | None = None) -> Path:
                        metrics=metrics | {"threads": threads, "precision": precision,
                                           "memory": plan.with_peak()},
                        started=started)
+    hub.push_if_asked(args, staged.out, say)  # --push-to-hub: checked before training, uploaded now
     return staged.out
