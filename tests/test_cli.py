@@ -22,7 +22,7 @@ from helpers import EXAMPLES, invoke, ok, one_error, write_jsonl
 
 from rlhf_cli.core.config import resolve
 from rlhf_cli.core.errors import DataError
-from rlhf_cli.core.manifest import MANIFEST, write_manifest
+from rlhf_cli.core.manifest import MANIFEST, read_manifest, write_manifest
 from rlhf_cli.core.stages import command_for
 from rlhf_cli.data import load_prefs, load_sft
 from rlhf_cli.stages.sft.args import SFTArgs
@@ -399,10 +399,14 @@ def test_sft_refuses_a_reward_stage(run, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_reward_refuses_a_reward_stage(run, tmp_path):
+def test_reward_goes_on_training_a_reward_stage(run, tmp_path):
+    """A reward stage as --model is a start for the next round's RM (the pipeline's reward_init: previous)."""
     ok(run.reward)
-    one_error(invoke("reward", "--model", run.dir / "reward", "--data", EXAMPLES / "prefs_explicit.jsonl", "--out",
-                     tmp_path / "o"), 1, "is a reward stage, expected an sft stage", command_for("sft"))
+    res = invoke("reward", "--model", run.dir / "reward", "--data", EXAMPLES / "prefs_explicit.jsonl", "--out",
+                 tmp_path / "o", "--max-steps", "1")
+    assert res.exit_code == 0, res.output
+    assert "a reward stage; training goes on from its weights and score head" in res.output
+    assert read_manifest(tmp_path / "o").data["parents"] == [str(run.dir / "reward")]
 
 
 def test_eval_reward_refuses_an_sft_stage(run):
