@@ -21,6 +21,7 @@ _API = {
     "SFTArgs": "rlhf_cli.stages.sft.args", "run_sft": "rlhf_cli.stages.sft.train",
     "RewardArgs": "rlhf_cli.stages.reward.args", "run_reward": "rlhf_cli.stages.reward.train",
     "PPOArgs": "rlhf_cli.stages.ppo.args", "run_ppo": "rlhf_cli.stages.ppo.train",
+    "BestOfNArgs": "rlhf_cli.stages.best_of_n.args", "run_best_of_n": "rlhf_cli.stages.best_of_n.train",
     "EvalRewardArgs": "rlhf_cli.evaluation.args", "eval_reward": "rlhf_cli.evaluation.eval_reward",
     "EvalPolicyArgs": "rlhf_cli.evaluation.args", "eval_policy": "rlhf_cli.evaluation.eval_policy",
     "ReportArgs": "rlhf_cli.evaluation.args", "make_report": "rlhf_cli.evaluation.report",

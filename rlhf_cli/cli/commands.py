@@ -14,13 +14,14 @@ import typer
 from rich.table import Table
 
 from rlhf_cli.cli.app import args_command, esc, fail, next_command, positional_command
-from rlhf_cli.cli.display import RichReporter, err, out, table
+from rlhf_cli.cli.display import SHOWN, RichReporter, err, out, table
 from rlhf_cli.core import models
 from rlhf_cli.core.errors import ConfigError
 from rlhf_cli.core.manifest import read_manifest
 from rlhf_cli.core.progress import fmt
 from rlhf_cli.evaluation.args import EvalPolicyArgs, EvalRewardArgs, ReportArgs
 from rlhf_cli.interact.args import ChatArgs, GenerateArgs
+from rlhf_cli.stages.best_of_n.args import BestOfNArgs
 from rlhf_cli.stages.ppo.args import PPOArgs
 from rlhf_cli.stages.reward.args import RewardArgs
 from rlhf_cli.stages.sft.args import SFTArgs
@@ -70,6 +71,17 @@ def ppo(args: PPOArgs) -> None:
         return
     out.print(table(f"ppo finished: {folder}", m.metrics))
     next_command(f"rlhf chat {folder}")
+
+
+def best_of_n(args: BestOfNArgs) -> None:
+    from rlhf_cli.stages.best_of_n.train import run_best_of_n
+
+    folder = run_best_of_n(args, RichReporter("best-of-n", shown=SHOWN + ("best score", "mean score")))
+    m = read_manifest(folder)
+    out.print(table(f"best-of-n finished: {folder} (every answer and its score: {folder / 'samples.jsonl'})",
+                    m.metrics))
+    policy, reward = m.data["parents"]
+    next_command(f"rlhf eval policy --model {folder} --baseline {policy} --reward {reward} --prompts PROMPTS.jsonl")
 
 
 def eval_reward(args: EvalRewardArgs, json_out: bool = False) -> None:
@@ -185,6 +197,8 @@ args_command(app, "sft", SFTArgs, sft, "Stage 1: supervised fine-tuning on <prom
 args_command(app, "reward", RewardArgs, reward, "Stage 2: train a reward model on preference pairs or ranked lists.")
 args_command(app, "ppo", PPOArgs, ppo,
              "Stage 3: PPO against the reward model with a KL penalty to the SFT policy (or --algo grpo|rloo).")
+args_command(app, "best-of-n", BestOfNArgs, best_of_n,
+             "Stage 3 alternative: sample K answers per prompt, keep the reward model's best, fine-tune on them.")
 args_command(eval_app, "reward", EvalRewardArgs, eval_reward,
              "Pairwise accuracy and mean margin of a reward model on a preference file.", extra={"json_out": JSON_OPT})
 args_command(eval_app, "policy", EvalPolicyArgs, eval_policy,
