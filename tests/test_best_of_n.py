@@ -189,6 +189,9 @@ def test_interrupt_resume_and_min_score(w, tmp_path, monkeypatch):
     assert len(calls) == 2  # nothing sampled again
     rows = rows_of(out / "samples.jsonl")
     assert [r["kept"] for r in rows] == [r["score"] >= threshold for r in rows] and sum(r["kept"] for r in rows) == 4
+    # the same seed wrote the same file as the uninterrupted run, but for which prompts passed the threshold
+    assert [{k: v for k, v in r.items() if k not in ("kept", "dropped")} for r in rows] == \
+        [{k: v for k, v in r.items() if k not in ("kept", "dropped")} for r in seeded]
     mx = manifest(out)["metrics"]
     assert (mx["kept"], mx["dropped"], mx["resumed_prompts"]) == (4, {"below --min-score": 4}, 8)
     assert [k["messages"][-1]["content"] for k in rows_of(out / "kept.jsonl")] == \
@@ -232,3 +235,16 @@ def test_library_api():
 
     assert (BestOfNArgs, run_best_of_n) == (Args, run)
     assert BestOfNArgs(prompts="p.jsonl").k == 4
+
+
+def test_demo_config_resolves():
+    """The example config holds only known keys, opens with the command that runs it, and matches the demo."""
+    from helpers import ROOT
+
+    from rlhf_cli.core.config import resolve
+    from rlhf_cli.stages.best_of_n.args import BestOfNArgs
+
+    demo = ROOT / "examples" / "configs" / "demo_best_of_n.yaml"
+    assert demo.read_text().startswith("# rlhf best-of-n --config examples/configs/demo_best_of_n.yaml --run runs/demo")
+    args = resolve(BestOfNArgs, demo, {"run": "runs/demo", "k": 2})  # a flag overrides the file
+    assert (args.prompts, args.k, args.max_new_tokens, args.freeze_layers) == ("examples/data/prompts.jsonl", 2, 48, 20)
