@@ -151,10 +151,12 @@ SAMPLED = ("prompt", "responses", "scores", "finished", "model")
 
 
 def test_interrupt_resume_and_min_score(w, tmp_path, monkeypatch):
-    """One run, stopped and resumed twice: Ctrl-C after the first batch keeps its scored rows; --resume samples
-    the rest, the same answers and scores as the uninterrupted seeded run in RUN/best-of-n; with no prompt above
-    --min-score it stops with one error and no stage folder, keeping the samples; --resume with a lower threshold
-    reuses them (nothing sampled again) and fine-tunes on the prompts above it."""
+    """One run, stopped and resumed three times: Ctrl-C after the first batch keeps its scored rows; --resume
+    samples the rest, the same answers and scores as the uninterrupted seeded run in RUN/best-of-n; with no prompt
+    above --min-score it stops with one error and no stage folder, keeping the samples; --resume with a lower
+    threshold reuses them (nothing sampled again) and fine-tunes on the prompts above it, until Ctrl-C after its
+    first step; --resume continues the fine-tune from that checkpoint to the end."""
+    from rlhf_cli.core import training
     from rlhf_cli.core.reward_model import RewardModel
 
     out, partial = tmp_path / "bon", tmp_path / "bon.partial"
@@ -169,7 +171,7 @@ def test_interrupt_resume_and_min_score(w, tmp_path, monkeypatch):
 
     monkeypatch.setattr(RewardModel, "score_answers", score_then_interrupt)
     base = ["best-of-n", "--policy", w.sft, "--reward", w.rm, "--prompts", w.prompts, "--out", out,
-            "--max-steps", 1, *FAST]
+            "--max-steps", 2, *FAST]
     stopped = invoke(*base)
     assert stopped.exit_code == 130, (stopped.stdout, stopped.stderr)
     assert "stopped by SIGINT after 4 of 8 prompts" in stopped.stderr and "--resume" in stopped.stderr
@@ -185,7 +187,20 @@ def test_interrupt_resume_and_min_score(w, tmp_path, monkeypatch):
 
     best = sorted(r["score"] for r in rows)
     threshold = (best[3] + best[4]) / 2  # halfway between the 4th and 5th best scores: 4 of 8 prompts pass
-    ok(invoke(*base, "--min-score", threshold, "--resume"))
+    stepped = training.ProgressCallback.on_step_end
+
+    def step_then_interrupt(self, args, state, control, **kw):
+        if state.global_step == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during the fine-tune: its step 1 is checkpointed
+        return stepped(self, args, state, control, **kw)
+
+    monkeypatch.setattr(training.ProgressCallback, "on_step_end", step_then_interrupt)
+    stopped = invoke(*base, "--min-score", threshold, "--resume")
+    assert stopped.exit_code == 130 and "at step 1 of 2" in stopped.stderr, (stopped.stdout, stopped.stderr)
+    assert not out.exists() and (partial / "sft.partial" / "trainer" / "checkpoint-1").is_dir()
+    monkeypatch.setattr(training.ProgressCallback, "on_step_end", stepped)
+    resumed = ok(invoke(*base, "--min-score", threshold, "--resume"))
+    assert "resuming from" in resumed.stderr and "checkpoint-1" in resumed.stderr
     assert len(calls) == 2  # nothing sampled again
     rows = rows_of(out / "samples.jsonl")
     assert [r["kept"] for r in rows] == [r["score"] >= threshold for r in rows] and sum(r["kept"] for r in rows) == 4
@@ -193,7 +208,7 @@ def test_interrupt_resume_and_min_score(w, tmp_path, monkeypatch):
     assert [{k: v for k, v in r.items() if k not in ("kept", "dropped")} for r in rows] == \
         [{k: v for k, v in r.items() if k not in ("kept", "dropped")} for r in seeded]
     mx = manifest(out)["metrics"]
-    assert (mx["kept"], mx["dropped"], mx["resumed_prompts"]) == (4, {"below --min-score": 4}, 8)
+    assert (mx["kept"], mx["dropped"], mx["resumed_prompts"], mx["sft_steps"]) == (4, {"below --min-score": 4}, 8, 2)
     assert [k["messages"][-1]["content"] for k in rows_of(out / "kept.jsonl")] == \
         [r["response"] for r in rows if r["kept"]]
 
