@@ -22,6 +22,7 @@ _API = {
     "RewardArgs": "rlhf_cli.stages.reward.args", "run_reward": "rlhf_cli.stages.reward.train",
     "PPOArgs": "rlhf_cli.stages.ppo.args", "run_ppo": "rlhf_cli.stages.ppo.train",
     "DPOArgs": "rlhf_cli.stages.dpo.args", "run_dpo": "rlhf_cli.stages.dpo.train",
+    "BestOfNArgs": "rlhf_cli.stages.best_of_n.args", "run_best_of_n": "rlhf_cli.stages.best_of_n.train",
     "EvalRewardArgs": "rlhf_cli.evaluation.args", "eval_reward": "rlhf_cli.evaluation.eval_reward",
     "EvalPolicyArgs": "rlhf_cli.evaluation.args", "eval_policy": "rlhf_cli.evaluation.eval_policy",
     "ReportArgs": "rlhf_cli.evaluation.args", "make_report": "rlhf_cli.evaluation.report",

@@ -14,7 +14,7 @@ import typer
 from rich.table import Table
 
 from rlhf_cli.cli.app import args_command, esc, fail, next_command, positional_command
-from rlhf_cli.cli.display import RichReporter, err, out, table
+from rlhf_cli.cli.display import SHOWN, RichReporter, err, out, table
 from rlhf_cli.core import models
 from rlhf_cli.core.errors import ConfigError
 from rlhf_cli.core.manifest import read_manifest
@@ -22,6 +22,7 @@ from rlhf_cli.core.progress import fmt
 from rlhf_cli.evaluation.args import EvalPolicyArgs, EvalRewardArgs, ReportArgs
 from rlhf_cli.interact.args import ChatArgs, GenerateArgs, LabelArgs
 from rlhf_cli.pipeline.args import PipelineArgs
+from rlhf_cli.stages.best_of_n.args import BestOfNArgs
 from rlhf_cli.stages.dpo.args import DPOArgs
 from rlhf_cli.stages.ppo.args import PPOArgs
 from rlhf_cli.stages.reward.args import RewardArgs
@@ -86,6 +87,15 @@ def dpo(args: DPOArgs) -> None:
         return
     rm = Path(args.run) / "reward" if args.run and (Path(args.run) / "reward").is_dir() else "RM_DIR"
     next_command(f"rlhf eval policy --model {folder} --baseline {args.model} --reward {rm} --prompts PROMPTS.jsonl")
+def best_of_n(args: BestOfNArgs) -> None:
+    from rlhf_cli.stages.best_of_n.train import run_best_of_n
+
+    folder = run_best_of_n(args, RichReporter("best-of-n", shown=SHOWN + ("best score", "mean score")))
+    m = read_manifest(folder)
+    out.print(table(f"best-of-n finished: {folder} (every answer and its score: {folder / 'samples.jsonl'})",
+                    m.metrics))
+    policy, reward = m.data["parents"]
+    next_command(f"rlhf eval policy --model {folder} --baseline {policy} --reward {reward} --prompts PROMPTS.jsonl")
 
 
 def eval_reward(args: EvalRewardArgs, json_out: bool = False) -> None:
@@ -348,6 +358,8 @@ args_command(app, "ppo", PPOArgs, ppo,
              "Stage 3: PPO against the reward model with a KL penalty to the SFT policy (or --algo grpo|rloo).")
 args_command(app, "dpo", DPOArgs, dpo,
              "Train the policy on preferences without a reward model: DPO, or --method kto|orpo|cpo|simpo.")
+args_command(app, "best-of-n", BestOfNArgs, best_of_n,
+             "Stage 3 alternative: sample K answers per prompt, keep the reward model's best, fine-tune on them.")
 args_command(eval_app, "reward", EvalRewardArgs, eval_reward,
              "Pairwise accuracy and mean margin of a reward model on a preference file.", extra={"json_out": JSON_OPT})
 args_command(eval_app, "policy", EvalPolicyArgs, eval_policy,

@@ -126,7 +126,7 @@ def resolve(cls: type, config: str | Path | None = None, flags: dict[str, Any] |
     values = mapping_values(cls, load_yaml(config), str(config)) if config is not None else {}
     for name, value in (flags or {}).items():
         if value is not None:
-            values[name] = _coerce(value, known[name][1], flag_of(name))
+            values[name] = _coerce(value, known[name][1], known[name][0].metadata.get("flag") or flag_of(name))
     args = cls(**values)
     validate(args)
     return args
@@ -178,13 +178,14 @@ def validate(args: Any) -> None:
         value = getattr(args, f.name)
         if value is None:
             continue
+        flag = f.metadata.get("flag") or flag_of(f.name)  # a field may be renamed on the command line
         choices = f.metadata.get("choices")
         if choices and value not in choices:
-            raise ConfigError(f"{flag_of(f.name)}: {value!r} is not one of: {', '.join(choices)}")
+            raise ConfigError(f"{flag}: {value!r} is not one of: {', '.join(choices)}")
         bounds = f.metadata.get("bounds", (None,) * 4)
         if any(b is not None for b in bounds) and not _in_bounds(value, bounds):
             expect = f.metadata.get("expect") or _expected(tp, bounds)
-            raise ConfigError(f"{flag_of(f.name)} {value}: expected {expect}")
+            raise ConfigError(f"{flag} {value}: expected {expect}")
 
 
 def to_dict(args: Any) -> dict[str, Any]:

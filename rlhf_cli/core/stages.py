@@ -25,6 +25,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("reward", REWARD, "rlhf reward --model SFT_DIR --data PREFS --out DIR"),
     Stage("ppo", POLICY, "rlhf ppo --policy SFT_DIR --reward RM_DIR --prompts PROMPTS --out DIR"),
     Stage("dpo", POLICY, "rlhf dpo --model SFT_DIR --data PREFS --out DIR"),
+    Stage("best-of-n", POLICY, "rlhf best-of-n --policy SFT_DIR --reward RM_DIR --prompts PROMPTS --out DIR"),
 )}
 ORDER = tuple(STAGES)  # recipe order, for reports; stages not listed come after, by start time
 POLICY_STAGES = tuple(name for name, s in STAGES.items() if s.kind == POLICY)

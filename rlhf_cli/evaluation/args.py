@@ -42,13 +42,15 @@ class EvalRewardArgs:
 
 @dataclass
 class EvalPolicyArgs:
-    model: str | None = opt(None, "Policy to measure: a ppo stage (default: RUN/ppo), any stage that generates, "
+    model: str | None = opt(None, "Policy to measure: a ppo or best-of-n stage (default: the newest finished "
+                                  "policy stage in RUN other than sft, such as RUN/ppo), any stage that generates, "
                                   "a model folder or a hub id.")
     baseline: str | None = opt(None, "Model to compare it with (default: RUN/sft).")
     reward: str | None = opt(None, "Reward model that judges both (default: RUN/reward).")
     prompts: str | None = opt(None, "Prompts: a prompt file, or any SFT or preference file (its prompts are "
                                     "used).")
-    run: str | None = opt(None, "Run folder: uses RUN/ppo, RUN/sft and RUN/reward for what is not given.")
+    run: str | None = opt(None, "Run folder: uses RUN/ppo (or the newest other policy stage), RUN/sft and "
+                                "RUN/reward for what is not given.")
     save: str | None = opt(None, "JSONL file for the per-prompt results (both answers, scores, outcome, KL).")
     tie_margin: float = opt(0.0, "Scores closer than this (inclusive) are a tie; 0 = only equal scores.", min=0)
     temperature: float | None = temperature_field(SAMPLING_DEFAULTS, PPO_FIRST)

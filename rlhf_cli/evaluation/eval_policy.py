@@ -59,11 +59,11 @@ from rlhf_cli.core.generation import (
     sampling_differs,
     sampling_layers,
 )
-from rlhf_cli.core.manifest import Manifest, manifest_if_stage, require_stage
+from rlhf_cli.core.manifest import Manifest, manifest_if_stage, read_manifest, require_stage
 from rlhf_cli.core.models import LoadOptions, resolve_model
 from rlhf_cli.core.progress import Reporter
 from rlhf_cli.core.reward_model import RewardModel
-from rlhf_cli.core.stages import EVAL_FILE
+from rlhf_cli.core.stages import EVAL_FILE, ORDER, POLICY_STAGES
 from rlhf_cli.data import load_prompts
 from rlhf_cli.evaluation.args import POLICY_MAX_NEW_TOKENS, EvalPolicyArgs
 from rlhf_cli.stages.ppo.core import logprobs_from_logits
@@ -108,6 +108,14 @@ def _pick_lm(spec: str | None, run: str | None, stage: str, flag: str) -> str:
         return str(require_stage(Path(run) / stage, stage, "--run").path)
     refuse_reward_stage(spec, flag)
     return spec
+
+
+def newest_policy(run: str) -> str:
+    """The policy to measure when only --run is given: the newest finished policy stage in RUN other than sft (the
+    baseline), such as RUN/ppo or RUN/best-of-n; RUN/ppo (and its error) when there is none."""
+    found = [(m.data.get("finished") or "", ORDER.index(name), str(m.path)) for name in POLICY_STAGES
+             if name != "sft" and (m := read_manifest(Path(run) / name)) is not None and m.stage == name]
+    return max(found)[2] if found else str(require_stage(Path(run) / "ppo", "ppo", "--run").path)
 
 
 def _sampling(args: EvalPolicyArgs, model_manifest: Manifest | None, model_path: Path,
@@ -248,7 +256,11 @@ def eval_policy(args: EvalPolicyArgs, reporter: Reporter | None = None) -> dict[
     say = reporter.info
     t0 = time.time()
     _check(args)
-    model_spec = _pick_lm(args.model, args.run, "ppo", "--model")
+    if args.model or not args.run:
+        model_spec = _pick_lm(args.model, args.run, "ppo", "--model")
+    else:
+        model_spec = newest_policy(args.run)
+        say(f"measuring {model_spec}, the newest policy stage in {args.run} (--model to choose another)")
     base_spec = _pick_lm(args.baseline, args.run, "sft", "--baseline")
     loading = LoadOptions.of(args)
     judge_spec = RewardModel.locate(args.reward, args.run, "--reward", say, loading)

@@ -1,0 +1,1 @@
+"""Stage 3 alternative: best-of-n rejection sampling, then SFT on the best answers (`rlhf best-of-n`)."""

@@ -1,0 +1,375 @@
+"""Stage 3, the simple alternative to PPO: best-of-n rejection sampling, then fine-tuning on the winners.
+
+InstructGPT's authors name it as the baseline an RL stage should beat: sample K answers per prompt from the policy,
+keep the one the reward model (RM) scores highest, and fine-tune the policy on those (prompt, best answer) pairs.
+There is no value model, no KL penalty and no on-policy loop, so it is cheap and stable; what it can gain is
+bounded by how much better the best of K is than a typical sample (`selection_gain` in the manifest), and one
+round moves the policy only as far as imitating those answers does. PPO optimises the RM score directly and can
+go further (and over-optimise it).
+
+1. Sample K answers per prompt (`core.generation.LM`, with the sampling of `rlhf generate`: the flags, else the
+   policy's generation_config.json, else temperature 0.7 and top-p 0.9), in fixed batches of
+   `--sample-batch-size` prompts, each seeded from `--seed` and its index: the same command draws the same
+   answers, the ones `rlhf generate` draws with the same seed and batch size.
+2. Score every answer with the RM (`core.reward_model.RewardModel`, prompt + answer through the RM's own chat
+   template). Each batch's rows are appended to `OUT.partial/samples.jsonl` and fsynced before the next batch, so
+   Ctrl-C (or SIGTERM) stops after the batch in flight and `--resume` samples only the prompts not yet scored.
+3. Select, per prompt, the highest-scored answer (the first of equal ones). A prompt is dropped when that score is
+   below `--min-score` (no answer good enough to imitate), when it beats the mean of the K scores by less than
+   `--min-margin` (the RM sees little difference between the answers: the winner is mostly noise), or when the
+   winner is empty. Nothing kept is an error.
+4. Fine-tune with `rlhf sft` (`stages.sft.train.run_sft`) from the policy on the kept pairs (`kept.jsonl`), with
+   this stage's optimisation flags; the SFT loss on the kept answers before and after goes into the manifest. The
+   fine-tune trains in `OUT.partial/sft` and `--resume` continues it as `rlhf sft --resume` would.
+
+The result is a normal causal-LM folder (the fine-tuned policy) holding `samples.jsonl` (every prompt with its K
+answers, their scores, the best one and whether it was kept), `kept.jsonl` (what was fine-tuned on), SFT's
+`metrics.jsonl`, and `rlhf_manifest.json`, written last, whose parents are the policy and the RM.
+
+    rlhf best-of-n --run runs/demo --prompts examples/data/prompts.jsonl -k 4 --max-new-tokens 48 --epochs 2
+    rlhf eval policy --run runs/demo --model runs/demo/best-of-n --prompts examples/data/hh_prompts_test.jsonl
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rlhf_cli.core import hub, memory, runtime
+from rlhf_cli.core.config import dump_yaml, to_dict
+from rlhf_cli.core.errors import CheckpointError, ConfigError, DataError
+from rlhf_cli.core.files import atomic_write_text
+from rlhf_cli.core.generation import Sampling, load_lm, pick_sampling, sampling_layers
+from rlhf_cli.core.interrupt import StopSignals
+from rlhf_cli.core.manifest import (
+    MANIFEST,
+    Manifest,
+    ResumableOutput,
+    manifest_if_stage,
+    read_manifest,
+    require_stage,
+    stage_output,
+    write_manifest,
+)
+from rlhf_cli.core.models import LoadOptions, resolve_model
+from rlhf_cli.core.progress import Reporter
+from rlhf_cli.core.reward_model import RewardModel, RewardSpec, read_config
+from rlhf_cli.core.stages import a_stage, command_for, is_policy
+from rlhf_cli.core.training import complete_checkpoints
+from rlhf_cli.data import load_prompts
+from rlhf_cli.interact.args import GENERATE_SAMPLING
+from rlhf_cli.interact.generate import prompt_key, read_existing
+from rlhf_cli.stages.best_of_n.args import BestOfNArgs, check_best_of_n_args
+from rlhf_cli.stages.sft.args import SFTArgs
+from rlhf_cli.stages.sft.train import run_sft
+
+STAGE = "best-of-n"
+SAMPLES = "samples.jsonl"  # every prompt, its K answers and scores, the best and whether it was kept
+KEPT = "kept.jsonl"  # the (prompt, best answer) pairs fine-tuned on, as SFT messages
+SFT_DIR = "sft"  # OUT.partial/sft: the fine-tune's own stage folder until its files move up into OUT
+RESUME_FILE = "resume.json"
+# What decides the samples: a resumed run must use the same (the selection and the fine-tune's flags may change
+# until the fine-tune has started; then `rlhf sft --resume` guards its own settings).
+RESUME_KEYS = ("policy", "reward", "prompts", "max_samples", "k", "seed", "sample_batch_size", "temperature",
+               "top_p", "top_k", "repetition_penalty", "max_new_tokens", "precision")
+# The fine-tune flags passed to `rlhf sft` as they are.
+SFT_KEYS = ("epochs", "max_steps", "lr", "lr_scheduler", "warmup_ratio", "batch_size", "grad_accum", "max_length",
+            "weight_decay", "seed", "assistant_only_loss", "lora", "lora_r", "lora_alpha", "lora_dropout",
+            "lora_targets", "lora_merge", "freeze_layers", "gradient_checkpointing", "max_memory", "micro_batch_size",
+            "save_every", "logging_steps", "precision", "threads", "allow_pickle", "trust_remote_code",
+            "report_to")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checks before anything is written
+
+
+def pick_policy(args: BestOfNArgs, say: Callable[[str], None]) -> tuple[Path, Manifest | None]:
+    """The policy's folder and manifest (RUN/sft when not given); refuses anything that does not generate."""
+    if args.policy is None:
+        if not args.run:
+            raise ConfigError("--policy: missing; pass --policy SFT_DIR or --run DIR (uses DIR/sft)")
+        args.policy = str(require_stage(Path(args.run) / "sft", "sft", "--run").path)
+    m = manifest_if_stage(args.policy)
+    if m is not None and not is_policy(m.stage):
+        raise CheckpointError(f"--policy {args.policy}: is {a_stage(m.stage)}, expected a policy (a causal LM) such "
+                              f"as an sft stage, made by `{command_for('sft')}`")
+    path = resolve_model(args.policy, "--policy", say, LoadOptions.of(args))
+    archs = read_config(path, "--policy").get("architectures") or []
+    if not any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs):
+        raise CheckpointError(f"--policy {args.policy}: not a causal language model (found "
+                              f"{', '.join(archs) or 'no architectures'}); expected an sft stage, made by "
+                              f"`{command_for('sft')}`")
+    return path, m
+
+
+def pick_sampling_settings(args: BestOfNArgs, policy_path: Path, say: Callable[[str], None]) -> Sampling:
+    sampling, line = pick_sampling(sampling_layers(args, policy_path, GENERATE_SAMPLING), args.max_new_tokens)
+    if sampling.temperature == 0 and args.k > 1:  # greedy from the generation config
+        raise ConfigError(f"--policy {args.policy}: its generation_config.json asks for greedy decoding (do_sample "
+                          f"false), so all {args.k} answers would be the same; pass --temperature above 0 (such as "
+                          f"0.7)")
+    say(line)
+    return sampling
+
+
+def check_resume(args: BestOfNArgs, staged: ResumableOutput, say: Callable[[str], None]) -> None:
+    """With --resume: an unfinished run to continue, sampled with the same settings."""
+    part = staged.partial
+    if not args.resume:
+        if part.exists():
+            say(f"discarding the unfinished run in {part} (pass --resume to continue it)")
+        return
+    try:
+        saved = json.loads((part / RESUME_FILE).read_text(encoding="utf-8"))["args"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        raise ConfigError(f"--resume: no unfinished best-of-n run in {part}; start again without --resume") from None
+    now = resume_dict(args)
+    changed = [k for k in RESUME_KEYS if saved.get(k) != now.get(k)]
+    if changed:
+        k = changed[0]
+        flag = "--num-samples" if k == "k" else "--" + k.replace("_", "-")
+        raise ConfigError(f"{flag} {now.get(k)}: the run being resumed used {saved.get(k)}; resume with the same "
+                          f"sampling settings, or start again without --resume")
+
+
+def resume_dict(args: BestOfNArgs) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in RESUME_KEYS}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Steps 1-2: sample and score, batch by batch
+
+
+def sample_and_score(args: BestOfNArgs, samples: Path, prompts: list[list[dict]], sampling: Sampling,
+                     rm_spec: RewardSpec, reporter: Reporter) -> dict[str, Any]:
+    """Append a scored row for every prompt not yet in `samples`; returns figures of this run's sampling."""
+    say = reporter.info
+    keys = [prompt_key(p) for p in prompts]
+    done: set[str] = set()
+    if samples.exists():
+        done, _ = read_existing(samples, args.policy, args.k, say)
+    todo = sum(k not in done for k in keys)
+    figures: dict[str, Any] = {"sampled_prompts": todo, "resumed_prompts": len(keys) - todo}
+    if todo == 0:
+        return figures
+    if done:
+        say(f"{samples}: {len(keys) - todo} of {len(keys)} prompts already sampled and scored; {todo} to go")
+    loading = LoadOptions.of(args)
+    lm = load_lm(args.policy, "--policy", args.precision, say, loading)
+    rm = RewardModel.load(rm_spec, args.precision)
+    encoded, cut = lm.fit_prompts(prompts, sampling.max_new_tokens, "--policy")
+    if cut:
+        say(f"{cut} prompts longer than {lm.context - sampling.max_new_tokens} tokens kept their last tokens")
+    say(f"sampling {args.k} answers per prompt from {args.policy} ({sampling.describe()}, max_new_tokens "
+        f"{sampling.max_new_tokens}); scoring them with {rm.name}")
+    reporter.start(todo)
+    t0 = time.time()
+    written = new_tokens = 0
+    best_sum = all_sum = 0.0
+    bs = args.sample_batch_size
+    try:
+        with StopSignals(say, "batch") as signals, samples.open("a", encoding="utf-8") as f:
+            for b, start in enumerate(range(0, len(keys), bs)):
+                batch = range(start, min(start + bs, len(keys)))
+                missing = [i for i in batch if keys[i] not in done]
+                if not missing:
+                    continue
+                # Seeded per fixed batch, as `rlhf generate` is: a resumed run draws what an uninterrupted one would.
+                runtime.seed_all(args.seed * 100_003 + b)
+                answers = dict(zip(batch, lm.sample([encoded[i] for i in batch], args.k, sampling), strict=True))
+                texts = [a.text for i in missing for a in answers[i]]
+                scores = rm.score_answers([prompts[i] for i in missing for _ in range(args.k)], texts,
+                                          batch_size=max(16, args.k))
+                for n, i in enumerate(missing):
+                    row_scores = scores[n * args.k:(n + 1) * args.k]
+                    row = {"prompt": prompts[i], "responses": [a.text for a in answers[i]], "scores": row_scores,
+                           "finished": [a.finished for a in answers[i]], "model": args.policy}
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    new_tokens += sum(a.tokens for a in answers[i])
+                    best_sum += max(row_scores)
+                    all_sum += sum(row_scores) / args.k
+                written += len(missing)
+                f.flush()
+                os.fsync(f.fileno())
+                elapsed = time.time() - t0
+                reporter.update(written, todo, {"best score": best_sum / written, "mean score": all_sum / written,
+                                                "tokens/s": new_tokens / max(elapsed, 1e-9)}, elapsed)
+                if signals and written < todo:  # the rows so far are on disk; --resume continues after them
+                    raise signals.stop(f"after {written} of {todo} prompts", str(samples))
+    finally:
+        reporter.finish()
+    if rm.truncated:
+        say(f"{rm.truncated} prompt + answer sequences longer than {rm.max_length} tokens kept their last "
+            f"{rm.max_length} tokens for the reward model")
+    figures.update(sampling_seconds=round(time.time() - t0, 2), new_tokens=new_tokens)
+    del lm, rm
+    gc.collect()
+    memory.return_freed_memory()  # the fine-tune's memory plan counts what is free now
+    return figures
+
+
+def read_samples(samples: Path, prompts: list[list[dict]]) -> list[dict]:
+    """The scored rows in prompt order, one per prompt."""
+    by_key: dict[str, dict] = {}
+    for line in samples.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_key[prompt_key(row["prompt"])] = row
+    missing = [p for p in prompts if prompt_key(p) not in by_key]
+    if missing:  # cannot happen after sample_and_score; a file edited by hand
+        raise DataError(f"{samples}: no scored row for {len(missing)} prompts; start again without --resume")
+    return [by_key[prompt_key(p)] for p in prompts]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Step 3: select
+
+
+def select(scores: list[float], responses: list[str], min_score: float | None, min_margin: float | None
+           ) -> tuple[int, str | None]:
+    """The index of the best answer (the first of equal scores) and why its prompt is dropped (None: kept)."""
+    best = max(range(len(scores)), key=lambda j: (scores[j], -j))
+    if min_score is not None and scores[best] < min_score:
+        return best, "below --min-score"
+    if min_margin is not None and scores[best] - sum(scores) / len(scores) < min_margin:
+        return best, "below --min-margin"
+    if not responses[best].strip():
+        return best, "empty best answer"
+    return best, None
+
+
+def select_all(rows: list[dict], args: BestOfNArgs) -> dict[str, Any]:
+    """Mark each row's best answer and whether it is kept; returns the selection's figures."""
+    dropped: dict[str, int] = {}
+    for row in rows:
+        best, why = select(row["scores"], row["responses"], args.min_score, args.min_margin)
+        row.update(best=best, kept=why is None, dropped=why, response=row["responses"][best],
+                   score=row["scores"][best], mean_score=sum(row["scores"]) / len(row["scores"]))
+        if why:
+            dropped[why] = dropped.get(why, 0) + 1
+    kept = [r for r in rows if r["kept"]]
+    n = len(rows)
+    mean_best = sum(r["score"] for r in rows) / n
+    mean_all = sum(r["mean_score"] for r in rows) / n
+    return {"prompts": n, "k": args.k, "kept": len(kept), "dropped": dropped or None,
+            "mean_score": mean_all, "mean_best_score": mean_best, "selection_gain": mean_best - mean_all,
+            "mean_kept_score": sum(r["score"] for r in kept) / len(kept) if kept else None,
+            "reached_eos": sum(sum(r["finished"]) for r in rows) / (n * args.k)}
+
+
+def no_kept_error(rows: list[dict], args: BestOfNArgs, samples: Path) -> DataError:
+    top = max(r["score"] for r in rows)
+    margin = max(r["score"] - r["mean_score"] for r in rows)
+    why = []
+    if args.min_score is not None:
+        why.append(f"--min-score {args.min_score:g} (the highest best score is {top:.4g})")
+    if args.min_margin is not None:
+        why.append(f"--min-margin {args.min_margin:g} (the largest margin over the mean is {margin:.4g})")
+    cause = " and ".join(why) if why else "every best answer is empty"
+    return DataError(f"--prompts {args.prompts}: no prompt kept, so nothing to fine-tune on: {cause}; lower the "
+                     f"threshold (the scored samples are kept in {samples}: add --resume to reuse them)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Step 4: fine-tune
+
+
+def sft_args(args: BestOfNArgs, dest: Path) -> SFTArgs:
+    """`rlhf sft` on the kept pairs, from the policy, with this stage's optimisation flags; its loss on the kept
+    answers before and after training is the eval loss."""
+    kept = str(dest / KEPT)
+    sft_dir = dest / SFT_DIR
+    started = complete_checkpoints(sft_dir.with_name(SFT_DIR + ".partial"))
+    return SFTArgs(model=args.policy, data=kept, eval_data=kept, out=str(sft_dir), overwrite=True, format="messages",
+                   resume=args.resume and bool(started), **{k: getattr(args, k) for k in SFT_KEYS})
+
+
+def write_kept(dest: Path, rows: list[dict], fine_tune_started: bool) -> None:
+    text = "".join(json.dumps({"messages": r["prompt"] + [{"role": "assistant", "content": r["response"]}]},
+                              ensure_ascii=False) + "\n" for r in rows if r["kept"])
+    path = dest / KEPT
+    if fine_tune_started and path.is_file() and path.read_text(encoding="utf-8") != text:
+        raise ConfigError("--min-score/--min-margin: they keep other answers than the interrupted fine-tune was "
+                          "training on; resume with the same thresholds, or start again without --resume")
+    atomic_write_text(path, text)
+
+
+def move_up(sft_dir: Path, dest: Path) -> Manifest:
+    """The fine-tuned model's files into the stage folder; returns the fine-tune's manifest (its figures go into
+    this stage's)."""
+    m = read_manifest(sft_dir)
+    for item in sft_dir.iterdir():
+        if item.name not in (MANIFEST, "rlhf_config.yaml"):  # this stage writes its own
+            os.replace(item, dest / item.name)
+    shutil.rmtree(sft_dir)
+    return m
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The stage
+
+
+def run_best_of_n(args: BestOfNArgs, reporter: Reporter | None = None) -> Path:
+    """Sample K answers per prompt, keep the RM's best, fine-tune the policy on them; returns the stage folder."""
+    reporter = reporter or Reporter()
+    say = reporter.info
+    started = time.time()
+    check_best_of_n_args(args)
+    policy_path, _ = pick_policy(args, say)
+    loading = LoadOptions.of(args)
+    rm_spec = RewardModel.locate(args.reward, args.run, "--reward", say, loading)
+    args.reward = rm_spec.name
+    ds = load_prompts(args.prompts, args.max_samples)
+    say(ds.describe())
+    prompts = [r["prompt"] for r in ds.rows]
+    sampling = pick_sampling_settings(args, policy_path, say)
+    staged = stage_output(args.out, args.run, STAGE, args.overwrite, ResumableOutput, resume=args.resume)
+    check_resume(args, staged, say)
+
+    runtime.quiet_libraries()
+    threads = runtime.configure_threads(args.threads)
+    with staged as dest:
+        atomic_write_text(dest / RESUME_FILE, json.dumps({"args": resume_dict(args)}, indent=2) + "\n")
+        samples = dest / SAMPLES
+        sampled = sample_and_score(args, samples, prompts, sampling, rm_spec, reporter)
+        rows = read_samples(samples, prompts)
+        picked = select_all(rows, args)
+        atomic_write_text(samples, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        if not picked["kept"]:
+            raise no_kept_error(rows, args, samples)
+        say(f"kept {picked['kept']} of {picked['prompts']} prompts; mean best score {picked['mean_best_score']:.4g}, "
+            f"mean score of all {args.k * picked['prompts']} answers {picked['mean_score']:.4g} (selection gain "
+            f"{picked['selection_gain']:.4g})")
+
+        fine_tune = sft_args(args, dest)
+        sft_dir = Path(fine_tune.out)
+        if read_manifest(sft_dir) is None:
+            write_kept(dest, rows, fine_tune.resume)
+            say(f"fine-tuning {args.policy} on the {picked['kept']} kept answers ({dest / KEPT})")
+            run_sft(fine_tune, reporter)
+        sft = move_up(sft_dir, dest)
+        (dest / RESUME_FILE).unlink(missing_ok=True)
+        dump_yaml(args, dest / "rlhf_config.yaml", header="# rlhf best-of-n --config rlhf_config.yaml\n")
+        sm = sft.metrics
+        metrics = picked | sampled | {
+            "sft_loss_before": sm.get("eval_loss_before"), "sft_loss_after": sm.get("eval_loss"),
+            "sft_steps": sm.get("steps"), "sft_train_loss": sm.get("train_loss"),
+            "sft_first_loss": sm.get("first_loss"), "sft_last_loss": sm.get("last_loss"),
+            "sft_train_seconds": sm.get("train_seconds"), "threads": threads, "precision": sm.get("precision"),
+            "memory": sm.get("memory")}
+        resolved = {"resolved_policy": str(policy_path), "resolved_reward": str(rm_spec.path),
+                    "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
+                                 "repetition_penalty": sampling.repetition_penalty},
+                    "lr": sft.args.get("lr"), "max_length": sft.args.get("max_length")}
+        data = {"prompts": ds.summary(), "kept": sft.data.get("data", {}).get("train")}
+        write_manifest(dest, stage=STAGE, parents=[args.policy, args.reward], args=to_dict(args) | resolved,
+                       data=data, metrics=metrics, started=started)
+    hub.push_if_asked(args, staged.out, say)  # --push-to-hub: checked before sampling, uploaded now
+    return staged.out
