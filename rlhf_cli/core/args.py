@@ -103,6 +103,12 @@ def save_every_field() -> Any:
                      "or SIGTERM).", min=1)
 
 
+# Every training stage lists it (TrainArgs does for its stages); see rlhf_cli.core.dry_run.
+def dry_run_field() -> Any:
+    return opt(False, "Check the settings, data, model and parent stages, print the plan (settings, data, steps, "
+                      "tokens, memory, an estimated time) and exit, without loading weights or writing anything.")
+
+
 # ------------------------------------------------------------------------------------------------ runtime
 
 
@@ -215,6 +221,7 @@ class TrainArgs:
     save_every: int | None = save_every_field()
     resume: bool = opt(False, "Continue an interrupted run from the checkpoint in OUT.partial (same data and "
                               "settings).")
+    dry_run: bool = dry_run_field()
 
 
 def check_train_args(args: TrainArgs) -> None:

@@ -123,6 +123,7 @@ def resolve(cls: type, config: str | Path | None = None, flags: dict[str, Any] |
     """Build `cls` from its defaults, then the YAML file, then the flags that were given (not None)."""
     known = {f.name: (f, tp) for f, tp in fields_of(cls)}
     values: dict[str, Any] = {}
+    came_from: dict[str, str] = {}
     if config is not None:
         for key, value in load_yaml(config).items():
             name = str(key).replace("-", "_")
@@ -130,12 +131,20 @@ def resolve(cls: type, config: str | Path | None = None, flags: dict[str, Any] |
                 raise ConfigError(f"{config}: unknown key {key!r}; expected one of: {', '.join(sorted(known))}"
                                   + near_key(name, known))
             values[name] = _coerce(value, known[name][1], f"{config}: key {key!r}")
+            came_from[name] = f"--config {Path(config).name}"
     for name, value in (flags or {}).items():
         if value is not None:
             values[name] = _coerce(value, known[name][1], flag_of(name))
+            came_from[name] = "flag " + flag_of(name)
     args = cls(**values)
     validate(args)
+    args._origins = came_from  # not a field: --dry-run shows it, nothing else reads it
     return args
+
+
+def origins(args: Any) -> dict[str, str]:
+    """Where `resolve` took each value it did not take from the defaults: "flag --lr", "--config FILE"."""
+    return dict(getattr(args, "_origins", {}))
 
 
 def flag_of(name: str) -> str:
