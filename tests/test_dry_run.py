@@ -210,11 +210,15 @@ def rlhf(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                           cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
 
 
-def test_show_completion_prints_the_bash_script():
-    r = rlhf("--show-completion", "bash")
-    assert r.returncode == 0, r.stderr
-    assert "_RLHF_COMPLETE=complete_bash" in r.stdout and "complete -o default -F _rlhf_completion rlhf" in r.stdout
+def test_show_completion_prints_a_script_for_each_shell():
+    r = rlhf("--show-completion")  # the shell running the tests, detected
+    assert r.returncode == 0 and "_RLHF_COMPLETE=complete_" in r.stdout, (r.stdout, r.stderr)
     assert "--install-completion" in ok(invoke("--help")).stdout
+    scripts = {shell: rlhf(env={"_RLHF_COMPLETE": f"source_{shell}"}).stdout for shell in ("bash", "zsh", "fish")}
+    assert "_RLHF_COMPLETE=complete_bash" in scripts["bash"] and "complete -o default -F _rlhf_completion rlhf" \
+        in scripts["bash"]
+    assert scripts["zsh"].lstrip().startswith("#compdef rlhf") and "complete_zsh" in scripts["zsh"]
+    assert scripts["fish"].startswith("complete --command rlhf") and "complete_fish" in scripts["fish"]
 
 
 def test_completion_protocol_completes_commands_and_flags():
@@ -222,3 +226,5 @@ def test_completion_protocol_completes_commands_and_flags():
     assert r.returncode == 0 and r.stdout.split() == ["sft"], (r.stdout, r.stderr)
     r = rlhf(env={"_RLHF_COMPLETE": "complete_bash", "COMP_WORDS": "rlhf ppo --dry", "COMP_CWORD": "2"})
     assert r.stdout.split() == ["--dry-run"], (r.stdout, r.stderr)
+    r = rlhf(env={"_RLHF_COMPLETE": "complete_zsh", "_TYPER_COMPLETE_ARGS": "rlhf eval p"})
+    assert '"policy"' in r.stdout and '"reward"' not in r.stdout, r.stdout

@@ -5,6 +5,8 @@ the model folder, the tokenizer, the memory plan: the same code a real run goes 
 `--dry-run`, hands a `DryRunReport` to its reporter and returns the output folder it would write, without
 creating it. The CLI's reporter prints the report as tables on stdout and ends the command with exit 0.
 
+    rlhf sft --config examples/configs/demo_sft.yaml --run runs/demo --dry-run
+
 The time estimate is arithmetic, said to be one wherever it is shown:
 
     seconds = training FLOPs / (measured matmul speed x TRAIN_EFFICIENCY)
@@ -14,19 +16,22 @@ The time estimate is arithmetic, said to be one wherever it is shown:
 FLOPs per token are 2N for a forward pass and 2N + 2N(backprop) + 2N(trainable) for a training pass (6N when
 all N parameters train; less with --freeze-layers or --lora, which skip weight gradients and, below the frozen
 layers, the backward pass). The matmul speed is measured for about 0.2 s on this machine, with the model's own
-widths, micro-batch and thread count; the efficiencies (the share of that speed a whole training step reaches:
-attention, normalisation, the optimiser, data collation) were measured once on CPU against real runs of the
-default model (docs/BENCHMARKS.md, "Dry run").
+widths, micro-batch and thread count; the efficiencies (the share of that speed whole steps reach: attention,
+normalisation, the optimiser, data collation; for generation, one token per sequence at a time) were fitted once
+on CPU to real runs of the default model (docs/BENCHMARKS.md, "Dry run"). Padding counts: each micro-batch
+computes its longest example's length for every example in it.
 
 A new stage gets `--dry-run` with its args field (`dry_run: bool = dry_run_field()` from `core.args`; Trainer
 stages inherit it from `TrainArgs`) and one call just before its weights load: `trainer_stage(...)` for a
-Trainer stage, or `finish(reporter, DryRunReport(...))` with a `Compute` of its own.
+Trainer stage, or `finish(reporter, report(...))` with its own steps and an `estimate_time(Compute(...))` (the
+ppo stage's `preflight.dry_run` is the example).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +40,13 @@ from typing import Any
 from rlhf_cli.core import memory
 from rlhf_cli.core.config import fields_of, origins
 
-# Share of the measured matmul speed that whole steps reach on CPU (see the module docstring; measured with
-# bench/dry_run.py against `rlhf sft` / `rlhf reward` / `rlhf ppo` on the default model, 2 threads).
-TRAIN_EFFICIENCY = 0.35
-FORWARD_EFFICIENCY = 0.5
-DECODE_EFFICIENCY = 0.25
+# Share of the measured matmul speed that whole steps reach on CPU: fitted to the demo's documented runs on 2 cores
+# (docs/BENCHMARKS.md "Dry run": sft 61 s, reward 94 s, ppo 15.2 s per update, of which 4.0 s generating) with
+# the matmul speed of the same machine when quiet: the estimates come out 17% under (sft), 45% over (reward) and
+# 14% over (ppo) those runs.
+TRAIN_EFFICIENCY = 0.7
+FORWARD_EFFICIENCY = 0.7
+DECODE_EFFICIENCY = 0.28
 MEASURE_SECONDS = 0.2
 
 
@@ -112,29 +119,48 @@ def length_stats(lengths: list[int]) -> str:
             f"({len(s)} sequences)")
 
 
-def train_flops_per_token(shape: memory.ModelShape, *, lora: bool = False, lora_r: int = 16,
-                          freeze_layers: int = 0) -> float:
-    """Forward 2N, backward 2N through the layers that need gradients plus 2N for the weights that train."""
-    embeddings = shape.vocab * shape.hidden
-    per_layer = max(shape.params - embeddings, 0) / max(shape.layers, 1)
-    backprop = shape.params - (embeddings + freeze_layers * per_layer if freeze_layers else 0)
+def forward_flops(shape: memory.ModelShape, head: float = 1.0) -> float:
+    """FLOPs of one token's forward pass: 2 per weight of the transformer body (the embedding lookup is free) and,
+    on the share `head` of tokens that get vocabulary logits (1 for a language model's loss, the response's share
+    for PPO's log-probabilities, 0 for a scoring model), 2 per weight of the vocabulary projection."""
+    vocab = shape.vocab * shape.hidden
+    return 2.0 * max(shape.params - vocab, 0) + head * 2.0 * vocab
+
+
+def train_flops(shape: memory.ModelShape, *, head: float = 1.0, lora: bool = False, lora_r: int = 16,
+                freeze_layers: int = 0) -> float:
+    """FLOPs of one token's training pass: the forward, then backward 2 per weight the gradient passes through
+    (the layers above --freeze-layers, and the vocabulary projection on tokens with logits) and 2 per weight that
+    trains (all of them: 6N per token; fewer with --freeze-layers or --lora)."""
+    vocab = shape.vocab * shape.hidden
+    body = max(shape.params - vocab, 0)
+    per_layer = body / max(shape.layers, 1)
+    backprop = body - freeze_layers * per_layer
     trainable = memory.trainable_params(shape, lora=lora, lora_r=lora_r, freeze_layers=freeze_layers)
-    return 2.0 * shape.params + 2.0 * backprop + 2.0 * trainable
+    embeddings_train = not lora and not freeze_layers  # (tied) embeddings get their gradient through the head
+    trainable_body = trainable - (vocab if embeddings_train else 0)
+    return (forward_flops(shape, head) + 2.0 * backprop + 2.0 * trainable_body
+            + head * 2.0 * vocab * (2 if embeddings_train else 1))
 
 
 def matmul_speed(rows: int, shape: memory.ModelShape, seconds: float = MEASURE_SECONDS) -> float:
-    """FLOP/s of (rows x hidden) @ (hidden x intermediate) fp32 matmuls on this machine, now (torch's threads as
-    set), timed for about `seconds`."""
+    """FLOP/s of (rows x hidden) @ (hidden x intermediate) fp32 matmuls on this machine (torch's threads as set):
+    the best of short windows over about `seconds`, so that a moment's contention from other processes does not
+    decide the figure."""
     import torch
 
     k, n = max(shape.hidden, 8), max(shape.intermediate, 8)
     a, b = torch.randn(max(rows, 1), k), torch.randn(k, n)
     a @ b  # first call: allocation and kernel choice
-    done, t0 = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - t0) < seconds or done < 3:
-        a @ b
-        done += 1
-    return 2.0 * a.shape[0] * k * n * done / max(elapsed, 1e-9)
+    flops = 2.0 * a.shape[0] * k * n
+    best, start = 0.0, time.perf_counter()
+    while time.perf_counter() - start < seconds or best == 0.0:
+        done, t0 = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - t0) < seconds / 10 or done < 2:
+            a @ b
+            done += 1
+        best = max(best, flops * done / max(elapsed, 1e-9))
+    return best
 
 
 def estimate_time(compute: Compute, shape: memory.ModelShape, micro_tokens: int, threads: int) -> TimeEstimate:
@@ -145,12 +171,12 @@ def estimate_time(compute: Compute, shape: memory.ModelShape, micro_tokens: int,
     how = (f"an estimate: {fmt_flops(compute.train_flops)} of training (6N per token when all N weights train) "
            f"at {fmt_flops(dense)}/s, the fp32 matmul speed measured just now with {threads} "
            f"thread{'s' if threads != 1 else ''}, x {TRAIN_EFFICIENCY:g}, the share of it whole steps reached in "
-           f"real runs")
+           f"real runs of the default model")
     if compute.forward_flops:
         how += f"; {fmt_flops(compute.forward_flops)} forward-only (x {FORWARD_EFFICIENCY:g})"
     if compute.decode_tokens:
         skinny = matmul_speed(compute.decode_batch, shape)
-        seconds += compute.decode_tokens * 2.0 * shape.params / (skinny * DECODE_EFFICIENCY)
+        seconds += compute.decode_tokens * forward_flops(shape) / (skinny * DECODE_EFFICIENCY)
         how += (f"; {compute.decode_tokens:.0f} generated tokens at 2N each, {compute.decode_batch} sequences at "
                 f"a time ({fmt_flops(skinny)}/s measured, x {DECODE_EFFICIENCY:g}), every response taken at "
                 f"--max-new-tokens")
@@ -185,22 +211,39 @@ def trainer_steps(args: Any, examples: int, steps_per_epoch: int | None = None) 
     return (args.max_steps or max(1, math.ceil(args.epochs * per_epoch))), per_epoch
 
 
+def padded_tokens(lengths: list[int], micro_batch: int, seqs_per_example: int = 1, seed: int | None = 0) -> int:
+    """Tokens a pass over `lengths` computes when each micro-batch is padded to its longest example: the examples in
+    a seeded random order (the Trainer shuffles), or in the given order when `seed` is None (batches of neighbours,
+    such as the pairs of one prompt)."""
+    order = list(lengths)
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    return sum(max(order[i:i + micro_batch]) * len(order[i:i + micro_batch]) * seqs_per_example
+               for i in range(0, len(order), max(micro_batch, 1)))
+
+
 def trainer_stage(args: Any, reporter: Any, stage: str, out: Path, model_path: Path, plan: memory.MemoryPlan,
-                  *, example_tokens: list[int], unit: str, data: dict[str, Any], eval_tokens: int = 0,
-                  eval_passes: int = 2, steps_per_epoch: int | None = None, forward_per_token: float = 0.0,
-                  resolved: dict[str, Any] | None = None, threads: int = 1) -> Path:
+                  *, example_tokens: list[int], unit: str, data: dict[str, Any], causal: bool = True,
+                  padded: int | None = None,
+                  eval_tokens: int = 0, eval_passes: int = 2, steps_per_epoch: int | None = None,
+                  forward_per_token: float = 0.0, resolved: dict[str, Any] | None = None, threads: int = 1) -> Path:
     """The dry run of a Trainer stage (sft, reward, dpo, ...): `example_tokens` are the tokens of each training
     example (all its sequences), `unit` what an example is ("rows", "pairs"), `data` the rows shown about the
-    data; `forward_per_token`: extra forward-only FLOPs per trained token (a frozen reference model)."""
+    data, `causal` whether the loss is over the vocabulary (False for a scoring model), `padded` the tokens one
+    epoch computes with padding (default: `padded_tokens` of `example_tokens`); `forward_per_token`:
+    extra forward-only FLOPs per trained token (a frozen reference model)."""
     shape = memory.ModelShape.of(model_path)
     steps, per_epoch = trainer_steps(args, len(example_tokens), steps_per_epoch)
     per_epoch_tokens = sum(example_tokens)
-    trained = per_epoch_tokens * steps / per_epoch
-    train_fpt = train_flops_per_token(shape, lora=bool(getattr(args, "lora", False)),
-                                      lora_r=getattr(args, "lora_r", 16),
-                                      freeze_layers=getattr(args, "freeze_layers", 0) or 0)
+    if padded is None:
+        padded = padded_tokens(example_tokens, plan.micro_batch, seed=getattr(args, "seed", 0))
+    trained = padded * steps / per_epoch
+    head = 1.0 if causal else 0.0
+    train_fpt = train_flops(shape, head=head, lora=bool(getattr(args, "lora", False)),
+                            lora_r=getattr(args, "lora_r", 16), freeze_layers=getattr(args, "freeze_layers", 0) or 0)
     compute = Compute(train_flops=trained * train_fpt,
-                      forward_flops=eval_tokens * eval_passes * 2.0 * shape.params + trained * forward_per_token)
+                      forward_flops=(eval_tokens * eval_passes * forward_flops(shape, head)
+                                     + trained * forward_per_token))
     mean = per_epoch_tokens / max(len(example_tokens), 1)
     t = estimate_time(compute, shape, int(plan.micro_batch * mean), threads)
     summary = dict(data)
@@ -208,7 +251,8 @@ def trainer_stage(args: Any, reporter: Any, stage: str, out: Path, model_path: P
         "optimisation steps": f"{steps} ({per_epoch} per epoch; effective batch {args.batch_size * args.grad_accum} "
                               f"{unit})",
         "tokens per epoch": per_epoch_tokens,
-        "tokens trained": int(trained),
+        "tokens computed": f"{int(trained)} (with padding to the longest example of each micro-batch of "
+                           f"{plan.micro_batch})",
     })
     return finish(reporter, report(stage, out, args, summary, steps, per_epoch_tokens, plan, t, resolved))
 

@@ -49,7 +49,8 @@ def prepare_stage(args: TrainArgs, stage: str, load: Callable[..., DataSet], say
     check_train_args(args)
     staged = stage_output(args.out, args.run, stage, args.overwrite, ResumableOutput, resume=args.resume)
     if not args.resume and staged.partial.exists():
-        say(f"discarding the unfinished run in {staged.partial} (pass --resume to continue it)")
+        say(f"{'a real run would discard' if args.dry_run else 'discarding'} the unfinished run in "
+            f"{staged.partial} (pass --resume to continue it)")
     return (staged, *load_train_eval(args, load, say))
 
 

@@ -222,17 +222,21 @@ def dry_run(a: PPOArgs, plan: Plan, out: Path, reporter) -> Path:
     prompt_lens = [len(p) for p in plan.prompt_ids]
     batch, response = a.batch_size, a.max_new_tokens
     seq = sum(prompt_lens) / len(prompt_lens) + response
-    trains = dry.train_flops_per_token(shape, lora=a.lora, lora_r=a.lora_r, freeze_layers=a.freeze_layers)
-    n, n_rm = 2.0 * shape.params, 2.0 * rm_shape.params
+    head = response / seq  # PPO's log-probabilities need vocabulary logits over the response only
+    lora = {"lora": a.lora, "lora_r": a.lora_r, "freeze_layers": a.freeze_layers}
+    trains = dry.train_flops(shape, head=head, **lora)
     if a.algo == "ppo":
         value_shape = rm_shape if a.value_init == "reward" else shape
-        trains += dry.train_flops_per_token(value_shape, lora=a.lora, lora_r=a.lora_r, freeze_layers=a.freeze_layers)
-        forwards = 2 * n + 2.0 * value_shape.params + n_rm  # old log-probs, reference, values, scores
-    else:
-        forwards = n * (a.kl_coef > 0) + n * (epochs > 1) + n_rm
+        trains += dry.train_flops(value_shape, head=0.0, **lora)
+        # old and reference log-probabilities, values, scores
+        forwards = (2 * dry.forward_flops(shape, head) + dry.forward_flops(value_shape, 0.0)
+                    + dry.forward_flops(rm_shape, 0.0))
+    else:  # reference when beta > 0, old log-probabilities when several epochs, scores
+        forwards = dry.forward_flops(shape, head) * ((a.kl_coef > 0) + (epochs > 1)) + dry.forward_flops(rm_shape, 0)
     per_update = batch * seq
     compute = dry.Compute(train_flops=total * epochs * per_update * trains,
-                          forward_flops=total * (per_update * forwards + batch * (seq - response) * n),
+                          forward_flops=total * (per_update * forwards
+                                                 + batch * (seq - response) * dry.forward_flops(shape, 0.0)),
                           decode_tokens=total * batch * response, decode_batch=batch)
     t = dry.estimate_time(compute, shape, int(mem.micro_batch * seq), threads)
     per_prompt = 1 if a.algo == "ppo" else a.group_size

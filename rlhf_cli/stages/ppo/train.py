@@ -71,7 +71,8 @@ def run_ppo(args: PPOArgs, reporter: Reporter | None = None) -> Path:
         raise ConfigError(f"--resume: no checkpoint in {staged.partial / 'trainer'} (one is written every "
                           f"--save-every N steps, and by --stop-after); start again without --resume")
     if not args.resume and staged.partial.exists():
-        say(f"discarding the unfinished run in {staged.partial} (pass --resume to continue it)")
+        say(f"{'a real run would discard' if args.dry_run else 'discarding'} the unfinished run in "
+            f"{staged.partial} (pass --resume to continue it)")
     plan = preflight(args, say)
     if args.dry_run:
         return dry_run(args, plan, staged.out, reporter)

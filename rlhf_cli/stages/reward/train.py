@@ -167,8 +167,12 @@ def dry_run(args: RewardArgs, reporter: Reporter, out: Path, model_path: Path, p
             "token lengths": dry.length_stats(seqs),
             "truncated to --max-length": f"{truncated} sequences longer than {args.max_length}"}
     return dry.trainer_stage(
-        args, reporter, "reward", out, model_path, plan, unit="pairs", data=data, steps_per_epoch=per_epoch,
+        args, reporter, "reward", out, model_path, plan, unit="pairs", data=data, causal=False,
+        steps_per_epoch=per_epoch,
         example_tokens=[len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in train_rows],
+        # chosen and rejected are padded together; grouped batches hold one prompt's pairs, in data order
+        padded=dry.padded_tokens([max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in train_rows],
+                                 plan.micro_batch, 2, seed=None if args.group_by_prompt else args.seed),
         eval_tokens=sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in eval_rows),
         threads=resolved["threads (used)"], resolved=resolved)
 
