@@ -55,6 +55,9 @@ class Quiet(Reporter):
     def info(self, message: str) -> None:
         pass
 
+    def plan(self, report: Any) -> None:
+        self.planned = report
+
     def update(self, step: int, total: int, figures: dict[str, float], elapsed: float) -> None:
         pass
 

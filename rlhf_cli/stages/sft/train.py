@@ -23,7 +23,8 @@ from rlhf_cli.core.chat_template import training_template
 from rlhf_cli.core.config import dump_yaml, to_dict
 from rlhf_cli.core.errors import CheckpointError
 from rlhf_cli.core.interrupt import StopSignals
-from rlhf_cli.core.manifest import manifest_if_stage, write_manifest
+from rlhf_cli.core.manifest import Manifest, StagedOutput, manifest_if_stage, write_manifest
+from rlhf_cli.core.memory import MemoryPlan
 from rlhf_cli.core.models import LoadOptions, load_tokenizer, resolve_model, set_distinct_pad
 from rlhf_cli.core.progress import Reporter
 from rlhf_cli.core.stages import a_stage, command_for, is_policy
@@ -45,15 +46,14 @@ def sft_lengths(counts: list[int], max_length: int, args: SFTArgs) -> list[int]:
     return [min(n, max_length) for n in counts]
 
 
-def dry_run(args: SFTArgs, reporter: Reporter, staged, model_path: Path, plan, counts: list[int],
+def dry_run(args: SFTArgs, reporter: Reporter, staged: StagedOutput, model_path: Path, plan: MemoryPlan,
+            counts: list[int],
             evalset: DataSet | None, tok, max_length: int, lr: float, precision: str, threads: int,
-            parent, train: DataSet) -> Path:
+            parent: Manifest | None, train: DataSet) -> Path:
     """`--dry-run`: the plan of this run (see `rlhf_cli.core.dry_run`)."""
-    capped = sft_lengths(counts, max_length, args)
-    if args.packing:  # packed: every sequence --max-length tokens, as many as the tokens fill
-        examples = [max_length] * max(1, -(-sum(counts) // max_length))
-    else:
-        examples = capped
+    # packed: every sequence is --max-length tokens long, as many of them as the tokens fill
+    examples = [max_length] * max(1, -(-sum(counts) // max_length)) if args.packing else \
+        sft_lengths(counts, max_length, args)
     eval_tokens = sum(min(n, max_length) for n in token_counts(evalset, tok)) if evalset else 0
     data = {"model": f"{args.model} ({model_path})",
             "parent stage": str(parent.path) if parent else "none (a base or instruct model)",
