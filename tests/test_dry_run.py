@@ -133,6 +133,8 @@ def test_reward_dry_run_counts_whole_prompt_batches(run, tmp_path, no_weights):
     result = invoke("reward", "--model", run / "sft", "--data", PREFS, "--out", out, "--threads", "1", "--dry-run")
     plan = assert_plan(result, steps="")
     assert "inherited max_length=256" in result.stderr
+    value, source = cells(result.stdout, settings=True)["max_length"]
+    assert value == "256" and source.replace(" ", "") == f"parentstage{run / 'sft'}"  # (a wrapped path)
     assert plan["pairs"].endswith("pairs from 52 prompts, grouped by prompt")
     pairs = int(plan["pairs"].split()[0])
     assert int(plan["optimisation steps"].split()[0]) > math.ceil(pairs / 8)  # whole prompts: some batches not full
@@ -176,7 +178,7 @@ def test_yaml_and_flag_precedence_in_the_settings_table(tiny, tmp_path):
     assert lines["lr"] == ["0.0001", "--config c.yaml"]  # the YAML file beats the default
     assert lines["seed"] == ["7", "--config c.yaml"]
     assert lines["epochs"] == ["1.0", "default"]
-    assert lines["max_length"][0] == "1024"  # filled in by the stage: no parent, so the sft default
+    assert lines["max_length"] == ["1024", "stage default"]  # no parent stage to inherit from
     assert cells(r.stdout)["optimisation steps"][0].startswith(f"{math.ceil(rows(SFT_DATA) / 2)} ")
 
 

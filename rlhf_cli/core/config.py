@@ -143,8 +143,16 @@ def resolve(cls: type, config: str | Path | None = None, flags: dict[str, Any] |
 
 
 def origins(args: Any) -> dict[str, str]:
-    """Where `resolve` took each value it did not take from the defaults: "flag --lr", "--config FILE"."""
-    return dict(getattr(args, "_origins", {}))
+    """Where each value not taken from the defaults came from: "flag --lr", "--config FILE" (from `resolve`),
+    "parent stage DIR" (from `note_origin`); None for args that `resolve` did not build."""
+    found = getattr(args, "_origins", None)
+    return None if found is None else dict(found)
+
+
+def note_origin(args: Any, name: str, source: str) -> None:
+    """Record where a stage took a value it filled in (the parent stage, its own default), for --dry-run."""
+    if getattr(args, "_origins", None) is not None:
+        args._origins[name] = source
 
 
 def flag_of(name: str) -> str:

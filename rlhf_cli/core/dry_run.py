@@ -33,7 +33,7 @@ import dataclasses
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,6 @@ class DryRunReport:
     tokens_per_epoch: int
     memory: memory.MemoryPlan
     time: TimeEstimate
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "out": str(self.out), "steps": self.steps,
@@ -91,16 +90,19 @@ class DryRunReport:
 
 
 def settings(args: Any, resolved: dict[str, Any] | None = None) -> list[tuple[str, Any, str]]:
-    """Every field of `args` with its value and source: a flag, the --config file, the parent stage or the stage
-    (values the stage filled in), or the default; then `resolved`, values the stage chose from no field."""
+    """Every field of `args` with its value and source: a flag, the --config file, the parent stage, the stage
+    (its default for a setting left open, a parent folder it found), or the default; then `resolved`, values the
+    stage chose that no field holds."""
     given = origins(args)
+    # args built in Python (not by `resolve`): a value off its default was given there or filled in by the stage
+    other = "the stage" if given is not None else "given, or filled in by the stage"
     rows = []
     for f, _ in fields_of(type(args)):
         if f.name == "dry_run":
             continue
         value = getattr(args, f.name)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        source = given.get(f.name) or ("default" if value == default else "stage (parent or stage default)")
+        source = (given or {}).get(f.name) or ("default" if value == default else other)
         rows.append((f.name, value, source))
     rows += [(k, v, "stage") for k, v in (resolved or {}).items()]
     return rows
