@@ -145,15 +145,25 @@ def train_flops(shape: memory.ModelShape, *, head: float = 1.0, lora: bool = Fal
             + head * 2.0 * vocab * (2 if embeddings_train else 1))
 
 
-def matmul_speed(rows: int, shape: memory.ModelShape, seconds: float = MEASURE_SECONDS) -> float:
-    """FLOP/s of (rows x hidden) @ (hidden x intermediate) fp32 matmuls on this machine (torch's threads as set):
-    the best of short windows over about `seconds`, so that a moment's contention from other processes does not
-    decide the figure."""
+def matmul_speed(rows: int, shape: memory.ModelShape, seconds: float = MEASURE_SECONDS) -> tuple[float, str]:
+    """FLOP/s of (rows x hidden) @ (hidden x intermediate) matmuls where the run will compute (fp32 on the CPU with
+    torch's threads as set; bf16, or fp16, on a GPU): the best of short windows over about `seconds`, so that a
+    moment's contention from other processes does not decide the figure. Also says what was measured."""
     import torch
 
+    gpu = torch.cuda.is_available()
+    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if gpu else torch.float32
+    device = "cuda" if gpu else "cpu"
     k, n = max(shape.hidden, 8), max(shape.intermediate, 8)
-    a, b = torch.randn(max(rows, 1), k), torch.randn(k, n)
+    a = torch.randn(max(rows, 1), k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
+
+    def sync() -> None:
+        if gpu:
+            torch.cuda.synchronize()
+
     a @ b  # first call: allocation and kernel choice
+    sync()
     flops = 2.0 * a.shape[0] * k * n
     best, start = 0.0, time.perf_counter()
     while time.perf_counter() - start < seconds or best == 0.0:
@@ -161,23 +171,28 @@ def matmul_speed(rows: int, shape: memory.ModelShape, seconds: float = MEASURE_S
         while (elapsed := time.perf_counter() - t0) < seconds / 10 or done < 2:
             a @ b
             done += 1
+            if gpu and done % 16 == 0:
+                sync()
+        sync()
+        elapsed = time.perf_counter() - t0
         best = max(best, flops * done / max(elapsed, 1e-9))
-    return best
+    what = f"the GPU's {str(dtype).removeprefix('torch.')} " if gpu else \
+        f"the fp32 ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}) "
+    return best, what
 
 
-def estimate_time(compute: Compute, shape: memory.ModelShape, micro_tokens: int, threads: int) -> TimeEstimate:
+def estimate_time(compute: Compute, shape: memory.ModelShape, micro_tokens: int) -> TimeEstimate:
     """Seconds for `compute` from the matmul speed measured now (see the module docstring)."""
-    dense = matmul_speed(min(max(micro_tokens, 1), memory.CPU_MICRO_TOKENS), shape)
+    dense, what = matmul_speed(min(max(micro_tokens, 1), memory.CPU_MICRO_TOKENS), shape)
     seconds = (compute.train_flops / (dense * TRAIN_EFFICIENCY)
                + compute.forward_flops / (dense * FORWARD_EFFICIENCY))
     how = (f"an estimate: {fmt_flops(compute.train_flops)} of training (6N per token when all N weights train) "
-           f"at {fmt_flops(dense)}/s, the fp32 matmul speed measured just now with {threads} "
-           f"thread{'s' if threads != 1 else ''}, x {TRAIN_EFFICIENCY:g}, the share of it whole steps reached in "
-           f"real runs of the default model")
+           f"at {fmt_flops(dense)}/s, {what}matmul speed measured just now, x {TRAIN_EFFICIENCY:g}, the share "
+           f"of it whole steps reached in real runs of the default model on CPU")
     if compute.forward_flops:
         how += f"; {fmt_flops(compute.forward_flops)} forward-only (x {FORWARD_EFFICIENCY:g})"
     if compute.decode_tokens:
-        skinny = matmul_speed(compute.decode_batch, shape)
+        skinny, _ = matmul_speed(compute.decode_batch, shape)
         seconds += compute.decode_tokens * forward_flops(shape) / (skinny * DECODE_EFFICIENCY)
         how += (f"; {compute.decode_tokens:.0f} generated tokens at 2N each, {compute.decode_batch} sequences at "
                 f"a time ({fmt_flops(skinny)}/s measured, x {DECODE_EFFICIENCY:g}), every response taken at "
@@ -228,7 +243,7 @@ def trainer_stage(args: Any, reporter: Any, stage: str, out: Path, model_path: P
                   *, example_tokens: list[int], unit: str, data: dict[str, Any], causal: bool = True,
                   padded: int | None = None,
                   eval_tokens: int = 0, eval_passes: int = 2, steps_per_epoch: int | None = None,
-                  forward_per_token: float = 0.0, resolved: dict[str, Any] | None = None, threads: int = 1) -> Path:
+                  forward_per_token: float = 0.0, resolved: dict[str, Any] | None = None) -> Path:
     """The dry run of a Trainer stage (sft, reward, dpo, ...): `example_tokens` are the tokens of each training
     example (all its sequences), `unit` what an example is ("rows", "pairs"), `data` the rows shown about the
     data, `causal` whether the loss is over the vocabulary (False for a scoring model), `padded` the tokens one
@@ -247,7 +262,7 @@ def trainer_stage(args: Any, reporter: Any, stage: str, out: Path, model_path: P
                       forward_flops=(eval_tokens * eval_passes * forward_flops(shape, head)
                                      + trained * forward_per_token))
     mean = per_epoch_tokens / max(len(example_tokens), 1)
-    t = estimate_time(compute, shape, int(plan.micro_batch * mean), threads)
+    t = estimate_time(compute, shape, int(plan.micro_batch * mean))
     summary = dict(data)
     summary.update({
         "optimisation steps": f"{steps} ({per_epoch} per epoch; effective batch {args.batch_size * args.grad_accum} "

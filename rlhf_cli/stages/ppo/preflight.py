@@ -238,7 +238,7 @@ def dry_run(a: PPOArgs, plan: Plan, out: Path, reporter) -> Path:
                           forward_flops=total * (per_update * forwards
                                                  + batch * (seq - response) * dry.forward_flops(shape, 0.0)),
                           decode_tokens=total * batch * response, decode_batch=batch)
-    t = dry.estimate_time(compute, shape, int(mem.micro_batch * seq), threads)
+    t = dry.estimate_time(compute, shape, int(mem.micro_batch * seq))
     per_prompt = 1 if a.algo == "ppo" else a.group_size
     tokens_per_epoch = int(per_prompt * (sum(prompt_lens) + len(prompt_lens) * response))
     rollouts = f"{batch} rollouts" if a.algo == "ppo" else \

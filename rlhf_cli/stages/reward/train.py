@@ -174,7 +174,7 @@ def dry_run(args: RewardArgs, reporter: Reporter, out: Path, model_path: Path, p
         padded=dry.padded_tokens([max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in train_rows],
                                  plan.micro_batch, 2, seed=None if args.group_by_prompt else args.seed),
         eval_tokens=sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in eval_rows),
-        threads=resolved["threads (used)"], resolved=resolved)
+        resolved=resolved)
 
 
 def run_reward(args: RewardArgs, reporter: Reporter | None = None) -> Path:

@@ -63,7 +63,7 @@ def dry_run(args: SFTArgs, reporter: Reporter, staged: StagedOutput, model_path:
     if args.packing:
         data["packing"] = f"{len(examples)} sequences of {max_length} tokens"
     return dry.trainer_stage(args, reporter, "sft", staged.out, model_path, plan, example_tokens=examples,
-                             unit="rows", data=data, eval_tokens=eval_tokens, threads=threads,
+                             unit="rows", data=data, eval_tokens=eval_tokens,
                              resolved={"lr (used)": lr, "precision (used)": precision, "threads (used)": threads})
 
 
