@@ -29,7 +29,7 @@ from rlhf_cli.stages.reward.args import RewardArgs
 from rlhf_cli.stages.sft.args import SFTArgs
 
 app = typer.Typer(
-    name="rlhf", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+    name="rlhf", no_args_is_help=True, add_completion=True, rich_markup_mode=None,
     help="The InstructGPT recipe on Hugging Face TRL: sft -> reward -> ppo, then chat.",
     context_settings={"help_option_names": ["-h", "--help"]})
 eval_app = typer.Typer(no_args_is_help=True, help="Measure a checkpoint (reward model accuracy, ...).")

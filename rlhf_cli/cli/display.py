@@ -105,6 +105,23 @@ class RichReporter(Reporter):
             self.progress.stop()
             self.progress = None
 
+    def plan(self, report: Any) -> None:
+        """A `--dry-run` report as two tables on stdout (the plan, then every setting with its source), then the
+        command ends with exit 0: nothing after the dry-run point of the stage runs."""
+        import typer
+
+        self.planned = report
+        out.print(table(f"{report.stage} dry run: the plan (no weights loaded, nothing written)", report.summary))
+        t = Table(title=f"{report.stage} settings (defaults < --config < flags)", title_justify="left")
+        for col in ("setting", "value", "from"):
+            t.add_column(col, overflow="fold")
+        for name, value, source in report.settings:
+            style = "dim" if source == "default" else None
+            t.add_row(shown(name), shown(repr(value) if isinstance(value, str) else str(value)), shown(source),
+                      style=style)
+        out.print(t)
+        raise typer.Exit(0)
+
 
 def table(title: str, rows: dict[str, Any]) -> Table:
     t = Table(title=title, show_header=False, title_justify="left")

@@ -104,6 +104,12 @@ def save_every_field() -> Any:
                      "or SIGTERM).", min=1)
 
 
+# Every training stage lists it (TrainArgs does for its stages); see rlhf_cli.core.dry_run.
+def dry_run_field() -> Any:
+    return opt(False, "Check the settings, data, model and parent stages, print the plan (settings, data, steps, "
+                      "tokens, memory, an estimated time) and exit, without loading weights or writing anything.")
+
+
 # ------------------------------------------------------------------------------------------------ runtime
 
 
@@ -247,6 +253,7 @@ class TrainArgs:
     report_to: str = report_to_field()
     push_to_hub: str | None = push_to_hub_field()
     private: bool = private_field()
+    dry_run: bool = dry_run_field()
 
 
 def check_train_args(args: TrainArgs) -> None:

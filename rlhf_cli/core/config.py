@@ -124,11 +124,15 @@ def resolve(cls: type, config: str | Path | None = None, flags: dict[str, Any] |
     """Build `cls` from its defaults, then the YAML file, then the flags that were given (not None)."""
     known = {f.name: (f, tp) for f, tp in fields_of(cls)}
     values = mapping_values(cls, load_yaml(config), str(config)) if config is not None else {}
+    came_from = {name: f"--config {Path(config).name}" for name in values}
     for name, value in (flags or {}).items():
         if value is not None:
-            values[name] = _coerce(value, known[name][1], known[name][0].metadata.get("flag") or flag_of(name))
+            flag = known[name][0].metadata.get("flag") or flag_of(name)
+            values[name] = _coerce(value, known[name][1], flag)
+            came_from[name] = "flag " + flag
     args = cls(**values)
     validate(args)
+    args._origins = came_from  # not a field: --dry-run shows it, nothing else reads it
     return args
 
 
@@ -146,6 +150,19 @@ def mapping_values(cls: type, mapping: dict[str, Any], where: str) -> dict[str, 
             value = ",".join(str(v) for v in value)
         values[name] = _coerce(value, known[name][1], f"{where}: key {key!r}")
     return values
+
+
+def origins(args: Any) -> dict[str, str]:
+    """Where each value not taken from the defaults came from: "flag --lr", "--config FILE" (from `resolve`),
+    "parent stage DIR" (from `note_origin`); None for args that `resolve` did not build."""
+    found = getattr(args, "_origins", None)
+    return None if found is None else dict(found)
+
+
+def note_origin(args: Any, name: str, source: str) -> None:
+    """Record where a stage took a value it filled in (the parent stage, its own default), for --dry-run."""
+    if getattr(args, "_origins", None) is not None:
+        args._origins[name] = source
 
 
 def flag_of(name: str) -> str:

@@ -83,6 +83,8 @@ def weight_params(folder: Path) -> int:
         try:
             with f.open("rb") as fh:
                 (n,) = struct.unpack("<Q", fh.read(8))
+                if n > f.stat().st_size - 8:  # not a safetensors header (a damaged file): count from the config
+                    return 0
                 header = json.loads(fh.read(n))
         except (OSError, ValueError, struct.error):
             return 0

@@ -40,10 +40,23 @@ class Reporter:
     def finish(self) -> None:
         pass
 
+    def plan(self, report: Any) -> None:
+        """A `--dry-run` report (`rlhf_cli.core.dry_run.DryRunReport`): kept as `self.planned`, printed on stdout."""
+        self.planned = report
+        print(f"{report.stage} dry run", flush=True)
+        for name, value in report.summary.items():
+            print(safe_text(f"  {name}: {value}"))
+        print("settings:")
+        for name, value, source in report.settings:
+            print(safe_text(f"  {name} = {value!r} ({source})"), flush=True)
+
 
 class Quiet(Reporter):
     def info(self, message: str) -> None:
         pass
+
+    def plan(self, report: Any) -> None:
+        self.planned = report
 
     def update(self, step: int, total: int, figures: dict[str, float], elapsed: float) -> None:
         pass

@@ -20,6 +20,7 @@ from transformers.trainer_callback import ProgressCallback as HFProgressCallback
 
 from rlhf_cli.core import memory, runtime, tracking
 from rlhf_cli.core.args import TrainArgs, check_train_args
+from rlhf_cli.core.config import note_origin
 from rlhf_cli.core.errors import ConfigError, TrainingError
 from rlhf_cli.core.files import atomic_write_text
 from rlhf_cli.core.manifest import Manifest, ResumableOutput, StagedOutput, stage_output
@@ -37,8 +38,10 @@ def inherit(args: Any, parent: Manifest | None, name: str, fallback: Any, say: C
     if parent is not None and parent.args.get(name) is not None:
         value = parent.args[name]
         say(f"inherited {name}={value} from {parent.path}")
+        note_origin(args, name, f"parent stage {parent.path}")
     else:
         value = fallback
+        note_origin(args, name, "stage default")
     setattr(args, name, value)
     return value
 
@@ -49,7 +52,8 @@ def prepare_stage(args: TrainArgs, stage: str, load: Callable[..., DataSet], say
     check_train_args(args)
     staged = stage_output(args.out, args.run, stage, args.overwrite, ResumableOutput, resume=args.resume)
     if not args.resume and staged.partial.exists():
-        say(f"discarding the unfinished run in {staged.partial} (pass --resume to continue it)")
+        say(f"{'a real run would discard' if args.dry_run else 'discarding'} the unfinished run in "
+            f"{staged.partial} (pass --resume to continue it)")
     return (staged, *load_train_eval(args, load, say))
 
 

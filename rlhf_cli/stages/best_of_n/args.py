@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from rlhf_cli.core.args import (
     allow_pickle_field,
     check_reporting,
+    dry_run_field,
     freeze_layers_field,
     lora_alpha_field,
     lora_dropout_field,
@@ -112,6 +113,7 @@ class BestOfNArgs:
     report_to: str = report_to_field()
     push_to_hub: str | None = push_to_hub_field()
     private: bool = private_field()
+    dry_run: bool = dry_run_field()
 
 
 def check_best_of_n_args(args: BestOfNArgs) -> None:

@@ -41,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from rlhf_cli.core import dry_run as dry
 from rlhf_cli.core import hub, memory, runtime
 from rlhf_cli.core.config import dump_yaml, to_dict
 from rlhf_cli.core.errors import CheckpointError, ConfigError, DataError
@@ -57,11 +58,11 @@ from rlhf_cli.core.manifest import (
     stage_output,
     write_manifest,
 )
-from rlhf_cli.core.models import LoadOptions, resolve_model
+from rlhf_cli.core.models import LoadOptions, load_tokenizer, resolve_model
 from rlhf_cli.core.progress import Reporter
 from rlhf_cli.core.reward_model import RewardModel, RewardSpec, read_config
 from rlhf_cli.core.stages import a_stage, command_for, is_policy
-from rlhf_cli.core.training import complete_checkpoints
+from rlhf_cli.core.training import complete_checkpoints, plan_memory
 from rlhf_cli.data import load_prompts
 from rlhf_cli.interact.args import GENERATE_SAMPLING
 from rlhf_cli.interact.generate import prompt_key, read_existing
@@ -316,6 +317,42 @@ def move_up(sft_dir: Path, dest: Path) -> Manifest:
 # The stage
 
 
+def dry_run(args: BestOfNArgs, reporter: Reporter, out: Path, policy_path: Path, rm_spec: RewardSpec, ds: Any,
+            loading: LoadOptions) -> Path:
+    """`--dry-run`: the plan of this run (see `rlhf_cli.core.dry_run`): K answers of up to --max-new-tokens
+    generated per prompt, each scored by the RM, then at most one kept answer per prompt fine-tuned on (an upper
+    bound: thresholds keep fewer)."""
+    precision = runtime.pick_precision(args.precision)
+    tok = load_tokenizer(policy_path, loading=loading)
+    prompt_lens = [len(tok(tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True),
+                           add_special_tokens=False)["input_ids"]) for r in ds.rows]
+    seqs = [n + args.max_new_tokens for n in prompt_lens]
+    plan = plan_memory(args, policy_path, causal=True, lengths=seqs, seqs_per_example=1, precision=precision,
+                       say=reporter.info)
+    shape, rm_shape = memory.ModelShape.of(policy_path), memory.ModelShape.of(rm_spec.path)
+    answers = len(prompt_lens) * args.k
+    steps, per_epoch = dry.trainer_steps(args, len(prompt_lens))
+    trained = dry.padded_tokens(seqs, plan.micro_batch, seed=args.seed) * steps / per_epoch
+    compute = dry.Compute(
+        train_flops=trained * dry.train_flops(shape, head=1.0, lora=args.lora, lora_r=args.lora_r,
+                                              freeze_layers=args.freeze_layers or 0),
+        forward_flops=(args.k * sum(prompt_lens) * dry.forward_flops(shape, 0.0)
+                       + args.k * sum(seqs) * dry.forward_flops(rm_shape, 0.0)
+                       + 2 * sum(seqs) * dry.forward_flops(shape, 1.0)),  # eval loss before and after
+        decode_tokens=answers * args.max_new_tokens, decode_batch=args.sample_batch_size * args.k)
+    t = dry.estimate_time(compute, shape, int(plan.micro_batch * sum(seqs) / max(len(seqs), 1)))
+    summary = {"policy": f"{args.policy} ({policy_path})", "reward model": f"{args.reward} ({rm_spec.path})",
+               "prompts": ds.describe(), "prompt token lengths": dry.length_stats(prompt_lens),
+               "answers sampled": f"{answers} ({len(prompt_lens)} prompts x -k {args.k}, up to {args.max_new_tokens} "
+                                  f"tokens each), each scored by the reward model",
+               "optimisation steps": f"at most {steps} ({per_epoch} per epoch over at most {len(prompt_lens)} kept "
+                                     f"answers; effective batch {args.batch_size * args.grad_accum})",
+               "tokens per epoch": f"{sum(seqs)} (at most: every prompt kept, every answer {args.max_new_tokens} "
+                                   f"tokens)"}
+    return dry.finish(reporter, dry.report(STAGE, out, args, summary, steps, sum(seqs), plan, t,
+                                           {"precision (used)": precision}))
+
+
 def run_best_of_n(args: BestOfNArgs, reporter: Reporter | None = None) -> Path:
     """Sample K answers per prompt, keep the RM's best, fine-tune the policy on them; returns the stage folder."""
     reporter = reporter or Reporter()
@@ -332,6 +369,8 @@ def run_best_of_n(args: BestOfNArgs, reporter: Reporter | None = None) -> Path:
     sampling = pick_sampling_settings(args, policy_path, say)
     staged = stage_output(args.out, args.run, STAGE, args.overwrite, ResumableOutput, resume=args.resume)
     check_resume(args, staged, say)
+    if args.dry_run:
+        return dry_run(args, reporter, staged.out, policy_path, rm_spec, ds, loading)
 
     runtime.quiet_libraries()
     threads = runtime.configure_threads(args.threads)

@@ -63,6 +63,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
+from rlhf_cli.core import dry_run as dry
 from rlhf_cli.core import hub, runtime, training
 from rlhf_cli.core.args import DEFAULT_MODEL
 from rlhf_cli.core.config import dump_yaml, to_dict, validate
@@ -209,6 +210,30 @@ def eval_figures(trainer: Any, suffix: str) -> dict[str, float]:
     return {name + suffix: float(ev[key]) for key, name in EVAL_FIGURES.items() if key in ev}
 
 
+def dry_run(args: DPOArgs, reporter: Reporter, out: Path, model_path: Path, plan: Any, train: Any, evalset: Any,
+            train_lengths: list[int], eval_lengths: list[int], truncated: int, parent: Any, reference: bool,
+            resolved: dict[str, Any]) -> Path:
+    """`--dry-run`: the plan of this run (see `rlhf_cli.core.dry_run`). A pair is two sequences (KTO: one row, one
+    sequence); a frozen reference model adds one forward pass per trained token."""
+    kto = args.method == "kto"
+    per_example = 1 if kto else 2
+    shape = dry.memory.ModelShape.of(model_path)
+    data = {"model": f"{args.model} ({model_path})",
+            "parent stage": str(parent.path) if parent else "none (not an sft stage)",
+            "method": f"{args.method} (loss {args.loss}, beta {args.beta:g}); "
+                      + ("reference: the start model" if reference else
+                         "reference: the start model with LoRA adapters off" if args.method in WITH_REFERENCE
+                         else "no reference model"),
+            "data": train.describe(), "eval data": evalset.describe() if evalset else "none",
+            "token lengths": dry.length_stats(train_lengths),
+            "truncated to --max-length": f"{truncated} rows longer than {args.max_length}"}
+    return dry.trainer_stage(
+        args, reporter, "dpo", out, model_path, plan, unit="rows" if kto else "pairs", data=data,
+        example_tokens=[n * per_example for n in train_lengths],
+        eval_tokens=sum(n * per_example for n in eval_lengths),
+        forward_per_token=dry.forward_flops(shape, 1.0) if reference else 0.0, resolved=resolved)
+
+
 def run_dpo(args: DPOArgs, reporter: Reporter | None = None) -> Path:
     """Train a policy on preferences with `args.method`; returns the finished stage folder."""
     reporter = reporter or Reporter()
@@ -250,6 +275,10 @@ def run_dpo(args: DPOArgs, reporter: Reporter | None = None) -> Path:
         raise ConfigError(f"--batch-size {args.batch_size}: KTO estimates its KL term from the other answers of a "
                           f"forward pass, so it needs at least 2 rows per pass (micro-batch {plan.micro_batch}); "
                           f"expected --batch-size 2 or more (or --micro-batch-size 2)")
+    if args.dry_run:
+        return dry_run(args, reporter, staged.out, model_path, plan, train, evalset, lengths[:len(train_rows)],
+                       lengths[len(train_rows):], cut + ecut, parent, reference,
+                       {"lr (used)": lr, "precision (used)": precision, "threads (used)": threads})
 
     dtype = runtime.torch_dtype(precision)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **loading.model_kwargs())

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from rlhf_cli.core.args import (
     allow_pickle_field,
     check_reporting,
+    dry_run_field,
     freeze_layers_field,
     lora_alpha_field,
     lora_dropout_field,
@@ -138,6 +140,7 @@ class PPOArgs:
     report_to: str = report_to_field()
     push_to_hub: str | None = push_to_hub_field()
     private: bool = private_field()
+    dry_run: bool = dry_run_field()
 
 
 def check_ppo_args(a: PPOArgs) -> None:
@@ -174,3 +177,15 @@ def minibatch_size(a: PPOArgs) -> int:
             raise ConfigError(f"--num-minibatches {a.num_minibatches}: must divide --batch-size {a.batch_size}")
         return a.batch_size // a.num_minibatches
     return a.batch_size
+
+
+def updates(a: PPOArgs, prompts: int) -> int:
+    """Updates (optimiser steps, for grpo/rloo) in the run: --max-steps, else one pass over the prompts (each
+    sampled --group-size times with grpo/rloo)."""
+    per_prompt = 1 if a.algo == "ppo" else a.group_size
+    return a.max_steps or max(1, math.ceil(prompts * per_prompt / a.batch_size))
+
+
+def ppo_epochs(a: PPOArgs) -> int:
+    """Passes over each update's rollouts: --ppo-epochs, else 4 for our PPO and 1 for grpo/rloo."""
+    return a.ppo_epochs or (DEFAULT_PPO_EPOCHS if a.algo == "ppo" else 1)

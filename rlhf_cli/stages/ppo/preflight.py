@@ -15,6 +15,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from rlhf_cli.core import dry_run as dry
 from rlhf_cli.core import memory, runtime
 from rlhf_cli.core.errors import CheckpointError, ConfigError, DataError
 from rlhf_cli.core.generation import encode_chat, stop_ids
@@ -24,7 +25,15 @@ from rlhf_cli.core.reward_model import RewardModel, RewardSpec, read_config
 from rlhf_cli.core.stages import a_stage, command_for, is_policy
 from rlhf_cli.core.training import inherit
 from rlhf_cli.data import DataSet, load_prompts
-from rlhf_cli.stages.ppo.args import DEFAULT_MAX_LENGTH, PPOArgs
+from rlhf_cli.stages.ppo.args import (
+    DEFAULT_LORA_LR,
+    DEFAULT_LR,
+    DEFAULT_MAX_LENGTH,
+    PPOArgs,
+    minibatch_size,
+    ppo_epochs,
+    updates,
+)
 
 
 @dataclass
@@ -198,3 +207,58 @@ def plan_memory(a: PPOArgs, plan: Plan, precision: str, minibatch: int, say: Cal
         memory.return_freed_memory()
     say(mp.describe())
     return mp
+
+
+def dry_run(a: PPOArgs, plan: Plan, out: Path, reporter) -> Path:
+    """`--dry-run`: the plan of this run (see `rlhf_cli.core.dry_run`). Per update, with B rollouts of P prompt
+    and R response tokens: B x R tokens generated, forward passes over B x (P + R) tokens for the old and
+    reference log-probabilities, values and RM scores (grpo/rloo: reference when beta > 0, old log-probabilities
+    when several epochs, RM), and the PPO epochs' training passes (policy, and the value model for ppo)."""
+    threads = runtime.configure_threads(a.threads)
+    precision = runtime.pick_precision(a.precision)
+    mem = plan_memory(a, plan, precision, minibatch_size(a) if a.algo == "ppo" else a.batch_size, reporter.info)
+    total, epochs = updates(a, len(plan.prompt_ids)), ppo_epochs(a)
+    shape, rm_shape = memory.ModelShape.of(plan.policy_path), memory.ModelShape.of(plan.reward_path)
+    prompt_lens = [len(p) for p in plan.prompt_ids]
+    batch, response = a.batch_size, a.max_new_tokens
+    seq = sum(prompt_lens) / len(prompt_lens) + response
+    head = response / seq  # PPO's log-probabilities need vocabulary logits over the response only
+    lora = {"lora": a.lora, "lora_r": a.lora_r, "freeze_layers": a.freeze_layers}
+    trains = dry.train_flops(shape, head=head, **lora)
+    if a.algo == "ppo":
+        value_shape = rm_shape if a.value_init == "reward" else shape
+        trains += dry.train_flops(value_shape, head=0.0, **lora)
+        # old and reference log-probabilities, values, scores
+        forwards = (2 * dry.forward_flops(shape, head) + dry.forward_flops(value_shape, 0.0)
+                    + dry.forward_flops(rm_shape, 0.0))
+    else:  # reference when beta > 0, old log-probabilities when several epochs, scores
+        forwards = dry.forward_flops(shape, head) * ((a.kl_coef > 0) + (epochs > 1)) + dry.forward_flops(rm_shape, 0)
+    per_update = batch * seq
+    compute = dry.Compute(train_flops=total * epochs * per_update * trains,
+                          forward_flops=total * (per_update * forwards
+                                                 + batch * (seq - response) * dry.forward_flops(shape, 0.0)),
+                          decode_tokens=total * batch * response, decode_batch=batch)
+    t = dry.estimate_time(compute, shape, int(mem.micro_batch * seq))
+    per_prompt = 1 if a.algo == "ppo" else a.group_size
+    tokens_per_epoch = int(per_prompt * (sum(prompt_lens) + len(prompt_lens) * response))
+    rollouts = f"{batch} rollouts" if a.algo == "ppo" else \
+        f"{batch} responses ({batch // a.group_size} prompts x --group-size {a.group_size})"
+    summary = {
+        "algorithm": a.algo,
+        "policy": f"{plan.policy} ({plan.policy_path})" + (f", {a_stage(plan.policy_manifest.stage)}"
+                                                           if plan.policy_manifest else ""),
+        "reward model": f"{plan.reward} ({plan.reward_path})",
+        "reward model reads": "the policy's token ids" if plan.same_ids else f"re-encoded text ({plan.why_reencode})",
+        "prompts": plan.prompts.describe(),
+        "prompts kept": f"{len(plan.prompt_ids)} ({plan.too_long} dropped as longer than --max-length minus "
+                        f"--max-new-tokens)",
+        "prompt token lengths": dry.length_stats(prompt_lens),
+        "optimisation steps": f"{total} updates x {rollouts}, {epochs} epoch{'s' if epochs != 1 else ''} over each"
+                              + (f" in minibatches of {minibatch_size(a)}" if a.algo == "ppo" else ""),
+        "tokens per epoch": tokens_per_epoch,
+        "tokens generated": f"up to {total * batch * response} ({response} per response)",
+    }
+    lr = a.lr or (DEFAULT_LORA_LR if a.lora else DEFAULT_LR)
+    resolved = {"lr (used)": lr, "ppo_epochs (used)": epochs, "precision (used)": precision,
+                "threads (used)": threads}
+    return dry.finish(reporter, dry.report("ppo", out, a, summary, total, tokens_per_epoch, mem, t, resolved))

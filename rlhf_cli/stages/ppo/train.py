@@ -52,7 +52,7 @@ from rlhf_cli.core.progress import Reporter
 from rlhf_cli.core.training import complete_checkpoints
 from rlhf_cli.stages.ppo.args import PPOArgs, check_ppo_args
 from rlhf_cli.stages.ppo.checkpoint import PPOOutput, Stopped
-from rlhf_cli.stages.ppo.preflight import preflight
+from rlhf_cli.stages.ppo.preflight import dry_run, preflight
 from rlhf_cli.stages.ppo.trainer import PPOTrainer
 from rlhf_cli.stages.ppo.trl_algos import run_trl
 
@@ -72,8 +72,11 @@ def run_ppo(args: PPOArgs, reporter: Reporter | None = None) -> Path:
         raise ConfigError(f"--resume: no checkpoint in {staged.partial / 'trainer'} (one is written every "
                           f"--save-every N steps, and by --stop-after); start again without --resume")
     if not args.resume and staged.partial.exists():
-        say(f"discarding the unfinished run in {staged.partial} (pass --resume to continue it)")
+        say(f"{'a real run would discard' if args.dry_run else 'discarding'} the unfinished run in "
+            f"{staged.partial} (pass --resume to continue it)")
     plan = preflight(args, say)
+    if args.dry_run:
+        return dry_run(args, plan, staged.out, reporter)
     say("reward model reads " + ("the policy token ids directly (same tokenizer and chat template)" if plan.same_ids
                                  else f"the text re-encoded with its own chat template ({plan.why_reencode})"))
     try:

@@ -28,7 +28,7 @@ from rlhf_cli.core.progress import Reporter
 from rlhf_cli.core.reward_model import RewardModel, head_model, token_scores
 from rlhf_cli.core.tracking import Tracker
 from rlhf_cli.core.training import freeze_lower_layers, lora_config
-from rlhf_cli.stages.ppo.args import DEFAULT_LORA_LR, DEFAULT_LR, DEFAULT_PPO_EPOCHS, PPOArgs, minibatch_size
+from rlhf_cli.stages.ppo.args import DEFAULT_LORA_LR, DEFAULT_LR, PPOArgs, minibatch_size, ppo_epochs, updates
 from rlhf_cli.stages.ppo.checkpoint import (
     PPOOutput,
     Stopped,
@@ -157,11 +157,11 @@ class PPOTrainer:
         self.precision = runtime.pick_precision(a.precision)
         self.device = runtime.device()
         self.lr = a.lr or (DEFAULT_LORA_LR if a.lora else DEFAULT_LR)
-        self.epochs = a.ppo_epochs or DEFAULT_PPO_EPOCHS
+        self.epochs = ppo_epochs(a)
         self.minibatch = minibatch_size(a)
         self.memory = plan_memory(a, plan, self.precision, self.minibatch, reporter.info)
         self.micro = self.memory.micro_batch
-        self.total = a.max_steps or max(1, math.ceil(len(plan.prompt_ids) / a.batch_size))
+        self.total = updates(a, len(plan.prompt_ids))
         self.resume_summary = self._resume_summary() if a.resume else None
         transformers.set_seed(a.seed)  # fresh heads, LoRA initialisation
         self.policy, self.ref, self.rm, self.value = load_models(

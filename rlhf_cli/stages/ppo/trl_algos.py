@@ -29,7 +29,7 @@ from rlhf_cli.core.training import (
     lora_config,
     save_model,
 )
-from rlhf_cli.stages.ppo.args import DEFAULT_LORA_LR, DEFAULT_LR, PPO_ONLY, PPOArgs
+from rlhf_cli.stages.ppo.args import DEFAULT_LORA_LR, DEFAULT_LR, PPO_ONLY, PPOArgs, ppo_epochs, updates
 from rlhf_cli.stages.ppo.checkpoint import PPOOutput, Stopped, jsonl_append, jsonl_keep, write_ppo_manifest
 from rlhf_cli.stages.ppo.preflight import Plan, plan_memory
 from rlhf_cli.stages.ppo.rollout import ScoreShaper
@@ -127,7 +127,7 @@ def trl_config(a: PPOArgs, out: Path, lr: float, precision: str, total: int,
         project=tracking.PROJECT, disable_tqdm=True, dataloader_num_workers=0,
         num_generations=a.group_size, max_completion_length=a.max_new_tokens, temperature=a.temperature,
         top_p=a.top_p, top_k=a.top_k or 0, beta=a.kl_coef, epsilon=a.clip_eps, max_grad_norm=a.max_grad_norm,
-        num_iterations=a.ppo_epochs or 1, disable_dropout=True, log_completions=False, shuffle_dataset=True,
+        num_iterations=ppo_epochs(a), disable_dropout=True, log_completions=False, shuffle_dataset=True,
         **runtime.trainer_device_kwargs(),
     )
 
@@ -142,7 +142,7 @@ def run_trl(a: PPOArgs, plan: Plan, staged: PPOOutput, reporter: Reporter, start
     threads = runtime.configure_threads(a.threads)
     precision = runtime.pick_precision(a.precision)
     lr = a.lr or (DEFAULT_LORA_LR if a.lora else DEFAULT_LR)
-    total = a.max_steps or max(1, math.ceil(len(plan.prompt_ids) * a.group_size / a.batch_size))
+    total = updates(a, len(plan.prompt_ids))
     tok = plan.tok
     mem = plan_memory(a, plan, precision, a.batch_size, say)
     transformers.set_seed(a.seed)
@@ -200,5 +200,5 @@ def run_trl(a: PPOArgs, plan: Plan, staged: PPOOutput, reporter: Reporter, start
                    "seconds_per_update": (time.time() - t0) / max(1, steps),
                    "threads": threads, "precision": precision, "lr": lr,
                    "memory": mem.with_peak()}
-        write_ppo_manifest(dest, a, plan, metrics, started, lr=lr, ppo_epochs=a.ppo_epochs or 1)
+        write_ppo_manifest(dest, a, plan, metrics, started, lr=lr, ppo_epochs=ppo_epochs(a))
     return staged.out

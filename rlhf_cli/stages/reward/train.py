@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification
 from trl import RewardConfig, RewardTrainer
 
+from rlhf_cli.core import dry_run as dry
 from rlhf_cli.core import hub, runtime
 from rlhf_cli.core.args import DEFAULT_MODEL
 from rlhf_cli.core.config import dump_yaml, to_dict
@@ -152,6 +153,33 @@ class GroupedRewardTrainer(RewardTrainer):
                                                    collate_fn=self.data_collator, num_workers=0))
 
 
+def dry_run(args: RewardArgs, reporter: Reporter, out: Path, model_path: Path, plan: Any, train: Any, evalset: Any,
+            train_rows: list[dict], eval_rows: list[dict], truncated: int, parent: Manifest | None,
+            resolved: dict[str, Any]) -> Path:
+    """`--dry-run`: the plan of this run (see `rlhf_cli.core.dry_run`); steps count whole-prompt batches as
+    `GroupBatchSampler` packs them."""
+    effective = args.batch_size * args.grad_accum
+    per_epoch = len(GroupBatchSampler([r["group"] for r in train_rows], effective, args.seed).batches) \
+        if args.group_by_prompt else None
+    seqs = [len(r[k]) for r in train_rows for k in ("chosen_ids", "rejected_ids")]
+    data = {"model": f"{args.model} ({model_path})",
+            "parent stage": str(parent.path) if parent else "none (not an sft stage)",
+            "data": train.describe(), "eval data": evalset.describe() if evalset else "none",
+            "pairs": f"{len(train_rows)} pairs from {train.prompts} prompts"
+                     + (", grouped by prompt" if args.group_by_prompt else ", shuffled"),
+            "token lengths": dry.length_stats(seqs),
+            "truncated to --max-length": f"{truncated} sequences longer than {args.max_length}"}
+    return dry.trainer_stage(
+        args, reporter, "reward", out, model_path, plan, unit="pairs", data=data, causal=False,
+        steps_per_epoch=per_epoch,
+        example_tokens=[len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in train_rows],
+        # chosen and rejected are padded together; grouped batches hold one prompt's pairs, in data order
+        padded=dry.padded_tokens([max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in train_rows],
+                                 plan.micro_batch, 2, seed=None if args.group_by_prompt else args.seed),
+        eval_tokens=sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in eval_rows),
+        resolved=resolved)
+
+
 def run_reward(args: RewardArgs, reporter: Reporter | None = None) -> Path:
     """Train a reward model on `args.data`; returns the finished stage folder."""
     reporter = reporter or Reporter()
@@ -178,6 +206,10 @@ def run_reward(args: RewardArgs, reporter: Reporter | None = None) -> Path:
     lengths = [max(len(r["chosen_ids"]), len(r["rejected_ids"])) for r in train_rows + eval_rows]
     plan = plan_memory(args, model_path, causal=False, lengths=lengths, seqs_per_example=2, precision=precision,
                        say=say, saved=saved)
+    if args.dry_run:
+        return dry_run(args, reporter, staged.out, model_path, plan, train, evalset, train_rows, eval_rows,
+                       trunc + etrunc, parent, {"lr (used)": lr, "precision (used)": precision,
+                                                "threads (used)": threads})
 
     transformers.set_seed(args.seed)  # the fresh score head is random
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, **loading.model_kwargs(),

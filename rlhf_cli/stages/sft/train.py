@@ -17,12 +17,14 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM
 from trl import SFTConfig, SFTTrainer
 
+from rlhf_cli.core import dry_run as dry
 from rlhf_cli.core import hub, runtime, training
 from rlhf_cli.core.chat_template import training_template
 from rlhf_cli.core.config import dump_yaml, to_dict
 from rlhf_cli.core.errors import CheckpointError
 from rlhf_cli.core.interrupt import StopSignals
-from rlhf_cli.core.manifest import manifest_if_stage, write_manifest
+from rlhf_cli.core.manifest import Manifest, StagedOutput, manifest_if_stage, write_manifest
+from rlhf_cli.core.memory import MemoryPlan
 from rlhf_cli.core.models import LoadOptions, load_tokenizer, resolve_model, set_distinct_pad
 from rlhf_cli.core.progress import Reporter
 from rlhf_cli.core.stages import a_stage, command_for, is_policy
@@ -30,13 +32,39 @@ from rlhf_cli.data import DataSet, load_sft
 from rlhf_cli.stages.sft.args import DEFAULT_LORA_LR, DEFAULT_LR, DEFAULT_MAX_LENGTH, SFTArgs
 
 
-def sft_lengths(train: DataSet, tok, max_length: int, args: SFTArgs) -> list[int]:
+def token_counts(data: DataSet, tok) -> list[int]:
+    """Tokens of each conversation as the chat template renders it, before any truncation."""
+    texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in data.rows]
+    return [len(ids) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+
+
+def sft_lengths(counts: list[int], max_length: int, args: SFTArgs) -> list[int]:
     """Token lengths of the training rows as the trainer will see them (capped at --max-length); with packing
     every sequence is --max-length long."""
     if args.packing:
         return [max_length]
-    texts = [tok.apply_chat_template(r["messages"], tokenize=False) for r in train.rows]
-    return [min(len(ids), max_length) for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+    return [min(n, max_length) for n in counts]
+
+
+def dry_run(args: SFTArgs, reporter: Reporter, staged: StagedOutput, model_path: Path, plan: MemoryPlan,
+            counts: list[int],
+            evalset: DataSet | None, tok, max_length: int, lr: float, precision: str, threads: int,
+            parent: Manifest | None, train: DataSet) -> Path:
+    """`--dry-run`: the plan of this run (see `rlhf_cli.core.dry_run`)."""
+    # packed: every sequence is --max-length tokens long, as many of them as the tokens fill
+    examples = [max_length] * max(1, -(-sum(counts) // max_length)) if args.packing else \
+        sft_lengths(counts, max_length, args)
+    eval_tokens = sum(min(n, max_length) for n in token_counts(evalset, tok)) if evalset else 0
+    data = {"model": f"{args.model} ({model_path})",
+            "parent stage": str(parent.path) if parent else "none (a base or instruct model)",
+            "data": train.describe(), "eval data": evalset.describe() if evalset else "none",
+            "token lengths": dry.length_stats(counts),
+            "truncated to --max-length": f"{sum(n > max_length for n in counts)} rows longer than {max_length}"}
+    if args.packing:
+        data["packing"] = f"{len(examples)} sequences of {max_length} tokens"
+    return dry.trainer_stage(args, reporter, "sft", staged.out, model_path, plan, example_tokens=examples,
+                             unit="rows", data=data, eval_tokens=eval_tokens,
+                             resolved={"lr (used)": lr, "precision (used)": precision, "threads (used)": threads})
 
 
 def run_sft(args: SFTArgs, reporter: Reporter | None = None) -> Path:
@@ -63,8 +91,12 @@ def run_sft(args: SFTArgs, reporter: Reporter | None = None) -> Path:
     tok = load_tokenizer(model_path, loading=loading)
     if args.assistant_only_loss:
         tok.chat_template = training_template(tok)
-    plan = training.plan_memory(args, model_path, causal=True, lengths=sft_lengths(train, tok, max_length, args),
+    counts = token_counts(train, tok)
+    plan = training.plan_memory(args, model_path, causal=True, lengths=sft_lengths(counts, max_length, args),
                                 seqs_per_example=1, precision=precision, say=say, saved=saved)
+    if args.dry_run:
+        return dry_run(args, reporter, staged, model_path, plan, counts, evalset, tok, max_length, lr, precision,
+                       threads, parent, train)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=runtime.torch_dtype(precision),
                                                  **loading.model_kwargs())
     set_distinct_pad(tok, model)
