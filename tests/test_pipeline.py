@@ -272,3 +272,25 @@ def test_from_names_this_recipes_stage3(tiny, tmp_path):
     recipe = write_recipe(tmp_path / "r.yaml", tiny, run)
     text = " ".join(pipeline(recipe, "--from", "dpo", code=2).stderr.split())
     assert "--from dpo: this recipe's stage 3 is ppo (algo ppo)" in text and not (run / "sft").exists()
+
+
+@pytest.mark.parametrize("stage3,folder", [
+    ({"algo": "dpo", "data": str(EXAMPLES / "prefs_explicit.jsonl"), "prompts": None, "max_new_tokens": None},
+     "dpo"),
+    ({"algo": "best-of-n", "k": 2, "sample_batch_size": 4, "max_samples": 4}, "best-of-n"),
+])
+def test_dpo_and_best_of_n_as_stage_3(tiny, tmp_path, stage3, folder):
+    """The other stage-3 choices run through the same dispatch table, chain to sft (and reward), are judged by the
+    eval step, and a second call skips them."""
+    run = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny, run, stage3=stage3,
+                          eval={"prompts": str(EXAMPLES / "prompts.jsonl")})
+    pipeline(recipe)
+    m = read_manifest(run / folder)
+    assert m.stage == folder and m.data["parents"][0] == str(run / "sft")
+    if folder == "best-of-n":
+        assert m.data["parents"][1] == str(run / "reward")
+    assert (run / folder / "eval_policy.json").is_file()
+    assert statuses(run)[f"1:{folder}"] == "ran"
+    pipeline(recipe)
+    assert statuses(run)[f"1:{folder}"] == "skipped"
