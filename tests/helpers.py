@@ -118,3 +118,42 @@ class FakeStream:
 
     def finish(self) -> str:
         return ""
+
+
+# A chat template with plain "role: text" lines: a reward model built below reads the last token of the answer
+# as the last token of the sequence (no end-of-turn marker after it).
+PLAIN_TEMPLATE = ("{% for m in messages %}{% if not loop.first %}{{ '\n' }}{% endif %}"
+                  "{{ m['role'] + ': ' + m['content'] }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '\nassistant: ' }}{% endif %}")
+
+
+def stage(folder: Path, name: str, **args) -> Path:
+    """Make `folder` a finished stage `name` (a manifest with `args`, parent "test")."""
+    import time
+
+    from rlhf_cli.core.manifest import write_manifest
+
+    write_manifest(folder, stage=name, parents=["test"], args=args, data={}, metrics={}, started=time.time())
+    return folder
+
+
+def token_rm(dest: Path, policy: Path, token_of, max_length: int = 256) -> Path:
+    """A reward stage with a known preference: no transformer layers, so the score of a sequence is its last
+    token's embedding projected on one token's embedding direction; the answers that end with that token score
+    highest. `token_of(tok)` names the token id (with the plain template set on `tok`)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
+
+    tok = AutoTokenizer.from_pretrained(policy)
+    tok.chat_template = PLAIN_TEMPLATE
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=0,
+                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_config(cfg)
+    with torch.no_grad():
+        e = rm.model.embed_tokens.weight[token_of(tok)]
+        rm.score.weight.copy_((e / e.norm()).unsqueeze(0))
+    rm.save_pretrained(dest)
+    tok.save_pretrained(dest)
+    return stage(dest, "reward", max_length=max_length)

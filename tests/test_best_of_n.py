@@ -16,49 +16,24 @@ import json
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
-from helpers import invoke, ok, one_error, write_jsonl
+from helpers import invoke, ok, one_error, stage, token_rm, write_jsonl
 
-from rlhf_cli.core.manifest import MANIFEST, write_manifest
+from rlhf_cli.core.manifest import MANIFEST
 from rlhf_cli.core.stages import STAGES, command_for, is_policy
 from rlhf_cli.stages.best_of_n.train import select
 
-PLAIN_TEMPLATE = ("{% for m in messages %}{% if not loop.first %}{{ '\n' }}{% endif %}"
-                  "{{ m['role'] + ': ' + m['content'] }}{% endfor %}"
-                  "{% if add_generation_prompt %}{{ '\nassistant: ' }}{% endif %}")
 # Short random answers, a few fast fine-tune steps with a large learning rate (the tiny model memorises them).
 FAST = ["-k", 4, "--max-new-tokens", 6, "--sample-batch-size", 4, "--temperature", 1.0, "--threads", 1,
         "--batch-size", 4, "--lr", "1e-2", "--max-length", 64]
 
 
-def stage(folder: Path, name: str, **args) -> Path:
-    write_manifest(folder, stage=name, parents=["test"], args=args, data={}, metrics={}, started=time.time())
-    return folder
-
-
 def build_rm(dest: Path, policy: Path) -> Path:
-    """The hand-set reward model of the module docstring, as a finished reward stage."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
-
-    tok = AutoTokenizer.from_pretrained(policy)
-    tok.chat_template = PLAIN_TEMPLATE
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=0,
-                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    torch.manual_seed(0)
-    rm = AutoModelForSequenceClassification.from_config(cfg)
-    bang = tok("well !", add_special_tokens=False)["input_ids"][-1]
-    with torch.no_grad():
-        e = rm.model.embed_tokens.weight[bang]
-        rm.score.weight.copy_((e / e.norm()).unsqueeze(0))
-    rm.save_pretrained(dest)
-    tok.save_pretrained(dest)
-    return stage(dest, "reward", max_length=256)
+    """The hand-set reward model of the module docstring (it prefers answers ending in " !"), as a reward stage."""
+    return token_rm(dest, policy, lambda tok: tok("well !", add_special_tokens=False)["input_ids"][-1])
 
 
 def rows_of(path: Path) -> list[dict]:

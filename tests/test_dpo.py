@@ -24,8 +24,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
-from helpers import EXAMPLES, invoke, ok, one_error, write_jsonl
+from helpers import EXAMPLES, invoke, ok, one_error, token_rm, write_jsonl
 
 from rlhf_cli.core.errors import ConfigError, DataError
 from rlhf_cli.core.interrupt import Interrupted
@@ -34,9 +33,6 @@ from rlhf_cli.core.progress import Reporter
 from rlhf_cli.data.feedback import load_feedback
 from rlhf_cli.stages.dpo.args import LOSSES, DPOArgs
 
-PLAIN_TEMPLATE = ("{% for m in messages %}{% if not loop.first %}{{ '\n' }}{% endif %}"
-                  "{{ m['role'] + ': ' + m['content'] }}{% endfor %}"
-                  "{% if add_generation_prompt %}{{ '\nassistant: ' }}{% endif %}")
 TOPICS = ["the weather", "my homework", "a recipe", "the bus", "a book", "my garden", "the news", "a song"]
 FAST = ["--threads", 1, "--max-length", 64]
 
@@ -50,28 +46,15 @@ def manifest(folder: Path) -> dict:
     return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
 
 
-def build_yes_rm(dest: Path, policy: Path) -> Path:
-    """The hand-set reward model of the module docstring, as a finished reward stage."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
-
-    tok = AutoTokenizer.from_pretrained(policy)
-    tok.chat_template = PLAIN_TEMPLATE
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=0,
-                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    torch.manual_seed(0)
-    rm = AutoModelForSequenceClassification.from_config(cfg)
+def yes_token(tok) -> int:
     text = tok.apply_chat_template([{"role": "user", "content": "Q"}, {"role": "assistant", "content": "Yes"}],
                                    tokenize=False)
-    yes = tok(text, add_special_tokens=False)["input_ids"][-1]
-    with torch.no_grad():
-        e = rm.model.embed_tokens.weight[yes]
-        rm.score.weight.copy_((e / e.norm()).unsqueeze(0))
-    rm.save_pretrained(dest)
-    tok.save_pretrained(dest)
-    write_manifest(dest, stage="reward", parents=["test"], args={"max_length": 64}, data={}, metrics={},
-                   started=time.time())
-    return dest
+    return tok(text, add_special_tokens=False)["input_ids"][-1]
+
+
+def build_yes_rm(dest: Path, policy: Path) -> Path:
+    """The hand-set reward model of the module docstring (it prefers the answer "Yes"), as a reward stage."""
+    return token_rm(dest, policy, yes_token, max_length=64)
 
 
 @pytest.fixture(scope="module")

@@ -19,53 +19,34 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import build_tiny, invoke, learnable_prefs, ok, one_error, write_jsonl
+from helpers import build_tiny, invoke, learnable_prefs, ok, one_error, stage, token_rm, write_jsonl
 
 from rlhf_cli.core.generation import cut_at_eos
-from rlhf_cli.core.manifest import MANIFEST, write_manifest
+from rlhf_cli.core.manifest import MANIFEST
 from rlhf_cli.core.stages import command_for
 from rlhf_cli.evaluation.eval_policy import EVAL_FILE, answer_logprob, distinct_n, outcomes, wilson_interval
 from rlhf_cli.evaluation.eval_reward import accuracy_by_length, length_bucket
 
-PLAIN_TEMPLATE = ("{% for m in messages %}{% if not loop.first %}{{ '\n' }}{% endif %}"
-                  "{{ m['role'] + ': ' + m['content'] }}{% endfor %}"
-                  "{% if add_generation_prompt %}{{ '\nassistant: ' }}{% endif %}")
 SAMPLE = ["--threads", "1", "--max-new-tokens", "6", "--batch-size", "4"]
 KEYS = {"win_rate", "tie_rate", "loss_rate", "kl", "mean_score", "baseline_mean_score", "mean_length", "prompts",
         "win_rate_ci", "baseline_mean_length", "distinct_1", "distinct_2", "baseline_distinct_1",
         "baseline_distinct_2", "wins", "ties", "losses", "model", "baseline", "reward"}
 
 
-def stage(folder: Path, name: str, **args) -> Path:
-    write_manifest(folder, stage=name, parents=["test"], args=args, data={}, metrics={}, started=time.time())
-    return folder
+def bang(tok) -> int:
+    """The token " !" (the reward model of the module docstring prefers answers that end with it)."""
+    token = tok("help with a book !", add_special_tokens=False)["input_ids"][-1]
+    assert tok.decode([token]) == " !"
+    return token
 
 
 def build_rm(dest: Path, policy: Path) -> Path:
-    """The hand-set reward model of the module docstring, as a finished reward stage."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
-
-    tok = AutoTokenizer.from_pretrained(policy)
-    tok.chat_template = PLAIN_TEMPLATE
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=0,
-                      num_attention_heads=4, num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
-    torch.manual_seed(0)
-    rm = AutoModelForSequenceClassification.from_config(cfg)
-    bang = tok("help with a book !", add_special_tokens=False)["input_ids"][-1]
-    assert tok.decode([bang]) == " !"
-    with torch.no_grad():
-        e = rm.model.embed_tokens.weight[bang]
-        rm.score.weight.copy_((e / e.norm()).unsqueeze(0))
-    rm.save_pretrained(dest)
-    tok.save_pretrained(dest)
-    return stage(dest, "reward", max_length=256)
+    return token_rm(dest, policy, bang)
 
 
 @pytest.fixture(scope="module")

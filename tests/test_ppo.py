@@ -23,32 +23,23 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import build_tiny, invoke, ok, one_error, write_jsonl
+from helpers import PLAIN_TEMPLATE, build_tiny, invoke, ok, one_error, stage, write_jsonl
 from typer.testing import CliRunner
 
 from rlhf_cli.cli import app
-from rlhf_cli.core.manifest import MANIFEST, write_manifest
+from rlhf_cli.core.manifest import MANIFEST
 from rlhf_cli.core.stages import command_for
 
 FAST = ["--threads", "1", "--max-new-tokens", "4", "--sample-every", "0"]
-PLAIN_TEMPLATE = ("{% for m in messages %}{% if not loop.first %}{{ '\n' }}{% endif %}"
-                  "{{ m['role'] + ': ' + m['content'] }}{% endfor %}"
-                  "{% if add_generation_prompt %}{{ '\nassistant: ' }}{% endif %}")
 
 
 def manifest(folder: Path) -> dict:
     return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-
-
-def stage(folder: Path, name: str, **args) -> Path:
-    write_manifest(folder, stage=name, parents=["test"], args=args, data={}, metrics={}, started=time.time())
-    return folder
 
 
 def build_rm(dest: Path, policy: Path, template: str | None = None, extra_tokens: int = 0) -> Path:
