@@ -15,13 +15,18 @@ from typing import Any, Optional
 import typer
 
 from rlhf_cli.cli.display import err, out, shown
+from rlhf_cli.core import launch
 from rlhf_cli.core.config import fields_of, resolve
 from rlhf_cli.core.errors import RLHFError
 from rlhf_cli.core.interrupt import Interrupted
 
 
 def fail(e: BaseException, debug: bool) -> None:
-    """One `error: ...` line and the exit code of the error's kind; the traceback only with --debug."""
+    """One `error: ...` line and the exit code of the error's kind; the traceback only with --debug. Under
+    several processes the other ranks' consoles are quiet (rank 0 speaks), except for an error of their own."""
+    if err.quiet and not isinstance(e, (Interrupted, KeyboardInterrupt)):
+        err.quiet = False
+        err.print(f"rank {launch.rank()}: ", end="", highlight=False)
     if debug:
         raise e
     if isinstance(e, Interrupted):
@@ -87,6 +92,8 @@ def args_command(parent: typer.Typer, name: str, args_cls: type, body: Callable[
         debug = kw.pop("debug")
         try:
             args = resolve(args_cls, kw.pop("config"), {k: v for k, v in kw.items() if k in names})
+            if launch.wants_launch(args):  # --num-processes / --accelerate-config: run again under accelerate
+                launch.relaunch(args, say=lambda s: err.print(esc(s), highlight=False, soft_wrap=True))
             body(args, **{k: v for k, v in kw.items() if k not in names})
         except typer.Exit:
             raise

@@ -20,12 +20,15 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from rlhf_cli.core import launch
 from rlhf_cli.core.progress import Reporter, fmt
 from rlhf_cli.core.text import safe_text
 
 # emoji=False: Rich would turn ":train:" in `--data org/name:train: ...` or a model's text into an emoji
-err = Console(stderr=True, emoji=False)
-out = Console(emoji=False)
+# Under several processes (`--num-processes`) only rank 0 shows progress and results.
+_quiet = not launch.is_main()
+err = Console(stderr=True, emoji=False, quiet=_quiet)
+out = Console(emoji=False, quiet=_quiet)
 
 SHOWN = ("loss", "accuracy", "margin", "learning_rate", "tokens/s")
 

@@ -6,7 +6,8 @@ classes without loading any heavy library.
 
 Groups: run folders (`overwrite_field`, `max_samples_field`), optimisation (`TrainArgs` for the Trainer-based
 stages; `lr_field`, `warmup_field`, `weight_decay_field`, `max_length_field`, `freeze_layers_field` shared with
-PPO), LoRA (`lora_*_field`), runtime (`threads_field`, `precision_field`), loading (`allow_pickle_field`,
+PPO), LoRA (`lora_*_field`), runtime (`threads_field`, `precision_field`),
+processes (`num_processes_field`, `accelerate_config_field`), loading (`allow_pickle_field`,
 `trust_remote_code_field`), sampling for chat, generate and eval policy (`temperature_field`, `top_p_field`,
 `top_k_field`, `repetition_penalty_field`, `SAMPLING_DEFAULTS`), tracking and the hub (`report_to_field`,
 `push_to_hub_field`, `private_field`, `check_reporting`). Flags whose text differs per command
@@ -119,6 +120,20 @@ def threads_field() -> Any:
 
 def precision_field() -> Any:
     return opt("auto", "Numeric precision: auto = bf16 on GPUs that have it, fp32 on CPU.", choices=PRECISIONS)
+
+
+# ------------------------------------------------------------------------------------------------ processes
+# Every training stage lists both; the CLI starts `accelerate launch` when either is given (rlhf_cli.core.launch).
+
+
+def num_processes_field() -> Any:
+    return opt(None, "Train in N processes (one per GPU; gloo on the CPU) started by `accelerate launch`: each "
+                     "takes its share of every batch, so the global batch is N x the per-process batch.", min=1)
+
+
+def accelerate_config_field() -> Any:
+    return opt(None, "Start the run with `accelerate launch --config_file FILE` (DDP, DeepSpeed ZeRO, FSDP: see "
+                     "examples/accelerate/); --num-processes overrides its num_processes.", metavar="FILE")
 
 
 # ------------------------------------------------------------------------------------------------ loading
@@ -244,6 +259,8 @@ class TrainArgs:
     max_memory: str | None = max_memory_field()
     micro_batch_size: int | None = micro_batch_field()
     threads: int | None = threads_field()
+    num_processes: int | None = num_processes_field()
+    accelerate_config: str | None = accelerate_config_field()
     allow_pickle: bool = allow_pickle_field()
     trust_remote_code: bool = trust_remote_code_field()
     logging_steps: int = opt(1, "Log metrics every N optimiser steps.", min=1)

@@ -210,7 +210,13 @@ def to_dict(args: Any) -> dict[str, Any]:
 
 
 def dump_yaml(args: Any, path: Path, header: str = "") -> None:
+    """The settings as YAML for `--config`; under several processes rank 0 writes."""
     import yaml
+
+    from rlhf_cli.core import launch
+
+    if not launch.is_main():
+        return
 
     text = yaml.safe_dump(to_dict(args), sort_keys=False, allow_unicode=True)
     from rlhf_cli.core.files import atomic_write_text

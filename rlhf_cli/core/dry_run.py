@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf_cli.core import memory
+from rlhf_cli.core import launch, memory
 from rlhf_cli.core.config import fields_of, origins
 
 # Share of the measured matmul speed that whole steps reach on CPU: fitted to the demo's documented runs on 2 cores
@@ -224,8 +224,14 @@ def finish(reporter: Any, report: DryRunReport) -> Path:
 def trainer_steps(args: Any, examples: int, steps_per_epoch: int | None = None) -> tuple[int, int]:
     """Optimiser steps of a Trainer run and the steps in one epoch: --max-steps, else epochs x batches (the
     Trainer's own rule: ceil(epochs x steps per epoch))."""
-    per_epoch = steps_per_epoch or max(1, math.ceil(examples / (args.batch_size * args.grad_accum)))
+    per_epoch = steps_per_epoch or max(1, math.ceil(examples / global_batch(args)))
     return (args.max_steps or max(1, math.ceil(args.epochs * per_epoch))), per_epoch
+
+
+def global_batch(args: Any) -> int:
+    """Examples per optimiser step over every process: --batch-size x --grad-accum x processes (the Trainer's
+    per-device batch, accumulated, then averaged across the processes)."""
+    return args.batch_size * args.grad_accum * launch.processes(args)
 
 
 def padded_tokens(lengths: list[int], micro_batch: int, seqs_per_example: int = 1, seed: int | None = 0) -> int:
@@ -265,8 +271,7 @@ def trainer_stage(args: Any, reporter: Any, stage: str, out: Path, model_path: P
     t = estimate_time(compute, shape, int(plan.micro_batch * mean))
     summary = dict(data)
     summary.update({
-        "optimisation steps": f"{steps} ({per_epoch} per epoch; effective batch {args.batch_size * args.grad_accum} "
-                              f"{unit})",
+        "optimisation steps": f"{steps} ({per_epoch} per epoch; effective batch {global_batch(args)} {unit})",
         "tokens per epoch": per_epoch_tokens,
         "tokens computed": f"{int(trained)} (with padding to the longest example of each micro-batch of "
                            f"{plan.micro_batch})",
@@ -274,10 +279,23 @@ def trainer_stage(args: Any, reporter: Any, stage: str, out: Path, model_path: P
     return finish(reporter, report(stage, out, args, summary, steps, per_epoch_tokens, plan, t, resolved))
 
 
+def processes_row(args: Any) -> str:
+    """How many processes would run, how they start, and what each one holds."""
+    n = launch.processes(args)
+    cfg = getattr(args, "accelerate_config", None)
+    how = f"accelerate launch --config_file {cfg}" if cfg else "accelerate launch" if n > 1 else "this process"
+    if n == 1:
+        return f"1 ({how})"
+    batch = f"; each takes --batch-size {args.batch_size} x --grad-accum {args.grad_accum} of every step" \
+        if hasattr(args, "grad_accum") else ""
+    return f"{n} ({how}{batch}; memory below is per process, the time is for one process doing all the work)"
+
+
 def report(stage: str, out: Path, args: Any, summary: dict[str, Any], steps: int, tokens_per_epoch: int,
            plan: memory.MemoryPlan, t: TimeEstimate, resolved: dict[str, Any] | None = None) -> DryRunReport:
     """The report, with the rows every stage shows after its own: memory, time, and what was not done."""
     summary = dict(summary)
+    summary["processes"] = processes_row(args)
     summary["memory"] = plan.describe().removeprefix("memory: ")
     summary["estimated time"] = f"about {fmt_seconds(t.seconds)} ({t.how})"
     summary["output"] = f"{out} (not created: dry run, no weights loaded)"

@@ -12,11 +12,16 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 
+from rlhf_cli.core import launch
 from rlhf_cli.core.errors import RLHFError
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# Under a launcher, Ctrl-C reaches every rank from the terminal and again from the launcher a moment later: a
+# second signal this soon after the first is that echo, not a second request.
+ECHO_S = 3.0
 
 
 class Interrupted(RLHFError):
@@ -34,7 +39,9 @@ def signal_name(signum: int) -> str:
 
 def resume_command(argv: list[str] | None = None, flag: str = "--resume") -> str:
     """The command line that was run, with `flag` added: what continues it."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    if argv is None:  # under `accelerate launch`, the command as typed (with --num-processes), not the rank's own
+        argv = launch.original_argv() or sys.argv[1:]
+    args = list(argv)
     if flag and flag not in args:
         args.append(flag)
     return shlex.join(["rlhf", *args])
@@ -46,6 +53,7 @@ class StopSignals:
     def __init__(self, say: Callable[[str], None] = lambda s: None, what: str = "step"):
         self.say, self.what = say, what
         self.requested: int | None = None
+        self.at = 0.0
         self._old: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
@@ -60,10 +68,12 @@ class StopSignals:
         self._old.clear()
 
     def _handle(self, signum: int, frame: object) -> None:
+        if self.requested is not None and launch.launched() and time.monotonic() - self.at < ECHO_S:
+            return  # the launcher passing on the Ctrl-C this process already had from the terminal
         if self.requested is not None:  # the second signal: stop now
             self.__exit__()
             raise KeyboardInterrupt
-        self.requested = signum
+        self.requested, self.at = signum, time.monotonic()
         self.say(f"{signal_name(signum)}: stopping after this {self.what} and saving a checkpoint "
                  f"(Ctrl-C again to stop at once)")
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf_cli.core import launch
 from rlhf_cli.core.errors import CheckpointError, ConfigError
 from rlhf_cli.core.files import atomic_write_text
 from rlhf_cli.core.stages import a_stage, command_for
@@ -68,9 +69,12 @@ def library_versions() -> dict[str, str]:
 
 def write_manifest(folder: Path, *, stage: str, parents: list[str], args: dict[str, Any],
                    data: dict[str, Any], metrics: dict[str, Any], started: float) -> Path:
-    """Write the model card (README.md), then the manifest last and atomically (temp file + rename)."""
+    """Write the model card (README.md), then the manifest last and atomically (temp file + rename). Under
+    several processes only rank 0 writes."""
     from rlhf_cli.core.model_card import write_model_card
 
+    if not launch.is_main():
+        return folder / MANIFEST
     now = time.time()
     body = {
         "format": FORMAT_VERSION,
@@ -79,6 +83,7 @@ def write_manifest(folder: Path, *, stage: str, parents: list[str], args: dict[s
         "args": args,
         "data": data,
         "metrics": metrics,
+        "processes": launch.world_size(),
         "versions": library_versions(),
         "started": _dt.datetime.fromtimestamp(started, _dt.timezone.utc).isoformat(timespec="seconds"),
         "finished": _dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat(timespec="seconds"),
@@ -149,14 +154,22 @@ class StagedOutput:
         self.partial = self.out.with_name(self.out.name + ".partial")
 
     def __enter__(self) -> Path:
-        if self.partial.exists():
-            shutil.rmtree(self.partial)
-        self.partial.mkdir(parents=True)
+        if launch.is_main():  # under several processes, rank 0 makes the folder while the others wait
+            if self.partial.exists():
+                shutil.rmtree(self.partial)
+            self.partial.mkdir(parents=True)
+        _barrier()
         return self.partial
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             return  # keep .partial for inspection; the finished folder (if any) is untouched
+        _barrier()  # every rank is done with OUT.partial
+        if launch.is_main():
+            self._move()
+        _barrier()  # no rank returns OUT before it is in place
+
+    def _move(self) -> None:
         if self.out.exists():
             old = self.out.with_name(self.out.name + ".old")
             if old.exists():
@@ -166,6 +179,13 @@ class StagedOutput:
             shutil.rmtree(old)
         else:
             os.replace(self.partial, self.out)
+
+
+def _barrier() -> None:
+    if launch.world_size() > 1:
+        from rlhf_cli.core import runtime  # torch: only under several processes
+
+        runtime.barrier()
 
 
 class ResumableOutput(StagedOutput):

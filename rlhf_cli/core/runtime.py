@@ -7,7 +7,8 @@ device kind, a measured precision choice, several processes) is made in one plac
 - Precision `auto`: bf16 on GPUs that support it (else fp16), fp32 on the CPU (bf16 is emulated on most CPUs).
 - Threads: the given number, else one per core this process may use.
 - Rank and world size come from the launcher's environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`); one process
-  without a launcher is rank 0 of 1.
+  without a launcher is rank 0 of 1 (`core.launch` starts the launcher). `barrier` and `any_rank` are the only
+  collectives the toolkit itself makes; the Trainer makes the rest.
 """
 
 from __future__ import annotations
@@ -36,6 +37,40 @@ def world_size() -> int:
 
 def is_main_process() -> bool:
     return rank() == 0
+
+
+def init_distributed(timeout_s: float | None = None) -> None:
+    """Join the launched processes' group (gloo on the CPU, NCCL on GPUs) through accelerate, before the Trainer
+    would: the stage folder is made and checked by rank 0 while the others wait. A no-op in one process.
+    `timeout_s`: how long a collective may wait (a stage whose rank 0 works alone for long, such as best-of-n's
+    sampling, asks for more than the default 30 minutes)."""
+    if world_size() <= 1:
+        return
+    from datetime import timedelta
+
+    from accelerate import PartialState
+
+    kw = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+    PartialState(cpu=not has_gpu(), **kw)
+
+
+def barrier() -> None:
+    """Wait for every process (a no-op in one process)."""
+    if world_size() <= 1:
+        return
+    init_distributed()
+    torch.distributed.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True when `flag` is true on any process: a stop asked of one rank (a signal) is taken by all at the same
+    step, so none waits forever in a collective the others have left. `flag` itself in one process."""
+    if world_size() <= 1 or not torch.distributed.is_initialized():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device() if torch.distributed.get_backend() == "nccl"
+                     else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def device() -> torch.device:

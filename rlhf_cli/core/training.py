@@ -127,6 +127,7 @@ def hf_training_kwargs(args: TrainArgs, out: Path, lr: float, precision: str, pl
         disable_tqdm=True,
         dataloader_num_workers=0,
         include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,  # every trainable weight is used (frozen ones never need a gradient)
         **runtime.trainer_device_kwargs(),
     )
 
@@ -179,15 +180,22 @@ def lora_config(args: Any, task: str, model: PreTrainedModel) -> LoraConfig:
 
 
 def save_model(trainer: Trainer, tok: PreTrainedTokenizerBase, dest: Path, args: Any) -> None:
-    """A normal Hugging Face folder; with LoRA, the merged model (adapter kept in dest/adapter) or the adapter."""
+    """A normal Hugging Face folder; with LoRA, the merged model (adapter kept in dest/adapter) or the adapter.
+    Under several processes every rank hands over its part of the weights (ZeRO-3 and FSDP shard them) and rank 0
+    writes."""
     model = trainer.model
+    state = None
+    if runtime.world_size() > 1 and not args.lora:
+        state = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    if not runtime.is_main_process():
+        return
     if args.lora:
         model.save_pretrained(dest / "adapter")
         tok.save_pretrained(dest / "adapter")
         if not args.lora_merge:  # the adapter alone: small, but later stages need full weights
             return
         model = model.merge_and_unload()
-    model.save_pretrained(dest, safe_serialization=True)
+    model.save_pretrained(dest, safe_serialization=True, state_dict=state)
     tok.save_pretrained(dest)
 
 
@@ -223,7 +231,9 @@ class ProgressCallback(TrainerCallback):
 def write_metrics(trainer: Trainer, dest: Path, extra: tuple[str, ...] = ()) -> None:
     """`metrics.jsonl`: one JSON object per logged training step (step, loss, learning_rate, and the stage's own
     figures such as accuracy and margin for reward, or the `extra` keys a stage names), then eval entries; what
-    `rlhf report` plots."""
+    `rlhf report` plots. Rank 0 writes (the logged figures are already averaged over the processes)."""
+    if not runtime.is_main_process():
+        return
     keep = ("loss", "learning_rate", "grad_norm", "accuracy", "margin", "mean_token_accuracy", "entropy",
             "eval_loss", "epoch", "num_input_tokens_seen") + extra
     rows = [{"step": h.get("step")} | {k: h[k] for k in keep if k in h}
@@ -292,13 +302,16 @@ def resume_point(dest: Path, saved: dict | None, args: Any, plan: memory.MemoryP
         return str(last)
     body = {"args": to_resume_dict(args), "micro_batch": plan.micro_batch, "grad_accum": plan.grad_accum,
             "gradient_checkpointing": plan.gradient_checkpointing}
-    atomic_write_text(dest / RESUME_FILE, json.dumps(body, indent=2, default=str) + "\n")
+    if runtime.is_main_process():
+        atomic_write_text(dest / RESUME_FILE, json.dumps(body, indent=2, default=str) + "\n")
     return None
 
 
 def drop_checkpoints(dest: Path) -> None:
     """A finished stage folder keeps neither the Trainer's checkpoints nor the resume settings (its TensorBoard
-    event files, written under the Trainer's folder, move to dest/runs)."""
+    event files, written under the Trainer's folder, move to dest/runs). Rank 0 only."""
+    if not runtime.is_main_process():
+        return
     tracking.keep_trainer_logs(dest / CHECKPOINTS, dest)
     shutil.rmtree(dest / CHECKPOINTS, ignore_errors=True)
     (dest / RESUME_FILE).unlink(missing_ok=True)
@@ -329,7 +342,9 @@ class GuardCallback(TrainerCallback):
                 return
 
     def on_step_end(self, args, state, control, **kw):
-        if self.signals and self.bad is None and state.global_step < state.max_steps:
+        # under several processes a signal may reach one rank only, or each at a different step: all stop at the
+        # first step any of them saw it, so they save the same checkpoint together
+        if self.bad is None and state.global_step < state.max_steps and runtime.any_rank(bool(self.signals)):
             control.should_training_stop = True
             control.should_save = True
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rlhf_cli.core.args import (
+    accelerate_config_field,
     allow_pickle_field,
     check_reporting,
     dry_run_field,
@@ -25,6 +26,7 @@ from rlhf_cli.core.args import (
     max_memory_field,
     max_samples_field,
     micro_batch_field,
+    num_processes_field,
     overwrite_field,
     precision_field,
     private_field,
@@ -108,6 +110,8 @@ class BestOfNArgs:
     logging_steps: int = opt(1, "Fine-tune: log metrics every N optimiser steps.", min=1)
     precision: str = precision_field()
     threads: int | None = threads_field()
+    num_processes: int | None = num_processes_field()
+    accelerate_config: str | None = accelerate_config_field()
     allow_pickle: bool = allow_pickle_field()
     trust_remote_code: bool = trust_remote_code_field()
     report_to: str = report_to_field()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from rlhf_cli.core import launch
 from rlhf_cli.core.args import (
+    accelerate_config_field,
     allow_pickle_field,
     check_reporting,
     dry_run_field,
@@ -20,6 +22,7 @@ from rlhf_cli.core.args import (
     max_length_field,
     max_memory_field,
     max_samples_field,
+    num_processes_field,
     overwrite_field,
     precision_field,
     private_field,
@@ -124,6 +127,8 @@ class PPOArgs:
     save_every: int = opt(0, "Checkpoint into OUT.partial every N updates for --resume (0: only at the end).", min=0)
     seed: int = opt(42, "Random seed (prompt order, sampling, minibatches, fresh heads, LoRA).")
     threads: int | None = threads_field()
+    num_processes: int | None = num_processes_field()
+    accelerate_config: str | None = accelerate_config_field()
     precision: str = precision_field()
     allow_pickle: bool = allow_pickle_field()
     trust_remote_code: bool = trust_remote_code_field()
@@ -146,6 +151,8 @@ class PPOArgs:
 def check_ppo_args(a: PPOArgs) -> None:
     """Choices and bounds of every field, then the rules between fields, then tracking and the hub."""
     validate(a)
+    if a.algo == "ppo" and (launch.processes(a) > 1 or (a.accelerate_config and not launch.launched())):
+        raise ConfigError("rlhf ppo --algo ppo runs in one process for now; grpo/rloo run under accelerate")
     if a.algo == "ppo":
         mb = minibatch_size(a)
         if a.batch_size % mb:

@@ -158,7 +158,7 @@ def dry_run(args: RewardArgs, reporter: Reporter, out: Path, model_path: Path, p
             resolved: dict[str, Any]) -> Path:
     """`--dry-run`: the plan of this run (see `rlhf_cli.core.dry_run`); steps count whole-prompt batches as
     `GroupBatchSampler` packs them."""
-    effective = args.batch_size * args.grad_accum
+    effective = dry.global_batch(args)
     per_epoch = len(GroupBatchSampler([r["group"] for r in train_rows], effective, args.seed).batches) \
         if args.group_by_prompt else None
     seqs = [len(r[k]) for r in train_rows for k in ("chosen_ids", "rejected_ids")]
@@ -228,8 +228,9 @@ def run_reward(args: RewardArgs, reporter: Reporter | None = None) -> Path:
         cfg = RewardConfig(**hf_training_kwargs(args, dest, lr, precision, plan),
                            max_length=None, center_rewards_coefficient=args.center_rewards,
                            remove_unused_columns=False)
+        # grouped batches are global: accelerate deals each one's micro-batches out to the processes in turn
         trainer_cls = functools.partial(GroupedRewardTrainer, groups=groups, seed=args.seed,
-                                        batch_size=plan.micro_batch * plan.grad_accum) \
+                                        batch_size=plan.micro_batch * plan.grad_accum * runtime.world_size()) \
             if args.group_by_prompt else RewardTrainer
         trainer = trainer_cls(model=model, args=cfg, processing_class=tok, train_dataset=train_ds,
                               peft_config=lora_config(args, "SEQ_CLS", model) if args.lora else None,
