@@ -71,6 +71,7 @@ from rlhf_cli.stages.sft.args import SFTArgs
 from rlhf_cli.stages.sft.train import run_sft
 
 STAGE = "best-of-n"
+SAMPLING_TIMEOUT_S = 12 * 3600  # how long the other processes wait for rank 0's sampling
 SAMPLES = "samples.jsonl"  # every prompt, its K answers and scores, the best and whether it was kept
 KEPT = "kept.jsonl"  # the (prompt, best answer) pairs fine-tuned on, as SFT messages
 SFT_DIR = "sft"  # OUT.partial/sft: the fine-tune's own stage folder until its files move up into OUT
@@ -374,13 +375,21 @@ def run_best_of_n(args: BestOfNArgs, reporter: Reporter | None = None) -> Path:
 
     runtime.quiet_libraries()
     threads = runtime.configure_threads(args.threads)
+    # Under several processes rank 0 samples alone while the others wait (hence the long timeout), then every
+    # rank fine-tunes on its share of the kept answers.
+    runtime.init_distributed(timeout_s=SAMPLING_TIMEOUT_S)
     with staged as dest:
-        atomic_write_text(dest / RESUME_FILE, json.dumps({"args": resume_dict(args)}, indent=2) + "\n")
         samples = dest / SAMPLES
-        sampled = sample_and_score(args, samples, prompts, sampling, rm_spec, reporter)
+        sampled: dict[str, Any] = {}
+        if runtime.is_main_process():
+            atomic_write_text(dest / RESUME_FILE, json.dumps({"args": resume_dict(args)}, indent=2) + "\n")
+            sampled = sample_and_score(args, samples, prompts, sampling, rm_spec, reporter)
+            rows = read_samples(samples, prompts)
+            select_all(rows, args)
+            atomic_write_text(samples, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        runtime.barrier()
         rows = read_samples(samples, prompts)
         picked = select_all(rows, args)
-        atomic_write_text(samples, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         if not picked["kept"]:
             raise no_kept_error(rows, args, samples)
         say(f"kept {picked['kept']} of {picked['prompts']} prompts; mean best score {picked['mean_best_score']:.4g}, "
@@ -390,9 +399,13 @@ def run_best_of_n(args: BestOfNArgs, reporter: Reporter | None = None) -> Path:
         fine_tune = sft_args(args, dest)
         sft_dir = Path(fine_tune.out)
         if read_manifest(sft_dir) is None:
-            write_kept(dest, rows, fine_tune.resume)
+            if runtime.is_main_process():
+                write_kept(dest, rows, fine_tune.resume)
+            runtime.barrier()
             say(f"fine-tuning {args.policy} on the {picked['kept']} kept answers ({dest / KEPT})")
             run_sft(fine_tune, reporter)
+        if not runtime.is_main_process():
+            return staged.out  # rank 0 writes the stage folder; StagedOutput waits for it on the way out
         sft = move_up(sft_dir, dest)
         (dest / RESUME_FILE).unlink(missing_ok=True)
         dump_yaml(args, dest / "rlhf_config.yaml", header="# rlhf best-of-n --config rlhf_config.yaml\n")

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf_cli.core import launch
 from rlhf_cli.core.config import to_dict
 from rlhf_cli.core.errors import ConfigError
 from rlhf_cli.core.files import append_jsonl, atomic_write_text
@@ -61,7 +62,9 @@ def lr_lambda(kind: str, total: int, warmup: int) -> Callable[[int], float]:
 
 
 def jsonl_append(path: Path, row: dict) -> None:
-    append_jsonl(path, row)
+    """One row of a log; under several processes (grpo/rloo) rank 0 writes."""
+    if launch.is_main():
+        append_jsonl(path, row)
 
 
 def jsonl_keep(path: Path, upto: int) -> list[dict]:
@@ -70,7 +73,8 @@ def jsonl_keep(path: Path, upto: int) -> list[dict]:
         return []
     rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
     rows = [r for r in rows if r.get("step", 0) <= upto]
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    if launch.is_main():
+        atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return rows
 
 

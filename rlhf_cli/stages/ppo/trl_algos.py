@@ -102,7 +102,8 @@ class TRLLog(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kw):
         stop_after = self.a.stop_after is not None and self.a.stop_after <= state.global_step
-        if (stop_after or self.signals) and state.global_step < self.total and not self.bad:
+        # a signal that reached one rank stops every rank at this step (core.runtime.any_rank)
+        if state.global_step < self.total and not self.bad and runtime.any_rank(stop_after or bool(self.signals)):
             control.should_training_stop = True
             control.should_save = True
 
@@ -162,7 +163,7 @@ def run_trl(a: PPOArgs, plan: Plan, staged: PPOOutput, reporter: Reporter, start
             history.extend(jsonl_keep(dest / "metrics.jsonl", last))
             resume_from = str(last_checkpoint)
             say(f"resuming from step {last} of {total} in {dest}")
-        else:
+        elif runtime.is_main_process():
             (dest / "metrics.jsonl").write_text("", encoding="utf-8")
         say(f"{a.algo}: policy {plan.policy}, reward {plan.reward}; {precision}, {threads} threads, lr {lr:g}, "
             f"{total} steps x {a.batch_size} responses ({a.batch_size // a.group_size} prompts x {a.group_size}), "
