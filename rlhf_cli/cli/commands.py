@@ -107,8 +107,8 @@ def eval_reward(args: EvalRewardArgs, json_out: bool = False) -> None:
     rows = {k: v for k, v in res.items() if k not in ("by_prompt_length", "by_margin")}
     for b in res.get("by_prompt_length", []):
         rows[f"accuracy, prompts of {b['bucket']} tokens"] = f"{b['accuracy']:.4g} ({b['pairs']} pairs)"
-    for b in res.get("by_margin", []):
-        rows[f"accuracy, |margin| {fmt(b['margin_from'])}-{fmt(b['margin_to'])}"] = \
+    for i, b in enumerate(res.get("by_margin", []), 1):
+        rows[f"accuracy, margin bucket {i} (|margin| {fmt(b['margin_from'])}-{fmt(b['margin_to'])})"] = \
             f"{b['accuracy']:.4g} ({b['pairs']} pairs)"
     out.print(table(f"reward model {res['model']} on {res['data']}", rows))
 

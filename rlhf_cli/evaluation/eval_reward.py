@@ -15,7 +15,8 @@ more (pairs of equal length are counted in `chosen_same_length_pairs`); an RM th
 right on the second and wrong on the first.
 
 Calibration (`by_margin`): the pairs sorted by |chosen score - rejected score| and cut into MARGIN_BUCKETS groups
-of (nearly) equal size, each with its margin range, pair count and accuracy. A calibrated RM is right more often
+of (nearly) equal size, each with its margin range, pair count and accuracy (equal margins stay in one group, so
+there may be fewer). A calibrated RM is right more often
 where it is surer: accuracy should rise from the first bucket to the last.
 
 When --model is a reward stage folder, the figures also go to its `eval_reward.json` (for `rlhf report`).
@@ -117,15 +118,25 @@ def accuracy_by_chosen_length(chosen_len: list[int], rejected_len: list[int],
 
 
 def accuracy_by_margin(chosen: list[float], rejected: list[float], buckets: int = MARGIN_BUCKETS) -> list[dict]:
-    """Calibration: pairs sorted by |chosen - rejected| and cut into `buckets` groups of (nearly) equal size
-    (fewer when there are fewer pairs), smallest margins first; the counts add up to the number of pairs."""
-    pairs = sorted((abs(c - r), c > r) for c, r in zip(chosen, rejected, strict=True))
-    k = min(buckets, len(pairs))
+    """Calibration: pairs sorted by |chosen - rejected| and cut into `buckets` groups of (nearly) equal size,
+    smallest margins first. Equal margins stay in one group (a cut moves past them), so there may be fewer groups,
+    of less equal sizes, but their ranges never overlap; the counts add up to the number of pairs."""
+    pairs = sorted(((abs(c - r), c > r) for c, r in zip(chosen, rejected, strict=True)), key=lambda p: p[0])
+    n = len(pairs)
+    cuts = [0]
+    for b in range(1, min(buckets, n)):
+        cut = max(b * n // min(buckets, n), cuts[-1])
+        while 0 < cut < n and pairs[cut][0] == pairs[cut - 1][0]:
+            cut += 1
+        if cuts[-1] < cut < n:
+            cuts.append(cut)
+    cuts.append(n)
     out = []
-    for b in range(k):
-        part = pairs[b * len(pairs) // k:(b + 1) * len(pairs) // k]
-        out.append({"margin_from": part[0][0], "margin_to": part[-1][0], "pairs": len(part),
-                    "accuracy": sum(ok for _, ok in part) / len(part)})
+    for lo, hi in zip(cuts[:-1], cuts[1:], strict=True):
+        part = pairs[lo:hi]
+        if part:
+            out.append({"margin_from": part[0][0], "margin_to": part[-1][0], "pairs": len(part),
+                        "accuracy": sum(ok for _, ok in part) / len(part)})
     return out
 
 

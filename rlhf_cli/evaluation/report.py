@@ -314,16 +314,16 @@ def eval_policy_rows(ev: dict[str, Any]) -> dict[str, Any]:
 def eval_reward_rows(ev: dict[str, Any]) -> dict[str, Any]:
     """The eval reward table: EVAL_REWARD_SHOWN, then accuracy per margin bucket (calibration)."""
     rows = {k: ev[k] for k in EVAL_REWARD_SHOWN if k in ev}
-    for b in ev.get("by_margin") or []:
+    for i, b in enumerate(ev.get("by_margin") or [], 1):
         if isinstance(b, dict):
-            rows[f"accuracy, |margin| {_value(b.get('margin_from'))}-{_value(b.get('margin_to'))}"] = \
-                f"{_value(b.get('accuracy'))} ({_value(b.get('pairs'))} pairs)"
+            rows[f"accuracy, margin bucket {i} (|margin| {_value(b.get('margin_from'))}-"
+                 f"{_value(b.get('margin_to'))})"] = f"{_value(b.get('accuracy'))} ({_value(b.get('pairs'))} pairs)"
     return rows
 
 
 def _eval_reward_caption(ev: dict[str, Any]) -> str:
     return (f"rlhf eval reward on {ev.get('data')} (length: answer tokens; margin buckets: pairs sorted by "
-            f"|chosen - rejected score|, equal counts)")
+            f"|chosen - rejected score|, nearly equal counts)")
 
 
 def _value(v: Any) -> str:
