@@ -269,7 +269,7 @@ def test_library_api_and_help(w):
     text = ok(invoke("eval", "policy", "--help")).stdout
     for flag in ("--model", "--baseline", "--reward", "--prompts", "--run", "--save", "--tie-margin", "--temperature",
                  "--top-p", "--max-new-tokens", "--seed", "--baseline-seed", "--batch-size", "--max-samples",
-                 "--threads", "--json", "--config"):
+                 "--threads", "--json", "--config", "--judge"):
         assert f"  {flag} " in text, flag
     assert "  policy " in ok(invoke("eval", "--help")).stdout
 

@@ -392,6 +392,9 @@ def _judge_again(spec: Any, per_prompt: list[dict[str, Any]], prompts: list[list
     say(f"scoring {2 * len(prompts)} answers with the judge {judge.name}")
     scores = judge.score_answers(prompts, [r["response"] for r in per_prompt], args.batch_size)
     base_scores = judge.score_answers(prompts, [r["baseline_response"] for r in per_prompt], args.batch_size)
+    if judge.truncated:
+        say(f"{judge.truncated} prompt + answer sequences longer than {judge.max_length} tokens kept their last "
+            f"{judge.max_length} tokens for the judge {judge.name}")
     for row, a, b, o in zip(per_prompt, scores, base_scores, outcomes(scores, base_scores, args.tie_margin),
                             strict=True):
         row.setdefault("judges", {})[judge.name] = {"score": a, "baseline_score": b, "outcome": o}
