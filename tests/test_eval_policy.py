@@ -415,8 +415,7 @@ def test_bad_judge_is_one_line(w, judged, tmp_path):
               f"--judge {w.sft}: is an sft stage, expected a reward stage", command_for("reward"))
     one_error(invoke("eval", "policy", *base, "--judge", w.other), 1, f"--judge {w.other}: not a reward model")
     missing = tmp_path / "no_rm"
-    err = one_error(invoke("eval", "policy", *base, "--judge", missing), 1, "--judge", str(missing))
-    assert "no such" in err or "not found" in err or "not a" in err, err
+    one_error(invoke("eval", "policy", *base, "--judge", missing), 1, f"--judge {missing}: no such folder")
 
 
 def test_gain_only_under_training_rule():
