@@ -213,7 +213,7 @@ def test_human_labels_stop_then_continue(tiny, tmp_path):
     ({"stage3": {"batch_size": 3, "num_minibatches": 2}}, "stage3: key 'num_minibatches'", "must divide"),
     ({"sft": {"out": "x"}}, "sft: key 'out'", "set by the pipeline"),
     ({"rouns": 2}, "unknown key 'rouns'", "did you mean 'rounds'?"),
-    ({"eval": {"judges": ["nope/rm"]}}, "eval: key 'judges'", "nope/rm: no such file"),
+    ({"eval": {"judges": ["./nope/rm"]}}, "eval: key 'judges'", "./nope/rm: no such file"),
     ({"eval": {"judges": [1]}}, "eval: key 'judges'", "expected a list of reward model folders"),
 ])
 def test_bad_recipe_one_error_nothing_run(tiny, tmp_path, change, where, words):
