@@ -137,10 +137,10 @@ def stage(folder: Path, name: str, **args) -> Path:
     return folder
 
 
-def token_rm(dest: Path, policy: Path, token_of, max_length: int = 256) -> Path:
+def token_rm(dest: Path, policy: Path, token_of, max_length: int = 256, sign: float = 1.0) -> Path:
     """A reward stage with a known preference: no transformer layers, so the score of a sequence is its last
     token's embedding projected on one token's embedding direction; the answers that end with that token score
-    highest. `token_of(tok)` names the token id (with the plain template set on `tok`)."""
+    highest (lowest with `sign=-1`). `token_of(tok)` names the token id (with the plain template set on `tok`)."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig
 
@@ -153,7 +153,7 @@ def token_rm(dest: Path, policy: Path, token_of, max_length: int = 256) -> Path:
     rm = AutoModelForSequenceClassification.from_config(cfg)
     with torch.no_grad():
         e = rm.model.embed_tokens.weight[token_of(tok)]
-        rm.score.weight.copy_((e / e.norm()).unsqueeze(0))
+        rm.score.weight.copy_((sign * e / e.norm()).unsqueeze(0))
     rm.save_pretrained(dest)
     tok.save_pretrained(dest)
     return stage(dest, "reward", max_length=max_length)

@@ -19,16 +19,18 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import build_tiny, invoke, learnable_prefs, ok, one_error, stage, token_rm, write_jsonl
+from helpers import A, U, build_tiny, invoke, learnable_prefs, ok, one_error, stage, token_rm, write_jsonl
 
 from rlhf_cli.core.generation import cut_at_eos
-from rlhf_cli.core.manifest import MANIFEST
-from rlhf_cli.core.stages import command_for
+from rlhf_cli.core.manifest import MANIFEST, write_manifest
+from rlhf_cli.core.progress import fmt
+from rlhf_cli.core.stages import EVAL_REWARD_FILE, command_for
 from rlhf_cli.evaluation.eval_policy import EVAL_FILE, answer_logprob, distinct_n, outcomes, wilson_interval
 from rlhf_cli.evaluation.eval_reward import accuracy_by_length, length_bucket
 
@@ -267,7 +269,7 @@ def test_library_api_and_help(w):
     text = ok(invoke("eval", "policy", "--help")).stdout
     for flag in ("--model", "--baseline", "--reward", "--prompts", "--run", "--save", "--tie-margin", "--temperature",
                  "--top-p", "--max-new-tokens", "--seed", "--baseline-seed", "--batch-size", "--max-samples",
-                 "--threads", "--json", "--config"):
+                 "--threads", "--json", "--config", "--judge"):
         assert f"  {flag} " in text, flag
     assert "  policy " in ok(invoke("eval", "--help")).stdout
 
@@ -295,3 +297,236 @@ def test_temperature_zero_is_greedy_for_both(w):
                                "--prompts", w.prompts, "--temperature", 0, "--baseline-seed", 7, "--json",
                                *SAMPLE)).stdout)
     assert res["temperature"] == 0 and res["ties"] == 10 and res["kl"] == pytest.approx(0.0, abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# eval policy: other judges, and a gain that only the training RM sees
+
+
+def empty_answer_token(tok) -> int:
+    """The last token the RM reads when the answer is empty: what the plain template writes before an answer."""
+    from rlhf_cli.core.generation import encode_chat
+
+    return encode_chat(tok, [U("x"), A("")], generation_prompt=False)[-1]
+
+
+def parrot(src: Path, dest: Path, token_of) -> Path:
+    """A copy of a tiny policy that writes one token at every step whatever the prompt: every input embedding
+    the same (so the last hidden state is one constant vector h), an untied output layer that is 0 but for that
+    token's row, h itself."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dest = Path(shutil.copytree(src, dest))
+    model = AutoModelForCausalLM.from_pretrained(dest, tie_word_embeddings=False)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight[5].expand_as(
+            model.model.embed_tokens.weight))
+        h = model(torch.tensor([[1, 2, 3]]), output_hidden_states=True).hidden_states[-1][0, -1]
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[token_of(AutoTokenizer.from_pretrained(dest))] = h
+    model.save_pretrained(dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def judged(w):
+    """A run folder whose ppo stage (a policy that answers " !" again and again) names its reward stage as the RM
+    it was trained on; a baseline that always answers nothing; and two RMs that read only the last token, with
+    opposite preferences: the training RM scores the empty answer lowest (so the policy wins every prompt), the
+    other judge scores it highest (so the policy loses every prompt)."""
+    run = w.root / "judged"
+    mute = Path(shutil.copytree(w.sft, w.root / "mute"))
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(mute)
+    with torch.no_grad():  # every logit 0: greedy decoding writes token 0, a special token, so the text is empty
+        model.model.norm.weight.zero_()
+    model.save_pretrained(mute)
+    trained_on = token_rm(run / "reward", w.sft, empty_answer_token, sign=-1.0)
+    flipped = token_rm(w.root / "flipped", w.sft, empty_answer_token, sign=1.0)
+    ppo = parrot(w.sft, run / "ppo", bang)
+    (ppo / MANIFEST).unlink()
+    write_manifest(ppo, stage="ppo", parents=[str(w.sft), str(trained_on)],
+                   args={"policy": str(w.sft), "reward": str(trained_on)}, data={}, metrics={}, started=time.time())
+    return SimpleNamespace(run=run, ppo=ppo, mute=mute, trained_on=trained_on, flipped=flipped)
+
+
+GREEDY = ["--temperature", 0, "--prompts", None, "--json", *SAMPLE]
+
+
+def greedy(w) -> list:
+    return [w.prompts if x is None else x for x in GREEDY]
+
+
+def test_a_judge_that_disagrees_with_the_training_rm_raises_the_warning(w, judged):
+    result = ok(invoke("eval", "policy", "--model", judged.ppo, "--baseline", judged.mute, "--reward",
+                       judged.trained_on, "--judge", judged.flipped, *greedy(w)))
+    res = json.loads(result.stdout)
+    assert res["training_reward"] == str(judged.trained_on)
+    first, other = res["judges"]
+    assert (first["reward"], first["training_rm"]) == (str(judged.trained_on), True)
+    assert (other["reward"], other["training_rm"]) == (str(judged.flipped), False)
+    # the training RM: every prompt a win, the interval above 0.5; the other judge: every prompt a loss
+    assert (first["wins"], first["win_rate"]) == (10, 1.0) and first["win_rate_ci"][0] > 0.5
+    assert (other["losses"], other["win_rate"]) == (10, 0.0) and other["win_rate_ci"][1] < 0.5
+    assert first["mean_score"] > first["baseline_mean_score"] and other["mean_score"] < other["baseline_mean_score"]
+    assert {k: res[k] for k in ("win_rate", "win_rate_ci", "mean_score")} == \
+        {k: first[k] for k in ("win_rate", "win_rate_ci", "mean_score")}  # --reward's figures stay at the top
+    assert res["gain_only_under_training_rm"] is True
+    assert res["warning"].startswith("gain holds only under the training RM") and str(judged.flipped) in res["warning"]
+    assert "warning: gain holds only under the training RM" in result.stderr
+    saved = json.loads((judged.ppo / EVAL_FILE).read_text(encoding="utf-8"))
+    assert saved["judges"] == res["judges"]
+    assert [r["judges"][str(judged.flipped)]["outcome"] for r in saved["per_prompt"]] == ["loss"] * 10
+
+    table = ok(invoke("eval", "policy", "--model", judged.ppo, "--baseline", judged.mute, "--reward",
+                      judged.trained_on, "--judge", judged.flipped, *[x for x in greedy(w) if x != "--json"])).stdout
+    flat_table = " ".join(table.split())
+    assert flat_table.count("(training RM)") == 1 and flat_table.count("vs baseline") == 2  # two judges, two rows
+    assert "warning: gain holds only under the training RM" in flat_table
+
+
+def test_three_judges_the_training_rm_found_among_them_and_no_warning_without_another_view(w, judged):
+    """The training RM is found by its folder whichever flag names it; one RM given twice judges once (no other
+    view, so nothing to warn about); a policy whose manifest names no RM marks no judge as the training RM."""
+    res = json.loads(ok(invoke("eval", "policy", "--model", judged.ppo, "--baseline", judged.mute, "--reward",
+                               judged.flipped, "--judge", judged.trained_on, "--judge", w.rm, *greedy(w))).stdout)
+    assert [j["reward"] for j in res["judges"]] == [str(judged.flipped), str(judged.trained_on), str(w.rm)]
+    assert [j["training_rm"] for j in res["judges"]] == [False, True, False]
+    assert res["win_rate"] == 0.0 and res["judges"][1]["win_rate"] == 1.0
+    assert res["gain_only_under_training_rm"] is True
+    result = ok(invoke("eval", "policy", "--model", judged.ppo, "--baseline", judged.mute, "--reward",
+                       judged.trained_on, "--judge", judged.trained_on, *greedy(w)))
+    res = json.loads(result.stdout)
+    assert len(res["judges"]) == 1 and res["gain_only_under_training_rm"] is None and "warning" not in res
+    assert f"--judge {judged.trained_on}: already judging, counted once" in result.stderr
+    # a policy whose manifest names no RM: the judges are compared, none is marked as the training RM
+    result = ok(invoke("eval", "policy", "--model", w.other, "--baseline", judged.mute, "--reward",
+                       judged.trained_on, "--judge", judged.flipped, *greedy(w)))
+    res = json.loads(result.stdout)
+    assert res["training_reward"] is None and not any(j["training_rm"] for j in res["judges"])
+    assert res["gain_only_under_training_rm"] is None and "no judge is marked as the training RM" in result.stderr
+
+
+def test_bad_judge_is_one_line(w, judged, tmp_path):
+    base = ["--model", judged.ppo, "--baseline", judged.mute, "--reward", judged.trained_on, "--prompts", w.prompts,
+            "--threads", 1]
+    one_error(invoke("eval", "policy", *base, "--judge", w.sft), 1,
+              f"--judge {w.sft}: is an sft stage, expected a reward stage", command_for("reward"))
+    one_error(invoke("eval", "policy", *base, "--judge", w.other), 1, f"--judge {w.other}: not a reward model")
+    missing = tmp_path / "no_rm"
+    one_error(invoke("eval", "policy", *base, "--judge", missing), 1, f"--judge {missing}: no such folder")
+
+
+def test_gain_only_under_training_rule():
+    from rlhf_cli.evaluation.eval_policy import gain_only_under_training
+
+    def j(name, lo, training=False):
+        return {"reward": name, "training_rm": training, "win_rate_ci": [lo, lo + 0.2]}
+
+    assert gain_only_under_training([j("t", 0.6, True), j("a", 0.55), j("b", 0.3)]) == ["b"]
+    assert gain_only_under_training([j("t", 0.6, True), j("a", 0.55)]) == []
+    assert gain_only_under_training([j("t", 0.4, True), j("a", 0.1)]) == []  # no gain to begin with
+    assert gain_only_under_training([j("a", 0.6), j("b", 0.1)]) is None  # the training RM is not known
+    assert gain_only_under_training([j("t", 0.6, True)]) is None
+
+
+def test_library_api_takes_judges(w, judged):
+    from rlhf_cli import EvalPolicyArgs, eval_policy
+    from rlhf_cli.core.progress import Quiet
+
+    res = eval_policy(EvalPolicyArgs(model=str(judged.ppo), baseline=str(judged.mute), reward=str(judged.trained_on),
+                                     judges=str(judged.flipped), prompts=str(w.prompts), max_samples=2,
+                                     max_new_tokens=3, temperature=0, threads=1), Quiet())
+    assert [j["win_rate"] for j in res["judges"]] == [1.0, 0.0]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# eval reward: length, and calibration by margin
+
+
+def lengthy_prefs() -> list[dict]:
+    """12 pairs of a long answer ending with " !" (the top score of `build_rm`) and a one-word answer: the long one
+    is chosen in the even rows, the short one in the odd rows."""
+    rows = []
+    for i in range(12):
+        long, short = f"sure , {'here is more on that topic ' * (1 + i % 4)}thanks !", ["ok", "no", "fine"][i % 3]
+        chosen, rejected = (long, short) if i % 2 == 0 else (short, long)
+        rows.append({"prompt": f"Question {i}: tell me more.", "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+def test_eval_reward_length_bias_and_calibration(w):
+    data = write_jsonl(w.root / "lengthy.jsonl", lengthy_prefs())
+    res = json.loads(ok(invoke("eval", "reward", "--model", w.rm, "--data", data, "--json", "--threads", 1)).stdout)
+    assert res["pairs"] == 12 and res["accuracy"] == 0.5
+    # the RM prefers the longer answer every time: right where it was chosen, wrong where the shorter one was
+    assert (res["chosen_longer_pairs"], res["chosen_longer_accuracy"]) == (6, 1.0)
+    assert (res["chosen_shorter_pairs"], res["chosen_shorter_accuracy"]) == (6, 0.0)
+    assert res["chosen_same_length_pairs"] == 0
+    assert res["length_pearson"] > 0.5 and res["length_spearman"] > 0.5
+    buckets = res["by_margin"]
+    # the long answers all score the top score and the short ones are 3 words: 3 distinct margins, kept apart
+    assert len(buckets) == 3 and sum(b["pairs"] for b in buckets) == 12
+    assert all(a["margin_to"] < b["margin_from"] for a, b in zip(buckets[:-1], buckets[1:], strict=True))
+    assert all(b["margin_from"] <= b["margin_to"] for b in buckets)
+    assert sum(b["accuracy"] * b["pairs"] for b in buckets) == pytest.approx(6)
+    saved = json.loads((w.rm / EVAL_REWARD_FILE).read_text(encoding="utf-8"))
+    assert res["eval_file"] == str(w.rm / EVAL_REWARD_FILE) and saved["by_margin"] == buckets
+    table = " ".join(ok(invoke("eval", "reward", "--model", w.rm, "--data", data, "--threads", 1)).stdout.split())
+    assert "length_pearson" in table and "chosen_shorter_accuracy" in table and "accuracy, margin bucket 3" in table
+
+
+def test_correlations_and_margin_buckets():
+    from rlhf_cli.evaluation.eval_reward import accuracy_by_chosen_length, accuracy_by_margin, pearson, ranks, spearman
+
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert pearson([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert pearson([1, 1, 1], [1, 2, 3]) is None and pearson([1], [2]) is None
+    assert ranks([10, 20, 20, 30, 5]) == [2, 3.5, 3.5, 5, 1]
+    assert spearman([1, 2, 3, 4], [1, 4, 9, 100]) == pytest.approx(1.0)  # monotone, not linear
+    assert pearson([1, 2, 3, 4], [1, 4, 9, 100]) < 0.9
+    assert accuracy_by_chosen_length([1, 5, 3, 2], [4, 2, 3, 9], [False, True, True, True]) == {
+        "chosen_shorter_pairs": 2, "chosen_shorter_accuracy": 0.5, "chosen_longer_pairs": 1,
+        "chosen_longer_accuracy": 1.0, "chosen_same_length_pairs": 1}
+    got = accuracy_by_margin([1, 2, 3, 4, 5], [0, 0, 0, 0, 10], buckets=5)
+    assert [(b["margin_from"], b["pairs"], b["accuracy"]) for b in got] == [(1, 1, 1.0), (2, 1, 1.0), (3, 1, 1.0),
+                                                                             (4, 1, 1.0), (5, 1, 0.0)]
+    got = accuracy_by_margin([0.1, 0.2, 3, 4, 5, 6, 7], [0] * 7, buckets=3)
+    assert [b["pairs"] for b in got] == [2, 2, 3] and got[0]["margin_to"] == 0.2
+    assert [b["pairs"] for b in accuracy_by_margin([1, 2], [0, 0])] == [1, 1]  # fewer pairs than buckets
+    # equal margins stay together: fewer buckets, none overlapping, every pair counted once
+    got = accuracy_by_margin([1, 1, -1, 1, 2, 3], [0] * 6, buckets=3)
+    assert [(b["margin_from"], b["margin_to"], b["pairs"], b["accuracy"]) for b in got] == [(1, 1, 4, 0.75),
+                                                                                           (2, 3, 2, 1.0)]
+    assert accuracy_by_margin([], []) == []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the report shows both evaluations
+
+
+def test_report_shows_judges_and_reward_figures(w, judged, tmp_path):
+    data = write_jsonl(w.root / "lengthy.jsonl", lengthy_prefs())
+    ok(invoke("eval", "reward", "--model", judged.trained_on, "--data", data, "--threads", 1))
+    ok(invoke("eval", "policy", "--model", judged.ppo, "--baseline", judged.mute, "--reward", judged.trained_on,
+              "--judge", judged.flipped, *greedy(w)))
+    rew = json.loads((judged.trained_on / EVAL_REWARD_FILE).read_text(encoding="utf-8"))
+    md = tmp_path / "report.md"
+    res = json.loads(ok(invoke("report", judged.run, "--out", md, "--json")).stdout)
+    assert {s["name"]: s["eval_reward"] is not None for s in res["stages"]} == {"reward": True, "ppo": False}
+    text = md.read_text(encoding="utf-8")
+    for key in ("length_pearson", "length_spearman", "chosen_shorter_accuracy", "chosen_longer_accuracy",
+                "chosen_shorter_pairs"):
+        assert f"| {key} | {fmt(rew[key])} |" in text, key
+    for i, b in enumerate(rew["by_margin"], 1):
+        assert f"| accuracy, margin bucket {i} (\\|margin\\| {fmt(b['margin_from'])}-{fmt(b['margin_to'])}) | " \
+               f"{fmt(b['accuracy'])} ({b['pairs']} pairs) |" in text
+    assert f"| judge {judged.trained_on} (training RM) | win_rate 1 (95% CI " in text
+    assert f"| judge {judged.flipped} | win_rate 0 (95% CI " in text
+    assert "| warning | gain holds only under the training RM" in text
+    page = (tmp_path / "report.html")
+    ok(invoke("report", judged.run, "--out", page))
+    html_text = page.read_text(encoding="utf-8")
+    assert "length_pearson" in html_text and "gain holds only under the training RM" in html_text

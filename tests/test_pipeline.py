@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import EXAMPLES, ROOT, invoke
+from helpers import EXAMPLES, ROOT, invoke, token_rm
 
 from rlhf_cli.core.manifest import read_manifest
 
@@ -54,7 +54,8 @@ def pipeline(*args, code: int = 0):
 
 def test_run_skip_change_and_from(tiny, tmp_path):
     run = tmp_path / "run"
-    recipe = write_recipe(tmp_path / "r.yaml", tiny, run)
+    judge = token_rm(tmp_path / "judge", tiny, lambda tok: tok.eos_token_id)  # another RM that judges the policies
+    recipe = write_recipe(tmp_path / "r.yaml", tiny, run, eval={"judges": [str(judge)]})
     first = pipeline(recipe)
     for stage in ("sft", "reward", "ppo"):
         assert read_manifest(run / stage).stage == stage
@@ -62,6 +63,14 @@ def test_run_skip_change_and_from(tiny, tmp_path):
     ev = json.loads((run / "eval.json").read_text())["results"]
     assert ev["prompts"] == 2 and 0 <= ev["win_rate_vs_sft"] <= 1 and 0 <= ev["rm_accuracy"] <= 1
     assert (run / "ppo" / "eval_policy.json").is_file() and (run / "report.html").is_file()
+    assert list(ev["win_rate_vs_sft_by_judge"]) == [str(run / "reward"), str(judge)]
+    judged = json.loads((run / "ppo" / "eval_policy.json").read_text())["judges"]
+    assert [j["training_rm"] for j in judged] == [True, False]
+    rm_eval = json.loads((run / "reward" / "eval_reward.json").read_text())  # eval reward on `prefs`
+    assert ev["rm_length_pearson"] == rm_eval["length_pearson"]
+    assert sum(b["pairs"] for b in rm_eval["by_margin"]) == rm_eval["pairs"]
+    page = (run / "report.html").read_text()
+    assert "length_pearson" in page and "margin bucket 1" in page and f"judge {judge}" in page
     assert statuses(run) == {"1:sft": "ran", "1:reward": "ran", "1:ppo": "ran", "1:eval": "ran", "0:report": "ran"}
     assert "talk to the result: rlhf chat" in first.stdout
 
@@ -204,6 +213,8 @@ def test_human_labels_stop_then_continue(tiny, tmp_path):
     ({"stage3": {"batch_size": 3, "num_minibatches": 2}}, "stage3: key 'num_minibatches'", "must divide"),
     ({"sft": {"out": "x"}}, "sft: key 'out'", "set by the pipeline"),
     ({"rouns": 2}, "unknown key 'rouns'", "did you mean 'rounds'?"),
+    ({"eval": {"judges": ["./nope/rm"]}}, "eval: key 'judges'", "./nope/rm: no such file"),
+    ({"eval": {"judges": [1]}}, "eval: key 'judges'", "expected a list of reward model folders"),
 ])
 def test_bad_recipe_one_error_nothing_run(tiny, tmp_path, change, where, words):
     run = tmp_path / "run"

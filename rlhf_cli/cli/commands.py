@@ -104,9 +104,12 @@ def eval_reward(args: EvalRewardArgs, json_out: bool = False) -> None:
     res = run(args, RichReporter("eval"))
     if json_out:
         return print_json(res)
-    rows = {k: v for k, v in res.items() if k != "by_prompt_length"}
+    rows = {k: v for k, v in res.items() if k not in ("by_prompt_length", "by_margin")}
     for b in res.get("by_prompt_length", []):
         rows[f"accuracy, prompts of {b['bucket']} tokens"] = f"{b['accuracy']:.4g} ({b['pairs']} pairs)"
+    for i, b in enumerate(res.get("by_margin", []), 1):
+        rows[f"accuracy, margin bucket {i} (|margin| {fmt(b['margin_from'])}-{fmt(b['margin_to'])})"] = \
+            f"{b['accuracy']:.4g} ({b['pairs']} pairs)"
     out.print(table(f"reward model {res['model']} on {res['data']}", rows))
 
 
@@ -119,7 +122,16 @@ def eval_policy(args: EvalPolicyArgs, json_out: bool = False) -> None:
     rows = dict(res)
     lo, hi = rows.pop("win_rate_ci")
     rows["win_rate"] = f"{fmt(res['win_rate'])} (ties count half; 95% CI {fmt(lo)}-{fmt(hi)})"
+    judges = rows.pop("judges", [])
+    if len(judges) > 1:  # one row per judge, the --reward RM first
+        for j in judges:
+            jl, jh = j["win_rate_ci"]
+            rows[f"judge {j['reward']}" + (" (training RM)" if j["training_rm"] else "")] = (
+                f"win_rate {fmt(j['win_rate'])} (95% CI {fmt(jl)}-{fmt(jh)}), mean score {fmt(j['mean_score'])} "
+                f"vs baseline {fmt(j['baseline_mean_score'])}")
     out.print(table(f"{res['model']} against {res['baseline']}, judged by {res['reward']}", rows))
+    if res.get("warning"):
+        out.print(f"[yellow]warning:[/] {esc(res['warning'])}", highlight=False, soft_wrap=True)
     if res.get("eval_file"):
         next_command(f"rlhf report {Path(res['eval_file']).parent.parent}")
 

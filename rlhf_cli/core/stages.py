@@ -31,6 +31,7 @@ ORDER = tuple(STAGES)  # recipe order, for reports; stages not listed come after
 POLICY_STAGES = tuple(name for name, s in STAGES.items() if s.kind == POLICY)
 
 EVAL_FILE = "eval_policy.json"  # `rlhf eval policy` writes it into a policy stage folder; `rlhf report` reads it
+EVAL_REWARD_FILE = "eval_reward.json"  # `rlhf eval reward` writes it into a reward stage folder; `rlhf report` too
 
 
 def command_for(stage: str) -> str:

@@ -47,6 +47,10 @@ class EvalPolicyArgs:
                                   "a model folder or a hub id.")
     baseline: str | None = opt(None, "Model to compare it with (default: RUN/sft).")
     reward: str | None = opt(None, "Reward model that judges both (default: RUN/reward).")
+    judges: list[str] | None = opt(None, "Another reward model that judges both too (repeat the flag for more): "
+                                         "win rate and mean scores under each, and a warning when a gain holds "
+                                         "only under the RM the policy was trained on.", flag="--judge",
+                                   metavar="RM")
     prompts: str | None = opt(None, "Prompts: a prompt file, or any SFT or preference file (its prompts are "
                                     "used).")
     run: str | None = opt(None, "Run folder: uses RUN/ppo (or the newest other policy stage), RUN/sft and "

@@ -16,6 +16,13 @@ the reward model (RM) scores both, rendered as prompt + answer through the RM to
 - lengths: answer tokens up to and including EOS (as `rlhf ppo` counts `response_length`); distinct-1/2: distinct
   token unigrams / bigrams over all of a model's answers, divided by their total count (EOS not counted).
 
+Other judges (`--judge RM_DIR`, repeatable) score the same answers: win / tie / loss, the win rate with its
+interval and the mean scores under each one, in `judges` (the `--reward` RM first). A policy trained against an RM
+can learn what that RM over-rewards rather than what people want; a second RM that did not steer training is a
+check on that. The training RM is the one MODEL's manifest names (ppo, grpo, rloo and best-of-n record theirs);
+when its win-rate interval lies above 0.5 and another judge's does not, `gain_only_under_training_rm` is true and
+a warning says so.
+
 Sampling settings not given are inherited from MODEL's ppo manifest (the distribution it was trained to sample
 from), else taken from MODEL's generation_config.json, else the defaults for small instruct models (temperature
 0.2, top-p 0.9; `core.args.SAMPLING_DEFAULTS`), and max-new-tokens 64. Both models always sample with these same
@@ -29,6 +36,7 @@ draws BASE's answers independently of MODEL's.
     rlhf eval policy --run runs/demo --prompts examples/data/prompts.jsonl --json
     rlhf eval policy --model runs/demo/ppo --baseline runs/demo/sft --reward runs/demo/reward \\
         --prompts examples/data/prompts.jsonl --save runs/demo/eval_policy.jsonl
+    rlhf eval policy --run runs/demo --prompts examples/data/prompts.jsonl --judge runs/other/reward
 """
 
 from __future__ import annotations
@@ -97,6 +105,34 @@ def outcomes(scores: list[float], base_scores: list[float], tie_margin: float) -
             for a, b in zip(scores, base_scores, strict=True)]
 
 
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def contest_figures(scores: list[float], base_scores: list[float], oc: list[str]) -> dict[str, Any]:
+    """Win / tie / loss counts and rates (a tie is half a win), the win rate's 95% Wilson interval, mean scores."""
+    n = len(oc)
+    wins, ties = oc.count("win"), oc.count("tie")
+    losses = n - wins - ties
+    lo, hi = wilson_interval(wins + ties / 2, n)
+    return {"win_rate": (wins + ties / 2) / n, "win_rate_ci": [lo, hi], "tie_rate": ties / n, "loss_rate": losses / n,
+            "wins": wins, "ties": ties, "losses": losses, "mean_score": _mean(scores),
+            "baseline_mean_score": _mean(base_scores),
+            "mean_score_diff": _mean([a - b for a, b in zip(scores, base_scores, strict=True)])}
+
+
+def gain_only_under_training(judges: list[dict[str, Any]]) -> list[str] | None:
+    """The judges under which a gain the training RM sees does not hold: the training RM's win-rate interval lies
+    above 0.5 and theirs does not. None when that cannot be told (no judge is the training RM, or no other)."""
+    training = [j for j in judges if j["training_rm"]]
+    others = [j for j in judges if not j["training_rm"]]
+    if not training or not others:
+        return None
+    if training[0]["win_rate_ci"][0] <= 0.5:
+        return []
+    return [j["reward"] for j in others if j["win_rate_ci"][0] <= 0.5]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Checks before any model loads
 
@@ -136,7 +172,33 @@ def _sampling(args: EvalPolicyArgs, model_manifest: Manifest | None, model_path:
     return sampling
 
 
+def training_reward(m: Manifest | None) -> str | None:
+    """The RM that MODEL's stage was trained against, when its manifest says: the `reward` setting (ppo, grpo,
+    rloo, best-of-n), else a parent that is a reward stage."""
+    if m is None:
+        return None
+    if m.args.get("reward"):
+        return str(m.args["reward"])
+    for parent in m.data.get("parents") or []:
+        pm = manifest_if_stage(parent) if isinstance(parent, str) and Path(parent).is_dir() else None
+        if pm is not None and pm.stage == "reward":
+            return parent
+    return None
+
+
+def _norm(p: Any) -> str:
+    """A folder as a comparable string: resolved when it is local, else the name as given (a hub id)."""
+    path = Path(str(p))
+    return str(path.resolve()) if path.exists() else str(p)
+
+
 def _check(args: EvalPolicyArgs) -> None:
+    if isinstance(args.judges, str):  # one judge given as a string in YAML or from the Python API
+        args.judges = [args.judges]
+    if args.judges is not None and not (isinstance(args.judges, list)
+                                        and all(isinstance(j, str) and j for j in args.judges)):
+        raise ConfigError(f"--judge {args.judges!r}: expected reward model folders (a list of paths in YAML: "
+                          f"`judges: [runs/a/reward, runs/b/reward]`)")
     validate(args)
     if args.run is not None and not Path(args.run).is_dir():
         raise CheckpointError(f"--run {args.run}: no such folder; expected a run folder holding finished sft, "
@@ -264,7 +326,16 @@ def eval_policy(args: EvalPolicyArgs, reporter: Reporter | None = None) -> dict[
     base_spec = _pick_lm(args.baseline, args.run, "sft", "--baseline")
     loading = LoadOptions.of(args)
     judge_spec = RewardModel.locate(args.reward, args.run, "--reward", say, loading)
+    extra_specs, seen = [], {_norm(judge_spec.path)}
+    for name in args.judges or []:
+        spec = RewardModel.locate(name, None, "--judge", say, loading)
+        if _norm(spec.path) in seen:
+            say(f"--judge {name}: already judging, counted once")
+            continue
+        seen.add(_norm(spec.path))
+        extra_specs.append(spec)
     model_manifest = manifest_if_stage(model_spec)
+    training = training_reward(model_manifest)
     sampling = _sampling(args, model_manifest, resolve_model(model_spec, "--model", say, loading), say)
     ds = load_prompts(args.prompts, args.max_samples)
     say(ds.describe())
@@ -279,8 +350,11 @@ def eval_policy(args: EvalPolicyArgs, reporter: Reporter | None = None) -> dict[
         f"judged by {judge.name}")
     _sample_both(contest, args, sampling, reporter)
     per_prompt = _judge(contest, judge, prompts, args, say)
-    res = {"model": model_spec, "baseline": base_spec, "reward": judge.name, "prompts_file": args.prompts}
+    del judge
+    extra = [_judge_again(spec, per_prompt, prompts, args, say) for spec in extra_specs]
+    res = {"model": model_spec, "baseline": base_spec, "reward": judge_spec.name, "prompts_file": args.prompts}
     res |= summarize(per_prompt, contest.answers, contest.base_answers, contest.model.eos_ids, contest.base.eos_ids)
+    res |= _judges_summary(judge_spec.name, judge_spec.path, extra, per_prompt, training, say)
     res |= {"tie_margin": args.tie_margin, "temperature": sampling.temperature, "top_p": sampling.top_p,
             "top_k": sampling.top_k, "repetition_penalty": sampling.repetition_penalty,
             "max_new_tokens": sampling.max_new_tokens, "seed": args.seed,
@@ -311,29 +385,69 @@ def _judge(c: Contest, judge: RewardModel, prompts: list[list[dict]], args: Eval
             for i in range(len(prompts))]
 
 
+def _judge_again(spec: Any, per_prompt: list[dict[str, Any]], prompts: list[list[dict]], args: EvalPolicyArgs,
+                 say: Callable[[str], None]) -> tuple[str, Path]:
+    """Another judge's scores of the same answers, into each row's `judges`; loaded for this and freed after."""
+    judge = RewardModel.load(spec, args.precision)
+    say(f"scoring {2 * len(prompts)} answers with the judge {judge.name}")
+    scores = judge.score_answers(prompts, [r["response"] for r in per_prompt], args.batch_size)
+    base_scores = judge.score_answers(prompts, [r["baseline_response"] for r in per_prompt], args.batch_size)
+    if judge.truncated:
+        say(f"{judge.truncated} prompt + answer sequences longer than {judge.max_length} tokens kept their last "
+            f"{judge.max_length} tokens for the judge {judge.name}")
+    for row, a, b, o in zip(per_prompt, scores, base_scores, outcomes(scores, base_scores, args.tie_margin),
+                            strict=True):
+        row.setdefault("judges", {})[judge.name] = {"score": a, "baseline_score": b, "outcome": o}
+    return spec.name, spec.path
+
+
+def _judges_summary(name: str, path: Path, extra: list[tuple[str, Path]], per_prompt: list[dict[str, Any]],
+                    training: str | None, say: Callable[[str], None]) -> dict[str, Any]:
+    """`judges` (the --reward RM first, then each --judge), the training RM, and whether the gain holds only
+    under it (a warning when it does)."""
+    trained_on = {_norm(training)} if training else set()
+
+    def row(judge: str, folder: Path, scores: list[float], base_scores: list[float], oc: list[str]) -> dict:
+        return {"reward": judge, "training_rm": bool({_norm(judge), _norm(folder)} & trained_on)} \
+            | contest_figures(scores, base_scores, oc)
+
+    judges = [row(name, path, [r["score"] for r in per_prompt], [r["baseline_score"] for r in per_prompt],
+                  [r["outcome"] for r in per_prompt])]
+    for judge, folder in extra:
+        got = [r["judges"][judge] for r in per_prompt]
+        judges.append(row(judge, folder, [g["score"] for g in got], [g["baseline_score"] for g in got],
+                          [g["outcome"] for g in got]))
+    out: dict[str, Any] = {"judges": judges, "training_reward": training}
+    if len(judges) > 1 and training is None:
+        say("no judge is marked as the training RM: MODEL's manifest names no reward model (a ppo, grpo, rloo "
+            "or best-of-n stage does)")
+    elif len(judges) > 1 and not any(j["training_rm"] for j in judges):
+        say(f"the training RM {training} is not among the judges; add --judge {training} to compare with it")
+    failing = gain_only_under_training(judges)
+    out["gain_only_under_training_rm"] = None if failing is None else bool(failing)
+    if failing:
+        trained = next(j for j in judges if j["training_rm"])
+        lo, hi = trained["win_rate_ci"]
+        out["warning"] = (f"gain holds only under the training RM: win rate {trained['win_rate']:.3g} (95% CI "
+                          f"{lo:.3g}-{hi:.3g}) under {trained['reward']}, but not above 0.5 under "
+                          f"{', '.join(failing)}")
+        say(f"warning: {out['warning']}")
+    return out
+
+
 def summarize(per_prompt: list[dict], ans: list[list[int]], base_ans: list[list[int]], eos: list[int],
               base_eos: list[int]) -> dict[str, Any]:
     """The figures of the module docstring from the per-prompt rows and the answers' token ids."""
     n = len(per_prompt)
-    wins = sum(r["outcome"] == "win" for r in per_prompt)
-    ties = sum(r["outcome"] == "tie" for r in per_prompt)
-    losses = n - wins - ties
-    lo, hi = wilson_interval(wins + ties / 2, n)
     kls = [r["kl"] for r in per_prompt if r["kl"] is not None]
-
-    def mean(xs: list[float]) -> float | None:
-        return sum(xs) / len(xs) if xs else None
-
+    mean = _mean
     def content(rows: list[list[int]], eos_ids: list[int]) -> list[list[int]]:
         return [r[:-1] if r and r[-1] in eos_ids else r for r in rows]
 
     text, base_text = content(ans, eos), content(base_ans, base_eos)
     return {
-        "prompts": n, "win_rate": (wins + ties / 2) / n, "win_rate_ci": [lo, hi], "tie_rate": ties / n,
-        "loss_rate": losses / n, "wins": wins, "ties": ties, "losses": losses,
-        "mean_score": mean([r["score"] for r in per_prompt]),
-        "baseline_mean_score": mean([r["baseline_score"] for r in per_prompt]),
-        "mean_score_diff": mean([r["score"] - r["baseline_score"] for r in per_prompt]),
+        "prompts": n, **contest_figures([r["score"] for r in per_prompt], [r["baseline_score"] for r in per_prompt],
+                                        [r["outcome"] for r in per_prompt]),
         "kl": mean(kls) if len(kls) == n else None,
         "mean_length": mean([r["length"] for r in per_prompt]),
         "baseline_mean_length": mean([r["baseline_length"] for r in per_prompt]),
@@ -354,7 +468,7 @@ def _write(args: EvalPolicyArgs, res: dict[str, Any], per_prompt: list[dict], mo
         say(f"per-prompt results: {path}")
     if model_manifest is not None:  # a stage folder: `rlhf report` finds the figures there
         dest = Path(model_manifest.path) / EVAL_FILE
-        keep = ("score", "baseline_score", "outcome", "kl", "length", "baseline_length")
-        body = res | {"per_prompt": [{k: r[k] for k in keep} for r in per_prompt]}
+        keep = ("score", "baseline_score", "outcome", "kl", "length", "baseline_length", "judges")
+        body = res | {"per_prompt": [{k: r[k] for k in keep if k in r} for r in per_prompt]}
         atomic_write_text(dest, json.dumps(body, ensure_ascii=False, indent=1) + "\n")
         res["eval_file"] = str(dest)

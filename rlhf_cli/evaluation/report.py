@@ -11,6 +11,10 @@ PNG plots with matplotlib:
 - a histogram of the policy's and the baseline's reward-model scores from the stage's `eval_policy.json`
   (written by `rlhf eval policy`).
 
+Tables show what `rlhf eval policy` measured (with a row per judge and the warning when a gain holds only under the
+training RM) and, in a reward stage, what `rlhf eval reward` measured (`eval_reward.json`: accuracy, the length
+correlations, accuracy where the chosen answer is shorter / longer, accuracy per margin bucket).
+
 The report is a self-contained HTML file (plots embedded as base64 data URIs) or Markdown (plots beside it); both
 hold a table of each stage's manifest metrics and a few of PPO's `samples.jsonl`. The PNGs always go to
 `REPORT_plots/` next to the report, each exactly FIGSIZE * DPI pixels.
@@ -33,7 +37,7 @@ from typing import Any
 from rlhf_cli.core.errors import CheckpointError, ConfigError, RLHFError
 from rlhf_cli.core.manifest import MANIFEST, Manifest, read_manifest
 from rlhf_cli.core.progress import Reporter, fmt
-from rlhf_cli.core.stages import EVAL_FILE, ORDER
+from rlhf_cli.core.stages import EVAL_FILE, EVAL_REWARD_FILE, ORDER
 from rlhf_cli.data.io import json_lines
 from rlhf_cli.evaluation.args import ReportArgs
 
@@ -52,6 +56,7 @@ class Stage:
     source: str = "none"  # metrics.jsonl, manifest, or none
     skipped_lines: int = 0
     eval_policy: dict[str, Any] | None = None
+    eval_reward: dict[str, Any] | None = None
     samples: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -143,15 +148,21 @@ def find_stages(run: Path) -> list[Stage]:
     return sorted(stages, key=key)
 
 
+def _json_object(path: Path) -> dict[str, Any] | None:
+    """A JSON object file, None when missing or unreadable (an evaluation is extra, never a reason to fail)."""
+    if not path.is_file():
+        return None
+    try:
+        body = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
 def load_stage(s: Stage) -> Stage:
     s.rows, s.source, s.skipped_lines = read_metrics(s.folder)
-    ev = s.folder / EVAL_FILE
-    if ev.is_file():
-        try:
-            body = json.loads(ev.read_text(encoding="utf-8"))
-            s.eval_policy = body if isinstance(body, dict) else None
-        except json.JSONDecodeError:
-            s.eval_policy = None
+    s.eval_policy = _json_object(s.folder / EVAL_FILE)
+    s.eval_reward = _json_object(s.folder / EVAL_REWARD_FILE)
     if (s.folder / "samples.jsonl").is_file():
         s.samples = _jsonl(s.folder / "samples.jsonl")[0][-SAMPLES_SHOWN:]
     return s
@@ -277,6 +288,44 @@ EVAL_SHOWN = ("prompts", "win_rate", "win_rate_ci", "tie_rate", "loss_rate", "me
               "max_new_tokens", "seed", "baseline_seed")
 
 
+EVAL_POLICY_CAPTION = "rlhf eval policy (win_rate counts a tie as half; 95% Wilson interval)"
+EVAL_REWARD_SHOWN = ("data", "pairs", "accuracy", "mean_margin", "mean_chosen_score", "mean_rejected_score",
+                     "length_pearson", "length_spearman", "mean_chosen_length", "mean_rejected_length",
+                     "chosen_shorter_pairs", "chosen_shorter_accuracy", "chosen_longer_pairs",
+                     "chosen_longer_accuracy", "chosen_same_length_pairs")
+
+
+def eval_policy_rows(ev: dict[str, Any]) -> dict[str, Any]:
+    """The eval policy table: EVAL_SHOWN, a row per judge when there are several, the warning."""
+    rows = {k: ev[k] for k in EVAL_SHOWN if k in ev}
+    judges = [j for j in ev.get("judges") or [] if isinstance(j, dict)]
+    if len(judges) > 1:
+        for j in judges:
+            lo, hi = (j.get("win_rate_ci") or [None, None])[:2]
+            rows[f"judge {j.get('reward')}" + (" (training RM)" if j.get("training_rm") else "")] = (
+                f"win_rate {_value(j.get('win_rate'))} (95% CI {_value(lo)}-{_value(hi)}), mean score "
+                f"{_value(j.get('mean_score'))} vs baseline {_value(j.get('baseline_mean_score'))}")
+    for k in ("training_reward", "gain_only_under_training_rm", "warning"):
+        if ev.get(k) is not None:
+            rows[k] = ev[k]
+    return rows
+
+
+def eval_reward_rows(ev: dict[str, Any]) -> dict[str, Any]:
+    """The eval reward table: EVAL_REWARD_SHOWN, then accuracy per margin bucket (calibration)."""
+    rows = {k: ev[k] for k in EVAL_REWARD_SHOWN if k in ev}
+    for i, b in enumerate(ev.get("by_margin") or [], 1):
+        if isinstance(b, dict):
+            rows[f"accuracy, margin bucket {i} (|margin| {_value(b.get('margin_from'))}-"
+                 f"{_value(b.get('margin_to'))})"] = f"{_value(b.get('accuracy'))} ({_value(b.get('pairs'))} pairs)"
+    return rows
+
+
+def _eval_reward_caption(ev: dict[str, Any]) -> str:
+    return (f"rlhf eval reward on {ev.get('data')} (length: answer tokens; margin buckets: pairs sorted by "
+            f"|chosen - rejected score|, nearly equal counts)")
+
+
 def _value(v: Any) -> str:
     if isinstance(v, bool) or v is None:
         return str(v)
@@ -323,9 +372,10 @@ def render_html(title: str, run: Path, stages: list[Stage], plots: dict[str, dic
         parts.append(table(_stage_facts(s), "stage"))
         if s.manifest is not None:
             parts.append(table(flat(s.manifest.metrics), "manifest metrics"))
+        if s.eval_reward:
+            parts.append(table(eval_reward_rows(s.eval_reward), _eval_reward_caption(s.eval_reward)))
         if s.eval_policy:
-            parts.append(table({k: s.eval_policy[k] for k in EVAL_SHOWN if k in s.eval_policy},
-                               "rlhf eval policy (win_rate counts a tie as half; 95% Wilson interval)"))
+            parts.append(table(eval_policy_rows(s.eval_policy), EVAL_POLICY_CAPTION))
         for name, path in plots.get(s.name, {}).items():
             data = base64.b64encode(path.read_bytes()).decode("ascii")
             parts.append(f"<img src=\"data:image/png;base64,{data}\" alt=\"{e(name)}\" width=\"{_px()[0]}\" "
@@ -358,9 +408,10 @@ def render_markdown(title: str, run: Path, stages: list[Stage], plots: dict[str,
         out += table(_stage_facts(s), "stage")
         if s.manifest is not None:
             out += table(flat(s.manifest.metrics), "manifest metrics")
+        if s.eval_reward:
+            out += table(eval_reward_rows(s.eval_reward), _eval_reward_caption(s.eval_reward))
         if s.eval_policy:
-            out += table({k: s.eval_policy[k] for k in EVAL_SHOWN if k in s.eval_policy},
-                         "rlhf eval policy (win_rate counts a tie as half; 95% Wilson interval)")
+            out += table(eval_policy_rows(s.eval_policy), EVAL_POLICY_CAPTION)
         for name, path in plots.get(s.name, {}).items():
             out += [f"![{name}]({path.relative_to(base).as_posix()})", ""]
         if s.samples:
@@ -435,6 +486,7 @@ def make_report(args: ReportArgs, reporter: Reporter | None = None) -> dict[str,
                     "metrics_source": s.source, "logged_steps": len(s.rows),
                     "metrics": flat(s.manifest.metrics) if s.manifest else {},
                     "eval_policy": ({k: v for k, v in s.eval_policy.items() if k != "per_prompt"}
-                                    if s.eval_policy else None)}
+                                    if s.eval_policy else None),
+                    "eval_reward": s.eval_reward}
                    for s in stages],
     }

@@ -7,6 +7,7 @@
     reward: {data: examples/data/prefs_ranked.jsonl, freeze_layers: 20}
     stage3: {algo: ppo, prompts: examples/data/prompts.jsonl, max_steps: 20}
     eval: {prompts: examples/data/prompts.jsonl, max_samples: 16, prefs: examples/data/prefs_explicit.jsonl}
+    # eval may also name other judges of the policies: judges: [runs/other/reward]
 
 Each stage section holds exactly what that stage's own `--config` file would (the same keys, types, bounds and
 rules, checked by the same code), less the keys the pipeline sets itself (where a stage reads and writes). Later
@@ -282,6 +283,13 @@ def load_recipe(path: str | Path, run: str | None = None) -> Recipe:
     _require_file(ev.get("prompts"), "eval", "prompts", where, "a prompt file (or any SFT or preference file)")
     _require_file(prefs, "eval", "prefs", where, "held-out preferences for `rlhf eval reward`")
     _require_file(ev.get("reward"), "eval", "reward", where, "a reward model folder")
+    if isinstance(ev.get("judges"), str):  # one other judge, given without the list brackets
+        ev["judges"] = [ev["judges"]]
+    if ev.get("judges") is not None and not all(isinstance(j, str) and j for j in ev["judges"]):
+        raise ConfigError(f"{where('eval', 'judges')}: {ev['judges']!r}: expected a list of reward model folders, "
+                          f"such as `judges: [runs/other/reward]`")
+    for judge in ev.get("judges") or []:
+        _require_file(judge, "eval", "judges", where, "a reward model folder to judge the policies too")
 
     # rounds
     rounds = raw.get("rounds", 1)

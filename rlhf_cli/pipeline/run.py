@@ -471,7 +471,8 @@ class Pipeline:
         if self.recipe.eval_prefs:
             acc = eval_reward(EvalRewardArgs(model=str(rm), data=self.recipe.eval_prefs, threads=ev.get("threads")),
                               self.reporter_for("eval reward"))
-            results["rm_accuracy"] = acc["accuracy"]
+            results |= {"rm_accuracy": acc["accuracy"], "rm_length_pearson": acc["length_pearson"],
+                        "rm_chosen_shorter_accuracy": acc["chosen_shorter_accuracy"]}
         base = ev | {"model": str(policy), "reward": judge}
         first_round = _norm(previous) == _norm(sft)  # round 1: the previous policy is the sft model
         vs_previous = None if first_round else eval_policy(EvalPolicyArgs(**base | {"baseline": str(previous)}),
@@ -481,6 +482,9 @@ class Pipeline:
         vs_previous = vs_previous or vs_sft
         results |= {"mean_score": vs_sft["mean_score"], "kl_to_sft": vs_sft["kl"], "win_rate_vs_sft":
                     vs_sft["win_rate"], "win_rate_vs_previous": vs_previous["win_rate"], "prompts": vs_sft["prompts"]}
+        if len(vs_sft.get("judges") or []) > 1:  # `judges:` in the eval section: the win rate under each
+            results |= {"win_rate_vs_sft_by_judge": {j["reward"]: j["win_rate"] for j in vs_sft["judges"]},
+                        "gain_only_under_training_rm": vs_sft.get("gain_only_under_training_rm")}
         atomic_write_text(dest, json.dumps({"key": key, "results": results}, indent=1, default=str) + "\n")
         self.rounds.append(results)
         self.record(StageRun(k, "eval", dest, "ran", round(time.time() - t0, 2), key_metrics("eval", results), ""))
