@@ -148,14 +148,20 @@ class PPOArgs:
     private: bool = private_field()
     dry_run: bool = dry_run_field()
 
+    def check_launch(self) -> None:
+        """Our PPO keeps whole copies of its models on every process (DDP): a sharding config is refused before
+        any process starts."""
+        kind = sharded(self) if self.algo == "ppo" else None
+        if kind:
+            raise ConfigError(f"--accelerate-config {self.accelerate_config}: rlhf ppo --algo ppo copies the policy "
+                              f"and value model to every process (DDP) and does not shard them with {kind}; "
+                              f"expected a DDP config such as examples/accelerate/ddp.yaml, or --algo grpo/rloo")
+
 
 def check_ppo_args(a: PPOArgs) -> None:
     """Choices and bounds of every field, then the rules between fields, then tracking and the hub."""
     validate(a)
-    if a.algo == "ppo" and sharded(a):
-        raise ConfigError(f"--accelerate-config {a.accelerate_config}: rlhf ppo --algo ppo copies the policy and "
-                          f"value model to every process (DDP) and does not shard them with {sharded(a)}; expected "
-                          f"a DDP config such as examples/accelerate/ddp.yaml, or --algo grpo/rloo")
+    a.check_launch()
     if a.algo == "ppo":
         mb = minibatch_size(a)
         if a.batch_size % mb:

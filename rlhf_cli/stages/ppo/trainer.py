@@ -533,6 +533,21 @@ class PPOTrainer:
             self.reporter.finish()
             raise Stopped()
 
+    def weights_in_sync(self) -> bool:
+        """Under several processes: whether every process ends with rank 0's trained weights (DDP keeps them
+        equal; rank 0 alone saves, so a difference would be lost silently). Raises if they differ."""
+        if self.world <= 1:
+            return True
+        mine = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                            for p in self.params]).reshape(-1).to(self.device)
+        theirs = mine.clone()  # on this process's device: the CPU for gloo, the GPU for NCCL
+        torch.distributed.broadcast(theirs, src=0)
+        differs = runtime.any_rank(not torch.allclose(mine, theirs, rtol=1e-6, atol=1e-9))
+        if differs:
+            raise TrainingError("the processes' trained weights differ at the end of the run: expected DDP to keep "
+                                "them equal; rerun with one process, and report this with the command used")
+        return True
+
     def save(self, dest: Path, step: int, with_optimizer: bool = True) -> None:
         """A checkpoint, written by rank 0 (the weights and optimiser states are the same on every process; the
         RNG is re-seeded from (seed, update, rank) every update); the others wait until it is complete."""
@@ -544,6 +559,7 @@ class PPOTrainer:
     def finish(self, dest: Path, step: int) -> None:
         """The finished folder: final weights (merged with LoRA), the resolved config, the manifest last."""
         a = self.a
+        in_sync = self.weights_in_sync()
         self.save(dest, step, with_optimizer=False)
         if a.lora and self.rank == 0:
             finish_lora(dest, self.policy, self.value, self.plan.tok, a)
@@ -561,6 +577,7 @@ class PPOTrainer:
             "reward_input": "token ids" if self.plan.same_ids else "re-encoded text",
             "threads": self.threads, "precision": self.precision, "lr": self.lr,
             "memory": self.memory.with_peak(),
+            **({"weights_in_sync": in_sync} if self.world > 1 else {}),
         }
         write_ppo_manifest(dest, a, self.plan, metrics, self.started, lr=self.lr, ppo_epochs=self.epochs,
                            minibatch_size=self.minibatch)
