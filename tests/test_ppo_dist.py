@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import build_tiny, invoke, one_error, stage, write_jsonl
+from helpers import build_tiny, invoke, ok, one_error, stage, write_jsonl
 from test_ppo import build_rm
 from test_scale import manifest, manifests_under, run
 
@@ -136,55 +136,71 @@ def mean(xs) -> float:
     return sum(xs) / len(xs)
 
 
-STEPS = 16
+STEPS = 12
 # per process: minibatches of 4 in 2 micro-batches (DDP's no_sync inside a minibatch), reward normalisation and the
-# adaptive KL controller on (both fed the global batch)
-COMMON = ["--max-steps", STEPS, "--num-minibatches", 2, "--grad-accum", 2, "--lr", "1e-3", "--threads", 1,
+# adaptive KL controller on (both fed the global batch); a constant learning rate, so the first updates of a
+# longer run are those of a shorter one
+COMMON = ["--num-minibatches", 2, "--grad-accum", 2, "--lr", "1e-3", "--lr-scheduler", "constant", "--threads", 1,
           "--max-new-tokens", 4, "--sample-every", 1, "--normalize-rewards", "--adaptive-kl", "--kl-target", 2,
           "--kl-horizon", 200]
 
 
-@pytest.mark.slow
-def test_two_processes_learn_like_one_and_resume(w):
-    common = ["ppo", "--run", w.run, "--prompts", w.prompts, *COMMON]
-    two, one, cut = w.root / "two" / "ppo", w.root / "one" / "ppo", w.root / "cut" / "ppo"
-    launched = run(*common, "--out", two, "--batch-size", 8, "--num-processes", 2)
-    run(*common, "--out", one, "--batch-size", 16)
-    assert "launching 2 processes: accelerate launch" in launched.stderr
-    assert "16 updates x 16 rollouts (2 processes x 8)" in launched.stderr
-    assert launched.stdout.count("ppo finished") == 1  # rank 0 speaks
+@pytest.fixture(scope="module")
+def two(w):
+    """A 2-process run of STEPS updates x 2 x 8 rollouts, and what the launcher printed."""
+    out = w.root / "two" / "ppo"
+    launched = run("ppo", "--run", w.run, "--prompts", w.prompts, *COMMON, "--max-steps", STEPS, "--out", out,
+                   "--batch-size", 8, "--num-processes", 2)
+    return SimpleNamespace(out=out, stderr=launched.stderr, stdout=launched.stdout)
 
-    m2, m1 = manifest(two), manifest(one)
+
+@pytest.mark.slow
+def test_two_processes_learn_like_one(w, two):
+    one = w.root / "one" / "ppo"
+    ok(invoke("ppo", "--run", w.run, "--prompts", w.prompts, *COMMON, "--max-steps", STEPS, "--out", one,
+              "--batch-size", 16))
+    assert "launching 2 processes: accelerate launch" in two.stderr
+    assert f"{STEPS} updates x 16 rollouts (2 processes x 8)" in two.stderr
+    assert two.stdout.count("ppo finished") == 1  # rank 0 speaks
+
+    m2, m1 = manifest(two.out), manifest(one)
     assert (m2["processes"], m1["processes"]) == (2, 1)
     assert m2["metrics"]["episodes"] == m1["metrics"]["episodes"] == STEPS * 16
     assert m2["metrics"]["weights_in_sync"] is True and "weights_in_sync" not in m1["metrics"]
-    assert manifests_under(w.root / "two") == [two / MANIFEST]
+    assert manifests_under(w.root / "two") == [two.out / MANIFEST]
     assert sorted(p.name for p in (w.root / "two").iterdir()) == ["ppo"]  # no .partial left
 
-    r2, r1 = lines(two / "metrics.jsonl"), lines(one / "metrics.jsonl")
+    r2, r1 = lines(two.out / "metrics.jsonl"), lines(one / "metrics.jsonl")
     assert [r["step"] for r in r2] == list(range(1, STEPS + 1))
     assert [r["episodes"] for r in r2] == [r["episodes"] for r in r1]
     # the same prompts each update: rank 0 takes the first half of the one-process batch (samples: its first 3)
-    s2, s1 = lines(two / "samples.jsonl"), lines(one / "samples.jsonl")
+    s2, s1 = lines(two.out / "samples.jsonl"), lines(one / "samples.jsonl")
     assert [(s["step"], s["prompt"]) for s in s2] == [(s["step"], s["prompt"]) for s in s1]
-    # both learn the known preference by about as much (different samples: not equal, update by update)
+    # both learn the known preference (different samples: not equal, update by update)
     for rows in (r1, r2):
         first, last = mean(r["score_mean"] for r in rows[:4]), mean(r["score_mean"] for r in rows[-4:])
-        assert last > first + 0.5, (first, last)
+        assert last > first + 0.4, (first, last)
         assert max(r["check/first_logratio_max"] for r in rows) < 1e-5  # ratio 1 at the start of every update
     assert r2[-1]["kl_coef"] != r2[0]["kl_coef"]  # the adaptive controller moved (on the global KL)
 
-    # --stop-after in 2 processes, then --resume in 2: the uninterrupted 2-process run, figure for figure
-    run(*common, "--out", cut, "--batch-size", 8, "--num-processes", 2, "--stop-after", STEPS // 2)
+
+@pytest.mark.slow
+def test_two_processes_stop_and_resume(w, two):
+    """--stop-after in 2 processes, then --resume in 2: the first updates of the uninterrupted 2-process run, figure
+    for figure (each process re-seeds from (seed, update, rank); rank 0's checkpoint holds the shared state)."""
+    cut = w.root / "cut" / "ppo"
+    common = ["ppo", "--run", w.run, "--prompts", w.prompts, *COMMON, "--max-steps", 4, "--out", cut,
+              "--batch-size", 8]
+    run(*common, "--num-processes", 2, "--stop-after", 2)
     partial = cut.with_name("ppo.partial")
     assert json.loads((partial / "state" / "state.json").read_text())["processes"] == 2
-    one_error(invoke(*common, "--out", cut, "--batch-size", 8, "--resume"), 2,
-              "made by 2 processes, not 1", "--num-processes 2")
-    run(*common, "--out", cut, "--batch-size", 8, "--num-processes", 2, "--resume")
-    rc = lines(cut / "metrics.jsonl")
-    assert [r["step"] for r in rc] == list(range(1, STEPS + 1))
+    assert len(lines(partial / "metrics.jsonl")) == 2
+    one_error(invoke(*common, "--resume"), 2, "made by 2 processes, not 1", "--num-processes 2")
+    run(*common, "--num-processes", 2, "--resume")
+    assert manifest(cut)["processes"] == 2 and not partial.exists()
+    rc, r2 = lines(cut / "metrics.jsonl"), lines(two.out / "metrics.jsonl")[:4]
+    assert [r["step"] for r in rc] == [1, 2, 3, 4]
     for a, b in zip(r2, rc, strict=True):
         for k, v in a.items():
             if not k.startswith("time/") and k != "episodes_per_second":
                 assert b[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (a["step"], k)
-    assert manifest(cut)["processes"] == 2
