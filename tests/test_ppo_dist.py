@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,8 +26,9 @@ import pytest
 import torch
 from helpers import build_tiny, invoke, ok, one_error, stage, write_jsonl
 from test_ppo import build_rm
-from test_scale import manifest, manifests_under, run
+from test_scale import manifest, manifests_under, rlhf, run
 
+from rlhf_cli.core import launch
 from rlhf_cli.core.manifest import MANIFEST
 
 # ---------------------------------------------------------------------------------------------------------
@@ -204,3 +208,29 @@ def test_two_processes_stop_and_resume(w, two):
         for k, v in a.items():
             if not k.startswith("time/") and k != "episodes_per_second":
                 assert b[k] == pytest.approx(v, rel=1e-5, abs=1e-6), (a["step"], k)
+
+
+@pytest.mark.slow
+def test_sigterm_stops_both_processes_after_the_same_update(w):
+    out = w.root / "term" / "ppo"
+    cmd = ["ppo", "--run", w.run, "--prompts", w.prompts, *COMMON, "--max-steps", 200, "--save-every", 2,
+           "--out", out, "--batch-size", 4, "--num-processes", 2]
+    env = dict(os.environ, COLUMNS="400")
+    for k in launch.LAUNCHER_ENV:
+        env.pop(k, None)
+    proc = subprocess.Popen(rlhf(*cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    ready = out.with_name("ppo.partial") / "state" / "state.json"
+    t0 = time.time()
+    while not ready.is_file():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < 180, "no checkpoint appeared"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)  # to the launcher, which passes it to both ranks
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, (proc.returncode, stderr[-3000:])
+    line = " ".join(stderr.split())
+    assert "stopped by SIGTERM after update" in line and "--num-processes 2 --resume" in line, stderr[-3000:]
+    state = json.loads(ready.read_text())
+    assert 2 <= state["step"] < 200 and state["processes"] == 2
+    assert len(lines(out.with_name("ppo.partial") / "metrics.jsonl")) == state["step"]  # rank 0 logged each once
+    assert not out.exists()
