@@ -231,6 +231,6 @@ def test_sigterm_stops_both_processes_after_the_same_update(w):
     line = " ".join(stderr.split())
     assert "stopped by SIGTERM after update" in line and "--num-processes 2 --resume" in line, stderr[-3000:]
     state = json.loads(ready.read_text())
-    assert 2 <= state["step"] < 200 and state["processes"] == 2
+    assert 2 < state["step"] < 200 and state["processes"] == 2  # the stop's own checkpoint
     assert len(lines(out.with_name("ppo.partial") / "metrics.jsonl")) == state["step"]  # rank 0 logged each once
     assert not out.exists()
