@@ -94,11 +94,6 @@ def test_missing_accelerate_config_is_one_error(tmp_path):
                      tmp_path / "nope.yaml"), 2, "--accelerate-config", "no such file")
 
 
-def test_our_ppo_refuses_several_processes(tmp_path):
-    one_error(invoke("ppo", "--run", tmp_path, "--prompts", EXAMPLES / "prompts.jsonl", "--num-processes", 2), 2,
-              "rlhf ppo --algo ppo runs in one process for now; grpo/rloo run under accelerate")
-
-
 def test_dry_run_shows_processes_and_global_batch(tiny, tmp_path):
     from rlhf_cli import SFTArgs, run_sft
     from rlhf_cli.core.progress import Quiet

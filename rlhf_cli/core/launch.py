@@ -115,8 +115,8 @@ def relaunch(args: Any, argv: list[str] | None = None, say: Callable[[str], None
     """Replace this process by `accelerate launch` of the same command (never returns). The launcher keeps this
     process id, so a signal sent to it reaches the launcher, which passes it on to every rank."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if getattr(args, "algo", None) == "ppo":  # our own PPO loop is one process; TRL's grpo/rloo are not
-        raise ConfigError("rlhf ppo --algo ppo runs in one process for now; grpo/rloo run under accelerate")
+    if hasattr(args, "check_launch"):  # what a stage refuses to run in several processes, said before they start
+        args.check_launch()
     try:
         import accelerate  # noqa: F401
     except ImportError:

@@ -7,8 +7,9 @@ device kind, a measured precision choice, several processes) is made in one plac
 - Precision `auto`: bf16 on GPUs that support it (else fp16), fp32 on the CPU (bf16 is emulated on most CPUs).
 - Threads: the given number, else one per core this process may use.
 - Rank and world size come from the launcher's environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`); one process
-  without a launcher is rank 0 of 1 (`core.launch` starts the launcher). `barrier` and `any_rank` are the only
-  collectives the toolkit itself makes; the Trainer makes the rest.
+  without a launcher is rank 0 of 1 (`core.launch` starts the launcher). `barrier`, `any_rank` and `all_reduce`
+  are the collectives the toolkit itself makes (our PPO loop sums its statistics with `all_reduce`; DDP and the
+  Trainer make the rest).
 """
 
 from __future__ import annotations
@@ -71,6 +72,18 @@ def any_rank(flag: bool) -> bool:
                      else "cpu")
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return bool(t.item())
+
+
+def all_reduce(values: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """The element-wise sum (or max) of `values` over every process, in float64 on `values`' device: global
+    statistics from each rank's share of a batch. `values` itself in one process."""
+    if world_size() <= 1 or not torch.distributed.is_initialized():
+        return values
+    on = device() if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    t = values.detach().to(on, torch.float64).clone()
+    ops = torch.distributed.ReduceOp
+    torch.distributed.all_reduce(t, op=ops.SUM if op == "sum" else ops.MAX)
+    return t.to(values.device)
 
 
 def device() -> torch.device:

@@ -70,10 +70,11 @@ class PPOArgs:
     max_samples: int | None = max_samples_field()
     max_steps: int | None = opt(None, "Updates to run, each on --batch-size rollouts (default: one pass over "
                                       "the prompts).", min=1)
-    batch_size: int = opt(8, "Rollouts (prompt + sampled response) per update.", min=1)
+    batch_size: int = opt(8, "Rollouts (prompt + sampled response) per update and per process, as in the other "
+                             "training stages: N processes (--num-processes) take N x this many per update.", min=1)
     ppo_epochs: int | None = opt(None, "Passes over each update's rollouts (default 4; grpo/rloo: 1).", min=1)
-    minibatch_size: int | None = opt(None, "Rollouts per optimiser step inside an update (default: all of "
-                                           "them); must divide --batch-size.", min=1)
+    minibatch_size: int | None = opt(None, "Rollouts per optimiser step inside an update, per process (default: "
+                                           "all of them); must divide --batch-size.", min=1)
     num_minibatches: int | None = opt(None, "Or: split each update's rollouts into this many minibatches.", min=1)
     grad_accum: int = opt(1, "Split each minibatch into this many micro-batches whose gradients are summed "
                              "(same result, less memory).", min=1)
@@ -147,12 +148,20 @@ class PPOArgs:
     private: bool = private_field()
     dry_run: bool = dry_run_field()
 
+    def check_launch(self) -> None:
+        """Our PPO keeps whole copies of its models on every process (DDP): a sharding config is refused before
+        any process starts."""
+        kind = sharded(self) if self.algo == "ppo" else None
+        if kind:
+            raise ConfigError(f"--accelerate-config {self.accelerate_config}: rlhf ppo --algo ppo copies the policy "
+                              f"and value model to every process (DDP) and does not shard them with {kind}; "
+                              f"expected a DDP config such as examples/accelerate/ddp.yaml, or --algo grpo/rloo")
+
 
 def check_ppo_args(a: PPOArgs) -> None:
     """Choices and bounds of every field, then the rules between fields, then tracking and the hub."""
     validate(a)
-    if a.algo == "ppo" and (launch.processes(a) > 1 or (a.accelerate_config and not launch.launched())):
-        raise ConfigError("rlhf ppo --algo ppo runs in one process for now; grpo/rloo run under accelerate")
+    a.check_launch()
     if a.algo == "ppo":
         mb = minibatch_size(a)
         if a.batch_size % mb:
@@ -172,6 +181,21 @@ def check_ppo_args(a: PPOArgs) -> None:
     check_reporting(a)
 
 
+def sharded(a: PPOArgs) -> str | None:
+    """'DeepSpeed' or 'FSDP' when the run would be launched (or was launched) with sharded weights."""
+    import os
+
+    if launch.launched():
+        kinds = {"ACCELERATE_USE_DEEPSPEED": "DeepSpeed", "ACCELERATE_USE_FSDP": "FSDP"}
+        return next((name for env, name in kinds.items() if os.environ.get(env, "").lower() == "true"), None)
+    if a.accelerate_config:
+        from rlhf_cli.core.config import load_yaml
+
+        kind = str(load_yaml(a.accelerate_config).get("distributed_type", "")).upper()
+        return {"DEEPSPEED": "DeepSpeed", "FSDP": "FSDP"}.get(kind)
+    return None
+
+
 def minibatch_size(a: PPOArgs) -> int:
     if a.minibatch_size is not None and a.num_minibatches is not None:
         if a.minibatch_size * a.num_minibatches != a.batch_size:
@@ -188,9 +212,15 @@ def minibatch_size(a: PPOArgs) -> int:
 
 def updates(a: PPOArgs, prompts: int) -> int:
     """Updates (optimiser steps, for grpo/rloo) in the run: --max-steps, else one pass over the prompts (each
-    sampled --group-size times with grpo/rloo)."""
-    per_prompt = 1 if a.algo == "ppo" else a.group_size
-    return a.max_steps or max(1, math.ceil(prompts * per_prompt / a.batch_size))
+    sampled --group-size times with grpo/rloo). Our PPO's update takes --batch-size rollouts on every process."""
+    if a.algo == "ppo":
+        return a.max_steps or max(1, math.ceil(prompts / global_batch(a)))
+    return a.max_steps or max(1, math.ceil(prompts * a.group_size / a.batch_size))
+
+
+def global_batch(a: PPOArgs) -> int:
+    """Our PPO's rollouts per update over every process: --batch-size x processes."""
+    return a.batch_size * launch.processes(a)
 
 
 def ppo_epochs(a: PPOArgs) -> int:

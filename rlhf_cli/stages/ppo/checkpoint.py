@@ -47,6 +47,13 @@ def prompt_order(seed: int, n: int, epoch: int) -> list[int]:
     return order
 
 
+def rollout_seed(seed: int, update: int, rank: int) -> int:
+    """The torch seed of one update on one process (sampling, minibatch order): a function of (seed, update,
+    rank) alone, so each process samples its own responses, and a resumed run (with the same number of
+    processes) draws what the uninterrupted one would have without any saved RNG state."""
+    return (seed * 1_000_003 + update) * 8191 + rank
+
+
 def lr_lambda(kind: str, total: int, warmup: int) -> Callable[[int], float]:
     """The learning-rate factor per update: warm-up, then linear or cosine decay, or constant."""
     def f(u: int) -> float:
@@ -104,12 +111,16 @@ def save_checkpoint(dest: Path, policy: PreTrainedModel, value: PreTrainedModel,
     atomic_write_text(sdir / "state.json", json.dumps(state["summary"], indent=2, default=str) + "\n")
 
 
-def check_resume(a: PPOArgs, summary: dict, where: Path) -> None:
+def check_resume(a: PPOArgs, summary: dict, where: Path, processes: int = 1) -> None:
     for k in RESUME_KEYS:
         then, now = summary["args"].get(k), getattr(a, k)
         if then != now:
             raise ConfigError(f"--resume: the checkpoint in {where} was made with --{k.replace('_', '-')} {then}, "
                               f"not {now}; resume with the same settings, or start afresh without --resume")
+    then = summary.get("processes", 1)
+    if then != processes:  # --batch-size is per process: another count changes every update's prompts
+        raise ConfigError(f"--resume: the checkpoint in {where} was made by {then} process{'es' if then != 1 else ''}"
+                          f", not {processes}; resume with --num-processes {then}, or start afresh without --resume")
 
 
 def write_ppo_manifest(dest: Path, a: PPOArgs, plan: Plan, metrics: dict, started: float,

@@ -20,7 +20,7 @@ Conventions
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -31,6 +31,7 @@ __all__ = [
     "compute_gae",
     "entropy_from_logits",
     "first_eos_index",
+    "global_masked_moments",
     "kl_estimate",
     "logprobs_from_logits",
     "masked_mean",
@@ -80,21 +81,43 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  sum_all: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Normalise ``x`` to zero mean / unit variance using statistics of the masked positions only.
 
     Padding must not leak into the statistics (a long tail of zeros would drag the mean down and
     shrink the variance), and masked-out positions are zero in the output so that they cannot
     contribute to anything downstream. ``shift_mean=False`` only rescales, keeping the original
     mean; useful for rewards, where the sign carries meaning.
+
+    ``sum_all``: sums a tensor over every process holding a share of the batch (several
+    processes): the statistics are then those of the whole batch, the same on every process.
     """
     mask_f = mask.to(x.dtype)
-    mean = masked_mean(x, mask_f)
-    var = masked_var(x, mask_f)
+    if sum_all is None:
+        mean = masked_mean(x, mask_f)
+        var = masked_var(x, mask_f)
+    else:
+        mean, var = global_masked_moments(x, mask_f, sum_all)
     whitened = (x - mean) * torch.rsqrt(var + _EPS)
     if not shift_mean:
         whitened = whitened + mean
     return whitened * mask_f
+
+
+def global_masked_moments(x: torch.Tensor, mask: torch.Tensor, sum_all: Callable[[torch.Tensor], torch.Tensor]
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and unbiased variance of the masked positions of a batch split across processes: the sums and
+    counts, then the squared deviations from the global mean, each summed over the processes (two passes,
+    in float64, so no large sum of squares cancels)."""
+    mask = mask.to(torch.float64)
+    xd = x.detach().to(torch.float64)
+    total, n = sum_all(torch.stack([(xd * mask).sum(), mask.sum()])).unbind()
+    mean = total / n.clamp_min(_EPS)
+    sq = sum_all(((xd - mean) ** 2 * mask).sum().reshape(1))[0]
+    var = sq / n.clamp_min(_EPS)
+    var = torch.where(n > 1, var * n / (n - 1).clamp_min(_EPS), var)
+    return mean.to(x.dtype), var.to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,14 +443,23 @@ class RunningMoments:
     def std(self) -> float:
         return math.sqrt(self.var)
 
-    def update(self, xs: torch.Tensor) -> None:
-        """Fold every element of ``xs`` into the running statistics."""
+    def update(self, xs: torch.Tensor, sum_all: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Fold every element of ``xs`` into the running statistics. ``sum_all``: sums a tensor over
+        every process holding a share of the batch, so each folds in the whole batch."""
         xs = xs.detach().reshape(-1).to(torch.float64)
-        n_b = xs.numel()
-        if n_b == 0:
-            return
-        mean_b = xs.mean().item()
-        m2_b = ((xs - mean_b) ** 2).sum().item()
+        if sum_all is not None:
+            n, total = sum_all(torch.stack([xs.new_tensor(float(xs.numel())), xs.sum()])).tolist()
+            n_b = int(round(n))
+            if n_b == 0:
+                return
+            mean_b = total / n_b
+            m2_b = float(sum_all(((xs - mean_b) ** 2).sum().reshape(1))[0])
+        else:
+            n_b = xs.numel()
+            if n_b == 0:
+                return
+            mean_b = xs.mean().item()
+            m2_b = ((xs - mean_b) ** 2).sum().item()
 
         total = self.count + n_b
         delta = mean_b - self.mean

@@ -16,7 +16,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhf_cli.core import dry_run as dry
-from rlhf_cli.core import memory, runtime
+from rlhf_cli.core import launch, memory, runtime
 from rlhf_cli.core.errors import CheckpointError, ConfigError, DataError
 from rlhf_cli.core.generation import encode_chat, stop_ids
 from rlhf_cli.core.manifest import Manifest, manifest_if_stage, require_stage
@@ -30,6 +30,7 @@ from rlhf_cli.stages.ppo.args import (
     DEFAULT_LR,
     DEFAULT_MAX_LENGTH,
     PPOArgs,
+    global_batch,
     minibatch_size,
     ppo_epochs,
     updates,
@@ -220,7 +221,8 @@ def dry_run(a: PPOArgs, plan: Plan, out: Path, reporter) -> Path:
     total, epochs = updates(a, len(plan.prompt_ids)), ppo_epochs(a)
     shape, rm_shape = memory.ModelShape.of(plan.policy_path), memory.ModelShape.of(plan.reward_path)
     prompt_lens = [len(p) for p in plan.prompt_ids]
-    batch, response = a.batch_size, a.max_new_tokens
+    # our PPO: --batch-size per process, so an update is the global batch (the time is for one process doing all)
+    batch, response = (global_batch(a) if a.algo == "ppo" else a.batch_size), a.max_new_tokens
     seq = sum(prompt_lens) / len(prompt_lens) + response
     head = response / seq  # PPO's log-probabilities need vocabulary logits over the response only
     lora = {"lora": a.lora, "lora_r": a.lora_r, "freeze_layers": a.freeze_layers}
@@ -241,7 +243,9 @@ def dry_run(a: PPOArgs, plan: Plan, out: Path, reporter) -> Path:
     t = dry.estimate_time(compute, shape, int(mem.micro_batch * seq))
     per_prompt = 1 if a.algo == "ppo" else a.group_size
     tokens_per_epoch = int(per_prompt * (sum(prompt_lens) + len(prompt_lens) * response))
-    rollouts = f"{batch} rollouts" if a.algo == "ppo" else \
+    procs = launch.processes(a)
+    rollouts = (f"{batch} rollouts" + (f" ({procs} processes x --batch-size {a.batch_size})" if procs > 1 else ""))\
+        if a.algo == "ppo" else \
         f"{batch} responses ({batch // a.group_size} prompts x --group-size {a.group_size})"
     summary = {
         "algorithm": a.algo,

@@ -8,6 +8,7 @@ lengths, padding is a large part of a batch.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -129,10 +130,13 @@ class ScoreShaper:
         self.a = a
         self.moments = RunningMoments()
 
-    def __call__(self, raw: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    def __call__(self, raw: torch.Tensor, ends: torch.Tensor,
+                 sum_all: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """`sum_all`: sums over every process (several processes), so the running statistics take in the whole
+        batch and stay the same on every process."""
         s = raw.clone()
         if self.a.normalize_rewards:
-            self.moments.update(raw)
+            self.moments.update(raw, sum_all)
             if self.moments.count > 1:  # one score has no spread to divide by
                 s = self.moments.normalize(s)
         if self.a.missing_eos_penalty is not None:

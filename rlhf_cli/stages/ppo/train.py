@@ -29,6 +29,10 @@ metrics.jsonl as check/first_logratio_max). Masks come from the first EOS, never
 tokenizer whose pad token is its EOS corrupts nothing. `--algo grpo` and `--algo rloo` give the same prompts
 and RM to TRL's GRPOTrainer / RLOOTrainer instead (group baselines, no value model).
 
+Several processes (`--num-processes N`): each takes its own `--batch-size` prompts of every update and samples
+them with its own seed; DDP averages the gradients, and whitening, reward statistics, the KL controller and the
+logged figures use the whole batch (see `trainer` and docs/SCALING.md).
+
 The phases live in their own modules: `preflight` (checks before any weights load), `rollout` (generation,
 forward passes, scores), `trainer` (the PPO loop), `checkpoint` (run folder and resume), `trl_algos` (GRPO, RLOO),
 `core` (the maths, torch only).

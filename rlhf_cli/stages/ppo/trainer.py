@@ -4,10 +4,18 @@
 (generate rollouts, score them, shape per-token rewards with the KL penalty, estimate advantages), train on it
 (PPO epochs over minibatches), log, checkpoint. A `Batch` carries one update's rollouts between the phases;
 `state_dict` / `load_state_dict` hold everything `--resume` needs besides the weights.
+
+Under several processes (`--num-processes N`) every process takes its own --batch-size prompts of each update
+(N x --batch-size in all), samples them with its own seed, and keeps whole copies of the policy and value model
+wrapped in torch's DistributedDataParallel, which averages the gradients. The statistics that span the batch
+are summed over the processes (`runtime.all_reduce`): advantage whitening, the running reward statistics, the
+KL fed to the adaptive controller, the token count each loss is normalised by, and the logged figures; so every
+process takes the same decisions (early stop, divergence, stop request) at the same update. Rank 0 writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -28,7 +36,15 @@ from rlhf_cli.core.progress import Reporter
 from rlhf_cli.core.reward_model import RewardModel, head_model, token_scores
 from rlhf_cli.core.tracking import Tracker
 from rlhf_cli.core.training import freeze_lower_layers, lora_config
-from rlhf_cli.stages.ppo.args import DEFAULT_LORA_LR, DEFAULT_LR, PPOArgs, minibatch_size, ppo_epochs, updates
+from rlhf_cli.stages.ppo.args import (
+    DEFAULT_LORA_LR,
+    DEFAULT_LR,
+    PPOArgs,
+    global_batch,
+    minibatch_size,
+    ppo_epochs,
+    updates,
+)
 from rlhf_cli.stages.ppo.checkpoint import (
     PPOOutput,
     Stopped,
@@ -38,6 +54,7 @@ from rlhf_cli.stages.ppo.checkpoint import (
     jsonl_keep,
     lr_lambda,
     prompt_order,
+    rollout_seed,
     save_checkpoint,
     write_ppo_manifest,
 )
@@ -47,7 +64,6 @@ from rlhf_cli.stages.ppo.core import (
     compute_gae,
     kl_estimate,
     logprobs_from_logits,
-    masked_mean,
     masked_whiten,
     per_token_rewards,
     policy_loss,
@@ -88,6 +104,7 @@ class Batch:
     returns: torch.Tensor
     started: float  # when collecting began
     seconds: dict[str, float] = field(default_factory=dict)  # per phase: generate, score, forward, train
+    figures: dict[str, float] = field(default_factory=dict)  # means over every process's rollouts (`figures`)
 
 
 @dataclass
@@ -147,12 +164,63 @@ class Diverged(Exception):
     """A NaN score, loss or gradient norm, or a KL above --max-kl."""
 
 
+class ValueModel(torch.nn.Module):
+    """The value model's per-token values as one forward call, so DistributedDataParallel sees the pass (its
+    head is applied to every hidden state, outside the classifier's own forward)."""
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, seq: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        return token_scores(self.model, seq, attn)
+
+
+def data_parallel(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` whose backward averages its gradients over the processes (itself in one process). Every
+    trainable weight takes part in each pass (frozen layers and LoRA's frozen base have no gradient and are not
+    synchronised), so DDP need not search the graph for unused ones; buffers (rotary tables) never change."""
+    if runtime.world_size() <= 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    dev = runtime.device()
+    return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                   broadcast_buffers=False, find_unused_parameters=False)
+
+
+def figures(batch: Batch) -> dict[str, float]:
+    """The logged means of an update's rollouts over every process (sums, then one division), and whether any
+    score is not finite."""
+    ro, raw, mask = batch.rollout, batch.raw_scores.double(), batch.mask.double()
+    lengths = ro.mask.sum(1).double()
+    sums = torch.stack([
+        torch.tensor(float(raw.numel()), dtype=torch.float64, device=raw.device),
+        torch.where(torch.isfinite(raw), raw, 0.0).sum(), (torch.where(torch.isfinite(raw), raw, 0.0) ** 2).sum(),
+        (~torch.isfinite(raw)).sum().double(), batch.scores.double().sum(), batch.seq_kl.double().sum(),
+        (batch.entropy.double() * mask).sum(), mask.sum(), lengths.sum(), ro.ends.double().sum(),
+        (batch.values.double() * mask).sum(), (batch.returns.double() * mask).sum()])
+    (n, score, score_sq, not_finite, reward, kl, entropy, tokens, length, ends, value, ret) = \
+        runtime.all_reduce(sums).tolist()
+    longest = runtime.all_reduce(lengths.max().reshape(1), op="max").item()
+    var = (score_sq - score * score / n) / (n - 1) if n > 1 else 0.0
+    tokens = max(tokens, 1.0)
+    return {"n": n, "score_mean": score / n, "score_std": math.sqrt(max(var, 0.0)), "not_finite": not_finite,
+            "reward_mean": reward / n, "kl": kl / n, "entropy": entropy / tokens, "response_length": length / n,
+            "response_length_max": int(longest), "eos_fraction": ends / n, "value_mean": value / tokens,
+            "return_mean": ret / tokens}
+
+
 class PPOTrainer:
     """Our PPO: policy and value model trained against a frozen RM with a KL penalty to a frozen reference."""
 
     def __init__(self, a: PPOArgs, plan: Plan, staged: PPOOutput, reporter: Reporter,
                  started: float):
         self.a, self.plan, self.staged, self.reporter, self.started = a, plan, staged, reporter, started
+        runtime.init_distributed()  # several processes: join the group before DDP wraps the models
+        self.rank, self.world = runtime.rank(), runtime.world_size()
+        self.sum_all = runtime.all_reduce if self.world > 1 else None  # batch statistics over every process
+        self.global_batch = global_batch(a)
         self.threads = runtime.configure_threads(a.threads)
         self.precision = runtime.pick_precision(a.precision)
         self.device = runtime.device()
@@ -167,6 +235,9 @@ class PPOTrainer:
         self.policy, self.ref, self.rm, self.value = load_models(
             a, plan, self.precision, staged.partial if a.resume else None)
         self.params = [p for m in (self.policy, self.value) for p in m.parameters() if p.requires_grad]
+        # the training passes go through these (DDP under several processes); generation and the no-grad
+        # rollout passes use the plain models
+        self.policy_train, self.value_train = data_parallel(self.policy), data_parallel(ValueModel(self.value))
         self.optimizer = self._optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(a.lr_scheduler, self.total, round(a.warmup_ratio * self.total)))
@@ -179,11 +250,12 @@ class PPOTrainer:
             bos_token_id=plan.tok.bos_token_id, use_cache=True)
         self.history: list[dict] = []
         self.tracker = Tracker(None, staged.partial)  # --report-to opens the real one when training starts
+        self.report_to = a.report_to if self.rank == 0 else None  # one run in the dashboard, from rank 0
         self.elapsed_before, self.t_start = 0.0, time.time()  # t_start is set again when training begins
 
     def _resume_summary(self) -> dict:
         summary = json.loads(self.staged.checkpoint.read_text(encoding="utf-8"))
-        check_resume(self.a, summary, self.staged.partial)
+        check_resume(self.a, summary, self.staged.partial, self.world)
         if summary["step"] >= self.total:
             raise ConfigError(f"--resume: the checkpoint is already at update {summary['step']} of "
                               f"--max-steps {self.total}; raise --max-steps to continue")
@@ -200,10 +272,11 @@ class PPOTrainer:
         a = self.a
         n_policy = sum(p.numel() for p in self.policy.parameters())
         how = f"LoRA r={a.lora_r}" if a.lora else "full fine-tune"
+        procs = f" ({self.world} processes x {a.batch_size})" if self.world > 1 else ""
         return (f"ppo: policy {self.plan.policy} ({n_policy / 1e6:.0f}M parameters, {how}), reward "
                 f"{self.plan.reward}, value model from the {a.value_init} model; {self.precision}, {self.threads} "
-                f"threads, lr {self.lr:g}, {self.total} updates x {a.batch_size} rollouts, {self.epochs} PPO epochs "
-                f"x {a.batch_size // self.minibatch} minibatches")
+                f"threads, lr {self.lr:g}, {self.total} updates x {self.global_batch} rollouts{procs}, "
+                f"{self.epochs} PPO epochs x {a.batch_size // self.minibatch} minibatches")
 
     # ------------------------------------------------------------------------------------------- the loop
 
@@ -211,7 +284,7 @@ class PPOTrainer:
         """Run the updates; returns the finished stage folder (raises `Stopped` at --stop-after)."""
         self.reporter.info(self.describe())
         with StopSignals(self.reporter.info, "update") as signals, self.staged as dest, \
-                Tracker(self.a.report_to, dest, to_dict(self.a)) as self.tracker:
+                Tracker(self.report_to, dest, to_dict(self.a)) as self.tracker:
             step = self.begin(dest)
             self.reporter.start(self.total)
             while step < self.total:
@@ -236,7 +309,8 @@ class PPOTrainer:
         step = 0
         if self.resume_summary is None:
             for p in (metrics, samples):
-                p.write_text("", encoding="utf-8")
+                if self.rank == 0:
+                    p.write_text("", encoding="utf-8")
         else:
             self.load_state_dict(torch.load(dest / "state" / "trainer.pt", weights_only=True, map_location="cpu"))
             step = self.resume_summary["step"]
@@ -252,15 +326,17 @@ class PPOTrainer:
         """Steps 1-4: sample one response per prompt, score it, shape per-token rewards, estimate advantages."""
         a, plan = self.a, self.plan
         t0 = time.time()
-        # prompt order: a fresh seeded permutation per pass, a function of (seed, update) alone
-        n = len(plan.prompt_ids)
-        idx = [prompt_order(a.seed, n, k // n)[k % n] for k in range(step * a.batch_size, (step + 1) * a.batch_size)]
+        runtime.seed_all(rollout_seed(a.seed, step, self.rank))  # this process's sampling and minibatch order
+        # prompt order: a fresh seeded permutation per pass, a function of (seed, update) alone; each process
+        # takes its own --batch-size of the update's global batch
+        n, first = len(plan.prompt_ids), step * self.global_batch + self.rank * a.batch_size
+        idx = [prompt_order(a.seed, n, k // n)[k % n] for k in range(first, first + a.batch_size)]
         rows = [plan.rows[i] for i in idx]
         rollout = generate_rollouts(self.policy, [plan.prompt_ids[i] for i in idx], self.gen_config,
                                     plan.tok.pad_token_id, plan.eos_ids, self.device)
         t1 = time.time()
         raw = score_rollout(self.rm, plan, rollout, rows, self.micro)
-        scores = self.shaper(raw, rollout.ends)
+        scores = self.shaper(raw, rollout.ends, self.sum_all)
         t2 = time.time()
         ref = self.policy if a.lora else self.ref
         old_logp, ref_logp, old_values, entropy = rollout_forward(self.policy, ref, self.value, rollout,
@@ -271,12 +347,14 @@ class PPOTrainer:
         rewards = per_token_rewards(scores, kl_tok, mask, beta)
         advantages, returns = compute_gae(rewards, old_values, mask, a.gamma, a.lam)
         if a.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            advantages = masked_whiten(advantages, mask, sum_all=self.sum_all)
         t3 = time.time()
-        return Batch(rows=rows, rollout=rollout, raw_scores=raw, scores=scores, old_logprobs=old_logp,
-                     ref_logprobs=ref_logp, values=old_values, entropy=entropy, mask=mask, seq_kl=kl_tok.sum(1),
-                     kl_coef=beta, advantages=advantages, returns=returns, started=t0,
-                     seconds={"generate": t1 - t0, "score": t2 - t1, "forward": t3 - t2})
+        batch = Batch(rows=rows, rollout=rollout, raw_scores=raw, scores=scores, old_logprobs=old_logp,
+                      ref_logprobs=ref_logp, values=old_values, entropy=entropy, mask=mask, seq_kl=kl_tok.sum(1),
+                      kl_coef=beta, advantages=advantages, returns=returns, started=t0,
+                      seconds={"generate": t1 - t0, "score": t2 - t1, "forward": t3 - t2})
+        batch.figures = figures(batch)
+        return batch
 
     def train_on(self, batch: Batch) -> UpdateStats:
         """Step 5: PPO epochs over minibatches (clipped policy and value losses, gradient clipping), stopping
@@ -307,7 +385,7 @@ class PPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
-        self.kl_ctl.update(batch.seq_kl.mean(), self.a.batch_size)
+        self.kl_ctl.update(batch.figures["kl"], self.global_batch)  # the mean KL over every process
         batch.seconds["train"] = time.time() - t3
         return UpdateStats(means={k: sum(v) / len(v) for k, v in stats.items()}, lr=lr, ppo_epochs_done=epochs_done,
                            optimizer_steps=steps_done, early_stopped=stopped, first_check=first_check)
@@ -317,55 +395,73 @@ class PPOTrainer:
         the minibatch's exact token-mean loss. Fills `first_check` on the first call of the update (the ratio
         must start at 1)."""
         a = self.a
-        n_tok = batch.mask[minibatch].sum().clamp_min(1.0)
+        # the minibatch's tokens over every process: DDP averages the processes' gradients, so each process's
+        # loss is scaled by the process count to make the average the token mean over the global minibatch
+        n_tok = batch.mask[minibatch].sum()
+        if self.sum_all is not None:
+            n_tok = self.sum_all(n_tok.reshape(1))[0].to(n_tok.dtype)
+        n_tok = n_tok.clamp_min(1.0)
         self.optimizer.zero_grad(set_to_none=True)
         mb_stats: dict[str, float] = {}
-        for part in minibatch.split(self.micro):
+        parts = minibatch.split(self.micro)
+        for i, part in enumerate(parts):
             seq, attn, prompt_len, width = trimmed(batch.rollout, part)
             mask = batch.mask[part][:, :width]
             old_logp = batch.old_logprobs[part][:, :width]
-            logits = response_logits(self.policy, seq, attn, prompt_len, a.temperature)
-            new_logp = logprobs_from_logits(logits, batch.rollout.response[part][:, :width])
-            del logits
-            vpred = token_scores(self.value, seq, attn)[:, prompt_len - 1:-1]
-            pg, pg_stats = policy_loss(new_logp, old_logp, batch.advantages[part][:, :width], mask, a.clip_eps)
-            vf, vf_stats = value_loss(vpred, batch.values[part][:, :width], batch.returns[part][:, :width], mask,
-                                      a.clip_value)
-            weight = mask.sum() / n_tok
-            ((pg + a.vf_coef * vf) * weight).backward()
+            with self.no_sync(last=i == len(parts) - 1):  # gradients are averaged once, after the last part
+                logits = response_logits(self.policy_train, seq, attn, prompt_len, a.temperature)
+                new_logp = logprobs_from_logits(logits, batch.rollout.response[part][:, :width])
+                del logits
+                vpred = self.value_train(seq, attn)[:, prompt_len - 1:-1]
+                pg, pg_stats = policy_loss(new_logp, old_logp, batch.advantages[part][:, :width], mask, a.clip_eps)
+                vf, vf_stats = value_loss(vpred, batch.values[part][:, :width], batch.returns[part][:, :width],
+                                          mask, a.clip_value)
+                weight = mask.sum() / n_tok
+                ((pg + a.vf_coef * vf) * weight * self.world).backward()
             if not first_check:
                 deviation = (new_logp - old_logp).detach().abs() * mask
                 first_check.update({"check/first_logratio_max": float(deviation.max()),
                                     "check/first_approx_kl": float(pg_stats["approx_kl"])})
             for k, v in {"policy_loss": pg, "value_loss": vf, **pg_stats, **vf_stats}.items():
                 mb_stats[k] = mb_stats.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * float(weight)
+        if self.sum_all is not None:  # token-weighted over every process: the same figures (and early stop) on all
+            keys = sorted(mb_stats)
+            summed = self.sum_all(torch.tensor([mb_stats[k] for k in keys], dtype=torch.float64)).tolist()
+            mb_stats = dict(zip(keys, summed, strict=True))
         return mb_stats
+
+    def no_sync(self, last: bool) -> contextlib.AbstractContextManager:
+        """Inside a minibatch, keep DDP from averaging gradients until its last micro-batch."""
+        if self.world <= 1 or last:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for model in (self.policy_train, self.value_train):
+            stack.enter_context(model.no_sync())
+        return stack
 
     def log(self, step: int, batch: Batch, stats: UpdateStats) -> None:
         """One line of metrics.jsonl, samples every --sample-every updates, the live display."""
-        a, ro, raw, mask = self.a, batch.rollout, batch.raw_scores, batch.mask
+        a, fig = self.a, batch.figures  # means over every process's rollouts
         t = batch.seconds
         update_time = time.time() - batch.started
         row = {
-            "step": step, "episodes": step * a.batch_size,
-            "score_mean": float(raw.mean()), "score_std": float(raw.std()) if raw.numel() > 1 else 0.0,
-            "reward_mean": float(batch.scores.mean()), "kl": float(batch.seq_kl.mean()), "kl_coef": batch.kl_coef,
-            "entropy": float(masked_mean(batch.entropy, mask)), "response_length": float(ro.mask.sum(1).float().mean()),
-            "response_length_max": int(ro.mask.sum(1).max()),
-            "eos_fraction": float(ro.ends.float().mean()),
+            "step": step, "episodes": step * self.global_batch,
+            "score_mean": fig["score_mean"], "score_std": fig["score_std"],
+            "reward_mean": fig["reward_mean"], "kl": fig["kl"], "kl_coef": batch.kl_coef,
+            "entropy": fig["entropy"], "response_length": fig["response_length"],
+            "response_length_max": fig["response_length_max"], "eos_fraction": fig["eos_fraction"],
             **stats.means,
-            "value_mean": float(masked_mean(batch.values, mask)),
-            "return_mean": float(masked_mean(batch.returns, mask)),
+            "value_mean": fig["value_mean"], "return_mean": fig["return_mean"],
             "lr": stats.lr, "ppo_epochs_done": stats.ppo_epochs_done, "optimizer_steps": stats.optimizer_steps,
             "early_stopped": stats.early_stopped, **stats.first_check,
-            "episodes_per_second": a.batch_size / update_time,
+            "episodes_per_second": self.global_batch / update_time,
             "time/generate": t["generate"], "time/score": t["score"], "time/forward": t["forward"],
             "time/train": t["train"], "time/update": update_time,
         }
         self.history.append(row)
         jsonl_append(self.staged.partial / "metrics.jsonl", row)
         self.tracker.log(step, row)  # --report-to: the same figures, as train/NAME
-        if a.sample_every and (step % a.sample_every == 0 or step == 1):
+        if a.sample_every and (step % a.sample_every == 0 or step == 1) and self.rank == 0:
             self.show_samples(step, batch)
         self.reporter.update(step, self.total, {
             "score": row["score_mean"], "score_std": row["score_std"], "kl": row["kl"], "entropy": row["entropy"],
@@ -390,8 +486,8 @@ class PPOTrainer:
         opt_state = {"optimizer": self.optimizer.state_dict()} if with_optimizer else {}
         return {"step": step, **opt_state, "scheduler": self.scheduler.state_dict(),
                 "kl_ctl": self.kl_ctl.state_dict(), "moments": self.shaper.moments.state_dict(),
-                "rng": runtime.rng_state(), "elapsed": self.elapsed_before + time.time() - self.t_start,
-                "summary": {"step": step, "total": self.total, "args": to_dict(self.a),
+                "elapsed": self.elapsed_before + time.time() - self.t_start,
+                "summary": {"step": step, "total": self.total, "args": to_dict(self.a), "processes": self.world,
                             "kl_ctl": self.kl_ctl.state_dict(), "moments": self.shaper.moments.state_dict()}}
 
     def load_state_dict(self, st: dict) -> None:
@@ -399,16 +495,16 @@ class PPOTrainer:
         self.scheduler.load_state_dict(st["scheduler"])
         self.kl_ctl.load_state_dict(st["kl_ctl"])
         self.shaper.moments.load_state_dict(st["moments"])
-        runtime.set_rng_state(st["rng"])
         self.elapsed_before = st.get("elapsed", 0.0)
 
     def guard(self, batch: Batch, step: int) -> None:
         """Stop before an update that would learn from NaN scores or from a policy already far from the
         reference (--max-kl)."""
-        bad = batch.raw_scores[~torch.isfinite(batch.raw_scores)]
-        if len(bad):
-            raise Diverged(f"the reward model's score is {float(bad[0])} for a response")
-        kl = float(batch.seq_kl.mean())
+        if batch.figures["not_finite"]:  # on any process: every process stops
+            bad = batch.raw_scores[~torch.isfinite(batch.raw_scores)]
+            raise Diverged(f"the reward model's score is {float(bad[0]) if len(bad) else 'not finite'} for a "
+                           f"response")
+        kl = batch.figures["kl"]
         if not math.isfinite(kl) or kl > self.a.max_kl:
             raise Diverged(f"the KL to the reference is {kl:.1f} nats per response, above --max-kl {self.a.max_kl:g} "
                            f"(runaway optimisation)")
@@ -425,28 +521,53 @@ class PPOTrainer:
 
     def checkpoint_if_due(self, dest: Path, step: int, signals: StopSignals | None = None) -> None:
         a = self.a
-        if signals and step < self.total:
-            save_checkpoint(dest, self.policy, self.value, self.plan.tok, a, self.state_dict(step))
+        # a signal that reached any process stops all of them after this update
+        if step < self.total and runtime.any_rank(bool(signals)):
+            self.save(dest, step)
             self.reporter.finish()
             raise signals.stop(f"after update {step} of {self.total}", str(dest))
         if a.save_every and step % a.save_every == 0 and step < self.total:
-            save_checkpoint(dest, self.policy, self.value, self.plan.tok, a, self.state_dict(step))
+            self.save(dest, step)
         if a.stop_after is not None and step >= a.stop_after and step < self.total:
-            save_checkpoint(dest, self.policy, self.value, self.plan.tok, a, self.state_dict(step))
+            self.save(dest, step)
             self.reporter.finish()
             raise Stopped()
+
+    def weights_in_sync(self) -> bool:
+        """Under several processes: whether every process ends with rank 0's trained weights (DDP keeps them
+        equal; rank 0 alone saves, so a difference would be lost silently). Raises if they differ."""
+        if self.world <= 1:
+            return True
+        mine = torch.stack([torch.stack([p.detach().double().sum(), p.detach().double().square().sum()])
+                            for p in self.params]).reshape(-1).to(self.device)
+        theirs = mine.clone()  # on this process's device: the CPU for gloo, the GPU for NCCL
+        torch.distributed.broadcast(theirs, src=0)
+        differs = runtime.any_rank(not torch.allclose(mine, theirs, rtol=1e-6, atol=1e-9))
+        if differs:
+            raise TrainingError("the processes' trained weights differ at the end of the run: expected DDP to keep "
+                                "them equal; rerun with one process, and report this with the command used")
+        return True
+
+    def save(self, dest: Path, step: int, with_optimizer: bool = True) -> None:
+        """A checkpoint, written by rank 0 (the weights and optimiser states are the same on every process; the
+        RNG is re-seeded from (seed, update, rank) every update); the others wait until it is complete."""
+        if self.rank == 0:
+            save_checkpoint(dest, self.policy, self.value, self.plan.tok, self.a,
+                            self.state_dict(step, with_optimizer))
+        runtime.barrier()
 
     def finish(self, dest: Path, step: int) -> None:
         """The finished folder: final weights (merged with LoRA), the resolved config, the manifest last."""
         a = self.a
-        save_checkpoint(dest, self.policy, self.value, self.plan.tok, a, self.state_dict(step, with_optimizer=False))
-        if a.lora:
+        in_sync = self.weights_in_sync()
+        self.save(dest, step, with_optimizer=False)
+        if a.lora and self.rank == 0:
             finish_lora(dest, self.policy, self.value, self.plan.tok, a)
         dump_yaml(a, dest / "rlhf_config.yaml", header="# rlhf ppo --config rlhf_config.yaml\n")
         first, last, history = self.history[0], self.history[-1], self.history
         times = [h["time/update"] for h in history]
         metrics = {
-            "updates": step, "episodes": step * a.batch_size,
+            "updates": step, "episodes": step * self.global_batch,
             "initial_score_mean": first["score_mean"], "final_score_mean": last["score_mean"],
             "final_kl": last["kl"], "final_kl_coef": self.kl_ctl.value, "final_entropy": last["entropy"],
             "final_response_length": last["response_length"], "final_eos_fraction": last["eos_fraction"],
@@ -456,6 +577,7 @@ class PPOTrainer:
             "reward_input": "token ids" if self.plan.same_ids else "re-encoded text",
             "threads": self.threads, "precision": self.precision, "lr": self.lr,
             "memory": self.memory.with_peak(),
+            **({"weights_in_sync": in_sync} if self.world > 1 else {}),
         }
         write_ppo_manifest(dest, a, self.plan, metrics, self.started, lr=self.lr, ppo_epochs=self.epochs,
                            minibatch_size=self.minibatch)
