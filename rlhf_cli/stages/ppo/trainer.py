@@ -105,8 +105,11 @@ class UpdateStats:
 def load_models(a: PPOArgs, plan: Plan, precision: str, resume_dir: Path | None
                 ) -> tuple[PreTrainedModel, PreTrainedModel | None, RewardModel, PreTrainedModel]:
     """Policy, reference (None with LoRA: the policy with its adapters off), reward model, value model; from the
-    checkpoint when resuming. Everything in eval mode: dropout off, so rollout and training passes agree."""
-    dtype = runtime.torch_dtype(precision)
+    checkpoint when resuming. Everything in eval mode: dropout off, so rollout and training passes agree.
+    Policy, value and reference load in the training weight dtype (fp32 on the CPU, computing under autocast):
+    the reference then computes exactly as the policy does, so their KL starts at 0; the RM only scores and
+    loads in the compute dtype."""
+    dtype = runtime.weight_dtype(precision)
     tok = plan.tok
 
     def causal(path: Path) -> PreTrainedModel:
@@ -154,7 +157,8 @@ class PPOTrainer:
                  started: float):
         self.a, self.plan, self.staged, self.reporter, self.started = a, plan, staged, reporter, started
         self.threads = runtime.configure_threads(a.threads)
-        self.precision = runtime.pick_precision(a.precision)
+        self.choice = runtime.precision_choice(a.precision)
+        self.precision = self.choice.precision
         self.device = runtime.device()
         self.lr = a.lr or (DEFAULT_LORA_LR if a.lora else DEFAULT_LR)
         self.epochs = ppo_epochs(a)
@@ -201,7 +205,7 @@ class PPOTrainer:
         n_policy = sum(p.numel() for p in self.policy.parameters())
         how = f"LoRA r={a.lora_r}" if a.lora else "full fine-tune"
         return (f"ppo: policy {self.plan.policy} ({n_policy / 1e6:.0f}M parameters, {how}), reward "
-                f"{self.plan.reward}, value model from the {a.value_init} model; {self.precision}, {self.threads} "
+                f"{self.plan.reward}, value model from the {a.value_init} model; {self.choice}, {self.threads} "
                 f"threads, lr {self.lr:g}, {self.total} updates x {a.batch_size} rollouts, {self.epochs} PPO epochs "
                 f"x {a.batch_size // self.minibatch} minibatches")
 
@@ -256,15 +260,16 @@ class PPOTrainer:
         n = len(plan.prompt_ids)
         idx = [prompt_order(a.seed, n, k // n)[k % n] for k in range(step * a.batch_size, (step + 1) * a.batch_size)]
         rows = [plan.rows[i] for i in idx]
-        rollout = generate_rollouts(self.policy, [plan.prompt_ids[i] for i in idx], self.gen_config,
-                                    plan.tok.pad_token_id, plan.eos_ids, self.device)
-        t1 = time.time()
-        raw = score_rollout(self.rm, plan, rollout, rows, self.micro)
-        scores = self.shaper(raw, rollout.ends)
-        t2 = time.time()
-        ref = self.policy if a.lora else self.ref
-        old_logp, ref_logp, old_values, entropy = rollout_forward(self.policy, ref, self.value, rollout,
-                                                                  a.temperature, self.micro, a.lora)
+        with runtime.autocast(self.precision):  # bf16 on the CPU: fp32 weights, bf16 matmuls
+            rollout = generate_rollouts(self.policy, [plan.prompt_ids[i] for i in idx], self.gen_config,
+                                        plan.tok.pad_token_id, plan.eos_ids, self.device)
+            t1 = time.time()
+            raw = score_rollout(self.rm, plan, rollout, rows, self.micro)
+            scores = self.shaper(raw, rollout.ends)
+            t2 = time.time()
+            ref = self.policy if a.lora else self.ref
+            old_logp, ref_logp, old_values, entropy = rollout_forward(self.policy, ref, self.value, rollout,
+                                                                      a.temperature, self.micro, a.lora)
         mask = rollout.mask.to(old_logp.dtype)
         kl_tok = kl_estimate(old_logp, ref_logp, a.kl_estimator) * mask
         beta = self.kl_ctl.value
@@ -324,10 +329,11 @@ class PPOTrainer:
             seq, attn, prompt_len, width = trimmed(batch.rollout, part)
             mask = batch.mask[part][:, :width]
             old_logp = batch.old_logprobs[part][:, :width]
-            logits = response_logits(self.policy, seq, attn, prompt_len, a.temperature)
-            new_logp = logprobs_from_logits(logits, batch.rollout.response[part][:, :width])
-            del logits
-            vpred = token_scores(self.value, seq, attn)[:, prompt_len - 1:-1]
+            with runtime.autocast(self.precision):  # forward passes only: backward follows autocast's casts
+                logits = response_logits(self.policy, seq, attn, prompt_len, a.temperature)
+                new_logp = logprobs_from_logits(logits, batch.rollout.response[part][:, :width])
+                del logits
+                vpred = token_scores(self.value, seq, attn)[:, prompt_len - 1:-1]
             pg, pg_stats = policy_loss(new_logp, old_logp, batch.advantages[part][:, :width], mask, a.clip_eps)
             vf, vf_stats = value_loss(vpred, batch.values[part][:, :width], batch.returns[part][:, :width], mask,
                                       a.clip_value)
@@ -454,7 +460,8 @@ class PPOTrainer:
             **{f"seconds_{k[5:]}_per_update": sum(h[k] for h in history) / len(history)
                for k in ("time/generate", "time/score", "time/forward", "time/train")},
             "reward_input": "token ids" if self.plan.same_ids else "re-encoded text",
-            "threads": self.threads, "precision": self.precision, "lr": self.lr,
+            "threads": self.threads, "precision": self.precision, "precision_reason": self.choice.reason,
+            "lr": self.lr,
             "memory": self.memory.with_peak(),
         }
         write_ppo_manifest(dest, a, self.plan, metrics, self.started, lr=self.lr, ppo_epochs=self.epochs,
