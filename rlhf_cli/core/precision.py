@@ -37,8 +37,8 @@ FLAGS = ("amx_bf16", "amx_tile", "avx512_bf16", "avx512f", "avx2", "fma")
 MATMUL_SIZE = 1024  # the largest square size timed; smaller where one bf16 matmul would take over SLOW_MATMUL
 SIZES = (1024, 512, 256)
 SLOW_MATMUL = 0.04  # seconds: emulated bf16 (AVX2) runs near 1 GFLOP/s, so 1024^3 would take seconds
-WINDOW_SECONDS = 0.08  # per window; the best of WINDOWS windows per dtype (a moment's contention does not count)
-WINDOWS = 3
+WINDOW_SECONDS = 0.05  # per window; the best of WINDOWS windows per dtype (a moment's contention does not count)
+WINDOWS = 5
 
 
 @dataclass
