@@ -39,7 +39,7 @@ SIZES = (1024, 512, 256)
 SLOW_MATMUL = 0.04  # seconds: emulated bf16 (AVX2) runs near 1 GFLOP/s, so 1024^3 would take seconds
 WINDOW_SECONDS = 0.04  # per window; the best of WINDOWS windows per dtype (a moment's contention does not count)
 WINDOWS = 4
-# ONE_THREAD_FLOOR: with several threads each dtype is also timed on one, and rated at the faster of the two. On
+# With several threads each dtype is also timed on one, and rated at the faster of the two. On
 # an oversubscribed machine threads that wait on a descheduled sibling slow short fp32 matmuls 10-30x (measured
 # on 2 busy cores: 0.8 GFLOP/s with 2 threads, 8-14 with 1), enough to make emulated bf16 look competitive.
 
@@ -201,7 +201,7 @@ def probe(threads: int | None = None, *, refresh: bool = False,
         else:
             size = probe_size()
             speeds = _best_of_windows(("fp32", "bf16"), size, WINDOWS, WINDOW_SECONDS)
-            if threads > 1:  # never rated below what one thread does (see `ONE_THREAD_FLOOR`)
+            if threads > 1:  # never rated below what one thread does (see the note above `Probe`)
                 torch.set_num_threads(1)
                 alone = _best_of_windows(("fp32", "bf16"), size, WINDOWS, WINDOW_SECONDS)
                 speeds = {k: max(v, alone[k]) for k, v in speeds.items()}
