@@ -3,9 +3,10 @@
 CPUs differ: with AMX or AVX512-BF16 a bf16 matmul runs several times faster than fp32; with AVX2 only, torch
 emulates bf16 and it runs several times slower. Flags alone do not settle it (the kernels torch ships, the
 thread count and the hypervisor all count), so `probe()` times a short square matmul in both dtypes with the
-threads the process will use, once per machine: the result is cached in `RLHF_CLI_CACHE/precision_probe.json`
-(default ~/.cache/rlhf-cli), keyed by CPU model, torch version and threads. A cache file that cannot be read is
-measured again, never an error.
+threads the process will use, once per machine, through `torch.nn.functional.linear` (x @ W^T), the kernel a
+model's layers run (on an AVX2 CPU torch's bf16 linear is about 3x its bf16 `a @ b`). The result is cached in
+`RLHF_CLI_CACHE/precision_probe.json` (default ~/.cache/rlhf-cli), keyed by CPU model, torch version and
+threads. A cache file that cannot be read is measured again, never an error.
 
 `choose(requested, gpu=...)` turns the request into a `Choice` with the reason shown in plans and manifests:
 
@@ -39,6 +40,7 @@ SIZES = (1024, 512, 256)
 SLOW_MATMUL = 0.04  # seconds: emulated bf16 (AVX2) runs near 1 GFLOP/s, so 1024^3 would take seconds
 WINDOW_SECONDS = 0.04  # per window; the best of WINDOWS windows per dtype (a moment's contention does not count)
 WINDOWS = 4
+PROBE_VERSION = 2  # part of the cache key: a change to how the probe measures measures again
 # With several threads each dtype is also timed on one, and rated at the faster of the two. On
 # an oversubscribed machine threads that wait on a descheduled sibling slow short fp32 matmuls 10-30x (measured
 # on 2 busy cores: 0.8 GFLOP/s with 2 threads, 8-14 with 1), enough to make emulated bf16 look competitive.
@@ -109,13 +111,13 @@ def cache_file() -> Path:
 
 
 def cache_key(cpu: str, torch_version: str, threads: int) -> str:
-    return f"{cpu} | torch {torch_version} | {threads} threads"
+    return f"{cpu} | torch {torch_version} | {threads} threads | probe {PROBE_VERSION}"
 
 
 def matmul_flops(dtype_name: str, size: int = MATMUL_SIZE, windows: int = WINDOWS,
                  window: float = WINDOW_SECONDS) -> float:
-    """FLOP/s of a (size x size) @ (size x size) matmul on the CPU in `dtype_name` with torch's current threads:
-    the best of `windows` windows of about `window` seconds each (at least one matmul each)."""
+    """FLOP/s of a (size x size) x (size x size) linear layer (x @ W^T) on the CPU in `dtype_name` with torch's
+    current threads: the best of `windows` windows of about `window` seconds each (at least one matmul each)."""
     return _best_of_windows((dtype_name,), size, windows, window)[dtype_name]
 
 
@@ -124,18 +126,19 @@ def _best_of_windows(dtypes: tuple[str, ...], size: int, windows: int, window: f
     from other processes that comes and goes then hits both alike (threads waiting on a descheduled sibling slow
     short fp32 matmuls most)."""
     import torch
+    from torch.nn.functional import linear
 
     pairs = {}
     for name in dtypes:
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
         pairs[name] = (torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype))
-        pairs[name][0] @ pairs[name][1]  # first call: allocation and kernel choice
+        linear(*pairs[name])  # first call: allocation and kernel choice
     best = dict.fromkeys(dtypes, 0.0)
     for _ in range(windows):
         for name, (a, b) in pairs.items():
             done, t0 = 0, time.perf_counter()
             while done == 0 or time.perf_counter() - t0 < window:
-                a @ b
+                linear(a, b)
                 done += 1
             best[name] = max(best[name], 2.0 * size ** 3 * done / max(time.perf_counter() - t0, 1e-9))
     return best
@@ -146,12 +149,13 @@ def probe_size() -> int:
     longer than `SLOW_MATMUL` (judged from a 256 one), so the probe stays well under 2 s on any CPU. The same size
     for both dtypes: the ratio compares like with like."""
     import torch
+    from torch.nn.functional import linear
 
     small = SIZES[-1]
     a = torch.randn(small, small, dtype=torch.bfloat16)
-    a @ a
+    linear(a, a)
     t0 = time.perf_counter()
-    a @ a
+    linear(a, a)
     per_flop = (time.perf_counter() - t0) / (2.0 * small ** 3)
     return next((n for n in SIZES if 2.0 * n ** 3 * per_flop <= SLOW_MATMUL), small)
 
