@@ -8,8 +8,9 @@ Model FLOPs of a step = non-padding tokens x (6N + 12 L T d): N are the paramete
 ties it to the embedding, and every token gets vocabulary logits), and for the reward model its one-output score
 head; 12 L T d is attention's QK^T and AV (2 x 2 T d FLOPs per token and layer forward, x3 with backward) at
 sequence length T. Gradient clipping, the optimiser and the casts count as time but not as FLOPs, as usual. The
-peak is the best FLOP/s of square matmuls (256 to 1024, the largest that takes under half a second per matmul)
-in the same dtype and thread count. No padding here: every row is a full window of text.
+peak is the best FLOP/s of square linear-layer matmuls (x @ W^T, the kernel the layers run; 256 to 1024, the
+largest that takes under half a second per matmul) in the same dtype and thread count. No padding here: every
+row is a full window of text.
 """
 
 from __future__ import annotations

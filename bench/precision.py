@@ -35,7 +35,8 @@ cpu, flags = precision.cpu_info()
 probe = precision.probe(threads, refresh=True)
 print(f"CPU: {cpu}; flags: {', '.join(flags) or 'none'}; {threads} threads; torch {torch.__version__}; "
       f"{os.cpu_count()} cores")
-print(f"matmul {probe.size}x{probe.size}: fp32 {probe.fp32_flops / 1e9:.1f} GFLOP/s, bf16 {probe.bf16_flops / 1e9:.2f} "
+print(f"probe matmul (linear, {probe.size}x{probe.size}): fp32 {probe.fp32_flops / 1e9:.1f} GFLOP/s, "
+      f"bf16 {probe.bf16_flops / 1e9:.2f} "
       f"GFLOP/s, bf16/fp32 {probe.ratio:.3f} -> --precision auto picks {precision.cpu_choice(probe)}", flush=True)
 
 lm, classifier = default_models()
