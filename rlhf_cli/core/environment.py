@@ -90,7 +90,7 @@ def markdown(env: dict[str, Any]) -> str:
         f"- CPU: {cpu['model']}, {cpu['cores']} cores ({cpu['usable_cores']} usable), torch threads "
         f"{cpu['torch_threads']}",
         f"- CPU flags: {', '.join(cpu['flags']) or 'none of ' + 'amx_bf16, avx512_bf16, avx512f, avx2'}",
-        f"- bf16 on this CPU: {'fast' if bf16['fast'] else 'slow'}, matmul {bf16['ratio']:.2f}x fp32 "
+        f"- bf16 on this CPU: {'fast' if bf16['fast'] else 'slow'}, matmul {bf16['ratio']:.2g}x fp32 "
         f"({bf16['bf16_gflops']:g} vs {bf16['fp32_gflops']:g} GFLOP/s at {bf16['matmul_size']}, threshold "
         f"{bf16['threshold']:g}x; measured {bf16['measured_at']})",
         f"- --precision auto: {env['precision_auto']['precision']} ({env['precision_auto']['reason']})",
