@@ -53,6 +53,8 @@ lint: install
 bench: install
 	$(BIN)/python bench/help_latency.py
 	$(BIN)/python bench/stage_overhead.py
+	$(BIN)/python bench/precision.py
+	$(BIN)/python bench/mfu.py
 
 clean:
 	rm -rf $(STAMPS) runs

@@ -348,6 +348,21 @@ def models_cmd(prepare: bool = typer.Option(False, "--prepare", help="Convert th
         fail(e, debug)
 
 
+@app.command("env")
+def env_cmd(json_out: bool = typer.Option(False, "--json", help="Print one JSON object instead of a Markdown list."),
+            refresh: bool = typer.Option(False, "--refresh", help="Measure the bf16/fp32 matmul speeds again "
+                                         "instead of reading the cached probe."),
+            debug: bool = typer.Option(False, "--debug", help="Show tracebacks.")) -> None:
+    """Versions, OS, CPU (and whether bf16 is fast here), GPUs, the default model: paste it into a bug report."""
+    from rlhf_cli.core import environment
+
+    try:
+        facts = environment.collect(refresh=refresh)
+        print_json(facts) if json_out else print(environment.markdown(facts))
+    except Exception as e:
+        fail(e, debug)
+
+
 @app.command("push")
 def push_cmd(folder: Path = typer.Argument(..., metavar="DIR", help="A finished stage folder (holding its "
                                            "rlhf_manifest.json)."),

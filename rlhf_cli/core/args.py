@@ -119,7 +119,9 @@ def threads_field() -> Any:
 
 
 def precision_field() -> Any:
-    return opt("auto", "Numeric precision: auto = bf16 on GPUs that have it, fp32 on CPU.", choices=PRECISIONS)
+    return opt("auto", "Numeric precision: auto = bf16 on GPUs that have it, and on CPUs where a bf16 matmul "
+               "measures at least 1.3x fp32 (fp32 weights, bf16 autocast); else fp32. RLHF_PRECISION overrides "
+               "auto.", choices=PRECISIONS)
 
 
 # ------------------------------------------------------------------------------------------------ processes

@@ -145,31 +145,36 @@ def train_flops(shape: memory.ModelShape, *, head: float = 1.0, lora: bool = Fal
             + head * 2.0 * vocab * (2 if embeddings_train else 1))
 
 
-def matmul_speed(rows: int, shape: memory.ModelShape, seconds: float = MEASURE_SECONDS) -> tuple[float, str]:
-    """FLOP/s of (rows x hidden) @ (hidden x intermediate) matmuls where the run will compute (fp32 on the CPU with
-    torch's threads as set; bf16, or fp16, on a GPU): the best of short windows over about `seconds`, so that a
-    moment's contention from other processes does not decide the figure. Also says what was measured."""
+def matmul_speed(rows: int, shape: memory.ModelShape, seconds: float = MEASURE_SECONDS, precision: str = "fp32"
+                 ) -> tuple[float, str]:
+    """FLOP/s of (rows x hidden) @ (hidden x intermediate) matmuls where the run will compute (on the CPU in
+    `precision`, the dtype autocast computes in, with torch's threads as set; bf16, or fp16, on a GPU): the best
+    of short windows over about `seconds`, so that a moment's contention from other processes does not decide the
+    figure. Also says what was measured."""
     import torch
 
     gpu = torch.cuda.is_available()
-    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if gpu else torch.float32
+    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if gpu else \
+        {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     device = "cuda" if gpu else "cpu"
+    from torch.nn.functional import linear  # the kernel a model's layers run (bf16 on an AVX2 CPU: ~3x `a @ b`)
+
     k, n = max(shape.hidden, 8), max(shape.intermediate, 8)
     a = torch.randn(max(rows, 1), k, device=device, dtype=dtype)
-    b = torch.randn(k, n, device=device, dtype=dtype)
+    w = torch.randn(n, k, device=device, dtype=dtype)
 
     def sync() -> None:
         if gpu:
             torch.cuda.synchronize()
 
-    a @ b  # first call: allocation and kernel choice
+    linear(a, w)  # first call: allocation and kernel choice
     sync()
     flops = 2.0 * a.shape[0] * k * n
     best, start = 0.0, time.perf_counter()
     while time.perf_counter() - start < seconds or best == 0.0:
         done, t0 = 0, time.perf_counter()
         while (elapsed := time.perf_counter() - t0) < seconds / 10 or done < 2:
-            a @ b
+            linear(a, w)
             done += 1
             if gpu and done % 16 == 0:
                 sync()
@@ -177,13 +182,15 @@ def matmul_speed(rows: int, shape: memory.ModelShape, seconds: float = MEASURE_S
         elapsed = time.perf_counter() - t0
         best = max(best, flops * done / max(elapsed, 1e-9))
     what = f"the GPU's {str(dtype).removeprefix('torch.')} " if gpu else \
-        f"the fp32 ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}) "
+        f"the {precision} ({torch.get_num_threads()} thread{'s' if torch.get_num_threads() != 1 else ''}) "
     return best, what
 
 
-def estimate_time(compute: Compute, shape: memory.ModelShape, micro_tokens: int) -> TimeEstimate:
-    """Seconds for `compute` from the matmul speed measured now (see the module docstring)."""
-    dense, what = matmul_speed(min(max(micro_tokens, 1), memory.CPU_MICRO_TOKENS), shape)
+def estimate_time(compute: Compute, shape: memory.ModelShape, micro_tokens: int, precision: str = "fp32"
+                  ) -> TimeEstimate:
+    """Seconds for `compute` from the matmul speed measured now in the run's compute `precision` (see the module
+    docstring)."""
+    dense, what = matmul_speed(min(max(micro_tokens, 1), memory.CPU_MICRO_TOKENS), shape, precision=precision)
     seconds = (compute.train_flops / (dense * TRAIN_EFFICIENCY)
                + compute.forward_flops / (dense * FORWARD_EFFICIENCY))
     how = (f"an estimate: {fmt_flops(compute.train_flops)} of training (6N per token when all N weights train) "
@@ -192,7 +199,7 @@ def estimate_time(compute: Compute, shape: memory.ModelShape, micro_tokens: int)
     if compute.forward_flops:
         how += f"; {fmt_flops(compute.forward_flops)} forward-only (x {FORWARD_EFFICIENCY:g})"
     if compute.decode_tokens:
-        skinny, _ = matmul_speed(compute.decode_batch, shape)
+        skinny, _ = matmul_speed(compute.decode_batch, shape, precision=precision)
         seconds += compute.decode_tokens * forward_flops(shape) / (skinny * DECODE_EFFICIENCY)
         how += (f"; {compute.decode_tokens:.0f} generated tokens at 2N each, {compute.decode_batch} sequences at "
                 f"a time ({fmt_flops(skinny)}/s measured, x {DECODE_EFFICIENCY:g}), every response taken at "
@@ -268,7 +275,10 @@ def trainer_stage(args: Any, reporter: Any, stage: str, out: Path, model_path: P
                       forward_flops=(eval_tokens * eval_passes * forward_flops(shape, head)
                                      + trained * forward_per_token))
     mean = per_epoch_tokens / max(len(example_tokens), 1)
-    t = estimate_time(compute, shape, int(plan.micro_batch * mean))
+    from rlhf_cli.core import runtime  # the choice the stage made: the probe's cached measurement
+
+    precision = runtime.pick_precision(getattr(args, "precision", "auto"))
+    t = estimate_time(compute, shape, int(plan.micro_batch * mean), precision)
     summary = dict(data)
     summary.update({
         "optimisation steps": f"{steps} ({per_epoch} per epoch; effective batch {global_batch(args)} {unit})",

@@ -4,7 +4,12 @@ Every stage asks here instead of testing `torch.cuda.is_available()` itself, so 
 device kind, a measured precision choice, several processes) is made in one place.
 
 - Device: the process's CUDA device when there is one (`LOCAL_RANK` picks it under a launcher), else the CPU.
-- Precision `auto`: bf16 on GPUs that support it (else fp16), fp32 on the CPU (bf16 is emulated on most CPUs).
+- Precision `auto`: bf16 on GPUs that support it (else fp16); on the CPU bf16 only where a measured bf16 matmul
+  is clearly faster than fp32 (`core.precision`: AMX / AVX512-BF16 CPUs yes, AVX2 ones emulate it and no).
+  Two dtypes follow from it: the one weights load in (`weight_dtype`: fp32 for models that train on the CPU,
+  the master copy the optimiser updates) and the one that computes (`compute_dtype`; on the CPU through
+  `autocast`, which HF Trainers get from `bf16=True`). Models that only run (reference, RM scoring, generation)
+  load straight in the compute dtype.
 - Threads: the given number, else one per core this process may use.
 - Rank and world size come from the launcher's environment (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`); one process
   without a launcher is rank 0 of 1 (`core.launch` starts the launcher). `barrier`, `any_rank` and `all_reduce`
@@ -16,8 +21,11 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
+
+from rlhf_cli.core import precision as precision_probe
 
 
 def has_gpu() -> bool:
@@ -98,17 +106,43 @@ def to_device(model: torch.nn.Module) -> torch.nn.Module:
     return model.to(device()) if has_gpu() else model
 
 
+def precision_choice(precision: str) -> precision_probe.Choice:
+    """The precision for a `--precision` value, with the reason plans and manifests show: as given; else
+    `RLHF_PRECISION`; else bf16 on GPUs that support it, fp16 on older GPUs, and on the CPU what the cached
+    measurement of this machine says (see `rlhf_cli.core.precision`)."""
+    return precision_probe.choose(precision, gpu=has_gpu(), bf16_supported=lambda: torch.cuda.is_bf16_supported(),
+                                  threads=torch.get_num_threads())
+
+
 def pick_precision(precision: str) -> str:
-    """'auto': bf16 on GPUs that support it, fp16 on older GPUs, fp32 on the CPU."""
-    if precision != "auto":
-        return precision
-    if has_gpu():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    return precision_choice(precision).precision
 
 
 def torch_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    """The dtype matmuls run in."""
+    return torch_dtype(precision)
+
+
+def weight_dtype(precision: str, trained: bool = True) -> torch.dtype:
+    """The dtype a model's weights load in: on the CPU a model that trains keeps fp32 master weights (and so
+    fp32 optimiser state) and computes under `autocast`; on a GPU, and for models that only run, the compute
+    dtype itself."""
+    if trained and not has_gpu():
+        return torch.float32
+    return torch_dtype(precision)
+
+
+def autocast(precision: str) -> AbstractContextManager:
+    """Around forward passes of fp32-weight models on the CPU when the precision is not fp32: torch's CPU
+    autocast to the compute dtype; otherwise (fp32, or a GPU whose weights already are the compute dtype)
+    nothing."""
+    if has_gpu() or precision == "fp32":
+        return nullcontext()
+    return torch.autocast("cpu", dtype=torch_dtype(precision))
 
 
 def configure_threads(threads: int | None) -> int:

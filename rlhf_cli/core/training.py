@@ -83,10 +83,12 @@ def plan_memory(args: Any, model_path: Path, *, causal: bool, lengths: list[int]
     trainable = memory.trainable_params(shape, lora=bool(getattr(args, "lora", False)),
                                         lora_r=getattr(args, "lora_r", 16),
                                         freeze_layers=getattr(args, "freeze_layers", 0) or 0)
-    width = runtime.torch_dtype(precision).itemsize
+    # weights (and their gradients and AdamW states) in the dtype they load in; activations in the compute dtype
     work = memory.Workload(causal=causal, seq_len=max(lengths or [1]), seqs_per_example=seqs_per_example,
                            trainable=trainable, frozen_layers=getattr(args, "freeze_layers", 0) or 0,
-                           weight_bytes=width, act_bytes=width, frozen_params=shape.params if reference else 0)
+                           weight_bytes=runtime.weight_dtype(precision).itemsize,
+                           act_bytes=runtime.compute_dtype(precision).itemsize,
+                           frozen_params=shape.params if reference else 0)
     plan = memory.plan(shape, work, args.batch_size, args.grad_accum,
                        checkpointing=bool(getattr(args, "gradient_checkpointing", False)),
                        max_memory=args.max_memory, cpu=not runtime.has_gpu(),
@@ -100,7 +102,8 @@ def plan_memory(args: Any, model_path: Path, *, causal: bool, lengths: list[int]
 def hf_training_kwargs(args: TrainArgs, out: Path, lr: float, precision: str, plan: memory.MemoryPlan
                        ) -> dict[str, Any]:
     """TrainingArguments that suit the hardware and the memory plan; TRL's defaults (bf16, gradient
-    checkpointing) hurt on CPU."""
+    checkpointing) hurt on CPU. `bf16=True` with fp32 weights on the CPU is mixed precision: the Trainer runs
+    forward passes under CPU autocast and keeps fp32 master weights and optimiser state."""
     return dict(
         output_dir=str(out / CHECKPOINTS),
         per_device_train_batch_size=plan.micro_batch,

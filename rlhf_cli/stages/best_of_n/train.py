@@ -323,7 +323,8 @@ def dry_run(args: BestOfNArgs, reporter: Reporter, out: Path, policy_path: Path,
     """`--dry-run`: the plan of this run (see `rlhf_cli.core.dry_run`): K answers of up to --max-new-tokens
     generated per prompt, each scored by the RM, then at most one kept answer per prompt fine-tuned on (an upper
     bound: thresholds keep fewer)."""
-    precision = runtime.pick_precision(args.precision)
+    choice = runtime.precision_choice(args.precision)
+    precision = choice.precision
     tok = load_tokenizer(policy_path, loading=loading)
     prompt_lens = [len(tok(tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True),
                            add_special_tokens=False)["input_ids"]) for r in ds.rows]
@@ -341,7 +342,7 @@ def dry_run(args: BestOfNArgs, reporter: Reporter, out: Path, policy_path: Path,
                        + args.k * sum(seqs) * dry.forward_flops(rm_shape, 0.0)
                        + 2 * sum(seqs) * dry.forward_flops(shape, 1.0)),  # eval loss before and after
         decode_tokens=answers * args.max_new_tokens, decode_batch=args.sample_batch_size * args.k)
-    t = dry.estimate_time(compute, shape, int(plan.micro_batch * sum(seqs) / max(len(seqs), 1)))
+    t = dry.estimate_time(compute, shape, int(plan.micro_batch * sum(seqs) / max(len(seqs), 1)), precision)
     summary = {"policy": f"{args.policy} ({policy_path})", "reward model": f"{args.reward} ({rm_spec.path})",
                "prompts": ds.describe(), "prompt token lengths": dry.length_stats(prompt_lens),
                "answers sampled": f"{answers} ({len(prompt_lens)} prompts x -k {args.k}, up to {args.max_new_tokens} "
@@ -351,7 +352,7 @@ def dry_run(args: BestOfNArgs, reporter: Reporter, out: Path, policy_path: Path,
                "tokens per epoch": f"{sum(seqs)} (at most: every prompt kept, every answer {args.max_new_tokens} "
                                    f"tokens)"}
     return dry.finish(reporter, dry.report(STAGE, out, args, summary, steps, sum(seqs), plan, t,
-                                           {"precision (used)": precision}))
+                                           {"precision (used)": str(choice)}))
 
 
 def run_best_of_n(args: BestOfNArgs, reporter: Reporter | None = None) -> Path:
@@ -415,6 +416,7 @@ def run_best_of_n(args: BestOfNArgs, reporter: Reporter | None = None) -> Path:
             "sft_steps": sm.get("steps"), "sft_train_loss": sm.get("train_loss"),
             "sft_first_loss": sm.get("first_loss"), "sft_last_loss": sm.get("last_loss"),
             "sft_train_seconds": sm.get("train_seconds"), "threads": threads, "precision": sm.get("precision"),
+            "precision_reason": sm.get("precision_reason"),
             "memory": sm.get("memory")}
         resolved = {"resolved_policy": str(policy_path), "resolved_reward": str(rm_spec.path),
                     "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,

@@ -253,7 +253,8 @@ def run_dpo(args: DPOArgs, reporter: Reporter | None = None) -> Path:
 
     runtime.quiet_libraries()
     threads = runtime.configure_threads(args.threads)
-    precision = runtime.pick_precision(args.precision)
+    choice = runtime.precision_choice(args.precision)
+    precision = choice.precision
     tok = load_tokenizer(model_path, loading=loading)
     keys = ("completion",) if kto else ("chosen", "rejected")
     train_rows, lengths, cut = fit_rows(train, token_lengths(train, tok, keys), max_length, "--data", say)
@@ -278,9 +279,10 @@ def run_dpo(args: DPOArgs, reporter: Reporter | None = None) -> Path:
     if args.dry_run:
         return dry_run(args, reporter, staged.out, model_path, plan, train, evalset, lengths[:len(train_rows)],
                        lengths[len(train_rows):], cut + ecut, parent, reference,
-                       {"lr (used)": lr, "precision (used)": precision, "threads (used)": threads})
+                       {"lr (used)": lr, "precision (used)": str(choice), "threads (used)": threads})
 
-    dtype = runtime.torch_dtype(precision)
+    # the reference loads as the policy does (fp32 under autocast on the CPU): both compute alike at step 0
+    dtype = runtime.weight_dtype(precision)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **loading.model_kwargs())
     set_distinct_pad(tok, model)
     ref_model = None
@@ -292,7 +294,7 @@ def run_dpo(args: DPOArgs, reporter: Reporter | None = None) -> Path:
     how = ("reference: the start model" + (" (LoRA adapters off)" if args.lora else "")
            if args.method in WITH_REFERENCE else "no reference model")
     say(training.describe_setup(f"{args.method} (loss {args.loss}, beta {args.beta:g}) from {args.model}", model,
-                                args, precision, threads, lr, trainable)
+                                args, str(choice), threads, lr, trainable)
         + f", {how}, " + ("rows in a seeded fixed order" if kto else
                           "pairs grouped by prompt" if args.group_by_prompt else "pairs shuffled"))
 
@@ -347,6 +349,7 @@ def run_dpo(args: DPOArgs, reporter: Reporter | None = None) -> Path:
                        args=to_dict(args) | {"resolved_model": str(model_path), "lr": lr,
                                              "trainer": TRAINERS[args.method], "reference": how},
                        data=data, metrics=metrics | {"threads": threads, "precision": precision,
+                                                     "precision_reason": choice.reason,
                                                      "memory": plan.with_peak()},
                        started=started)
     hub.push_if_asked(args, staged.out, say)  # --push-to-hub: checked before training, uploaded now

@@ -194,12 +194,12 @@ def plan_memory(a: PPOArgs, plan: Plan, precision: str, minibatch: int, say: Cal
     """Micro-batches of each minibatch that fit (see `rlhf_cli.core.memory`): the policy and the value model
     train on prompt + response tokens, logits only over the response; reference and RM sit beside them."""
     shape = memory.ModelShape.of(plan.policy_path)
-    width = runtime.torch_dtype(precision).itemsize
     frozen = (0 if a.lora else shape.params) + memory.ModelShape.of(plan.reward_path).params
     work = memory.Workload(
         causal=True, seq_len=max(len(p) for p in plan.prompt_ids) + a.max_new_tokens, logit_len=a.max_new_tokens,
         trainable=memory.trainable_params(shape, lora=a.lora, lora_r=a.lora_r, freeze_layers=a.freeze_layers),
-        frozen_layers=a.freeze_layers, weight_bytes=width, act_bytes=width, frozen_params=frozen,
+        frozen_layers=a.freeze_layers, weight_bytes=runtime.weight_dtype(precision).itemsize,
+        act_bytes=runtime.compute_dtype(precision).itemsize, frozen_params=frozen,
         value_model=a.algo == "ppo")
     mp = memory.plan(shape, work, minibatch // a.grad_accum, a.grad_accum, max_memory=a.max_memory,
                      micro_batch=a.micro_batch_size, cpu=not runtime.has_gpu(),
@@ -216,8 +216,8 @@ def dry_run(a: PPOArgs, plan: Plan, out: Path, reporter) -> Path:
     reference log-probabilities, values and RM scores (grpo/rloo: reference when beta > 0, old log-probabilities
     when several epochs, RM), and the PPO epochs' training passes (policy, and the value model for ppo)."""
     threads = runtime.configure_threads(a.threads)
-    precision = runtime.pick_precision(a.precision)
-    mem = plan_memory(a, plan, precision, minibatch_size(a) if a.algo == "ppo" else a.batch_size, reporter.info)
+    choice = runtime.precision_choice(a.precision)
+    mem = plan_memory(a, plan, choice.precision, minibatch_size(a) if a.algo == "ppo" else a.batch_size, reporter.info)
     total, epochs = updates(a, len(plan.prompt_ids)), ppo_epochs(a)
     shape, rm_shape = memory.ModelShape.of(plan.policy_path), memory.ModelShape.of(plan.reward_path)
     prompt_lens = [len(p) for p in plan.prompt_ids]
@@ -240,7 +240,7 @@ def dry_run(a: PPOArgs, plan: Plan, out: Path, reporter) -> Path:
                           forward_flops=total * (per_update * forwards
                                                  + batch * (seq - response) * dry.forward_flops(shape, 0.0)),
                           decode_tokens=total * batch * response, decode_batch=batch)
-    t = dry.estimate_time(compute, shape, int(mem.micro_batch * seq))
+    t = dry.estimate_time(compute, shape, int(mem.micro_batch * seq), choice.precision)
     per_prompt = 1 if a.algo == "ppo" else a.group_size
     tokens_per_epoch = int(per_prompt * (sum(prompt_lens) + len(prompt_lens) * response))
     procs = launch.processes(a)
@@ -263,6 +263,6 @@ def dry_run(a: PPOArgs, plan: Plan, out: Path, reporter) -> Path:
         "tokens generated": f"up to {total * batch * response} ({response} per response)",
     }
     lr = a.lr or (DEFAULT_LORA_LR if a.lora else DEFAULT_LR)
-    resolved = {"lr (used)": lr, "ppo_epochs (used)": epochs, "precision (used)": precision,
+    resolved = {"lr (used)": lr, "ppo_epochs (used)": epochs, "precision (used)": str(choice),
                 "threads (used)": threads}
     return dry.finish(reporter, dry.report("ppo", out, a, summary, total, tokens_per_epoch, mem, t, resolved))

@@ -122,8 +122,11 @@ class UpdateStats:
 def load_models(a: PPOArgs, plan: Plan, precision: str, resume_dir: Path | None
                 ) -> tuple[PreTrainedModel, PreTrainedModel | None, RewardModel, PreTrainedModel]:
     """Policy, reference (None with LoRA: the policy with its adapters off), reward model, value model; from the
-    checkpoint when resuming. Everything in eval mode: dropout off, so rollout and training passes agree."""
-    dtype = runtime.torch_dtype(precision)
+    checkpoint when resuming. Everything in eval mode: dropout off, so rollout and training passes agree.
+    Policy, value and reference load in the training weight dtype (fp32 on the CPU, computing under autocast):
+    the reference then computes exactly as the policy does, so their KL starts at 0; the RM only scores and
+    loads in the compute dtype."""
+    dtype = runtime.weight_dtype(precision)
     tok = plan.tok
 
     def causal(path: Path) -> PreTrainedModel:
@@ -222,7 +225,8 @@ class PPOTrainer:
         self.sum_all = runtime.all_reduce if self.world > 1 else None  # batch statistics over every process
         self.global_batch = global_batch(a)
         self.threads = runtime.configure_threads(a.threads)
-        self.precision = runtime.pick_precision(a.precision)
+        self.choice = runtime.precision_choice(a.precision)
+        self.precision = self.choice.precision
         self.device = runtime.device()
         self.lr = a.lr or (DEFAULT_LORA_LR if a.lora else DEFAULT_LR)
         self.epochs = ppo_epochs(a)
@@ -274,7 +278,7 @@ class PPOTrainer:
         how = f"LoRA r={a.lora_r}" if a.lora else "full fine-tune"
         procs = f" ({self.world} processes x {a.batch_size})" if self.world > 1 else ""
         return (f"ppo: policy {self.plan.policy} ({n_policy / 1e6:.0f}M parameters, {how}), reward "
-                f"{self.plan.reward}, value model from the {a.value_init} model; {self.precision}, {self.threads} "
+                f"{self.plan.reward}, value model from the {a.value_init} model; {self.choice}, {self.threads} "
                 f"threads, lr {self.lr:g}, {self.total} updates x {self.global_batch} rollouts{procs}, "
                 f"{self.epochs} PPO epochs x {a.batch_size // self.minibatch} minibatches")
 
@@ -332,15 +336,16 @@ class PPOTrainer:
         n, first = len(plan.prompt_ids), step * self.global_batch + self.rank * a.batch_size
         idx = [prompt_order(a.seed, n, k // n)[k % n] for k in range(first, first + a.batch_size)]
         rows = [plan.rows[i] for i in idx]
-        rollout = generate_rollouts(self.policy, [plan.prompt_ids[i] for i in idx], self.gen_config,
-                                    plan.tok.pad_token_id, plan.eos_ids, self.device)
-        t1 = time.time()
-        raw = score_rollout(self.rm, plan, rollout, rows, self.micro)
-        scores = self.shaper(raw, rollout.ends, self.sum_all)
-        t2 = time.time()
-        ref = self.policy if a.lora else self.ref
-        old_logp, ref_logp, old_values, entropy = rollout_forward(self.policy, ref, self.value, rollout,
-                                                                  a.temperature, self.micro, a.lora)
+        with runtime.autocast(self.precision):  # bf16 on the CPU: fp32 weights, bf16 matmuls
+            rollout = generate_rollouts(self.policy, [plan.prompt_ids[i] for i in idx], self.gen_config,
+                                        plan.tok.pad_token_id, plan.eos_ids, self.device)
+            t1 = time.time()
+            raw = score_rollout(self.rm, plan, rollout, rows, self.micro)
+            scores = self.shaper(raw, rollout.ends, self.sum_all)
+            t2 = time.time()
+            ref = self.policy if a.lora else self.ref
+            old_logp, ref_logp, old_values, entropy = rollout_forward(self.policy, ref, self.value, rollout,
+                                                                      a.temperature, self.micro, a.lora)
         mask = rollout.mask.to(old_logp.dtype)
         kl_tok = kl_estimate(old_logp, ref_logp, a.kl_estimator) * mask
         beta = self.kl_ctl.value
@@ -409,10 +414,11 @@ class PPOTrainer:
             mask = batch.mask[part][:, :width]
             old_logp = batch.old_logprobs[part][:, :width]
             with self.no_sync(last=i == len(parts) - 1):  # gradients are averaged once, after the last part
-                logits = response_logits(self.policy_train, seq, attn, prompt_len, a.temperature)
-                new_logp = logprobs_from_logits(logits, batch.rollout.response[part][:, :width])
-                del logits
-                vpred = self.value_train(seq, attn)[:, prompt_len - 1:-1]
+                with runtime.autocast(self.precision):  # forward passes only: backward follows autocast's casts
+                    logits = response_logits(self.policy_train, seq, attn, prompt_len, a.temperature)
+                    new_logp = logprobs_from_logits(logits, batch.rollout.response[part][:, :width])
+                    del logits
+                    vpred = self.value_train(seq, attn)[:, prompt_len - 1:-1]
                 pg, pg_stats = policy_loss(new_logp, old_logp, batch.advantages[part][:, :width], mask, a.clip_eps)
                 vf, vf_stats = value_loss(vpred, batch.values[part][:, :width], batch.returns[part][:, :width],
                                           mask, a.clip_value)
@@ -575,7 +581,8 @@ class PPOTrainer:
             **{f"seconds_{k[5:]}_per_update": sum(h[k] for h in history) / len(history)
                for k in ("time/generate", "time/score", "time/forward", "time/train")},
             "reward_input": "token ids" if self.plan.same_ids else "re-encoded text",
-            "threads": self.threads, "precision": self.precision, "lr": self.lr,
+            "threads": self.threads, "precision": self.precision, "precision_reason": self.choice.reason,
+            "lr": self.lr,
             "memory": self.memory.with_peak(),
             **({"weights_in_sync": in_sync} if self.world > 1 else {}),
         }

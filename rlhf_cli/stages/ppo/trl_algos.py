@@ -141,13 +141,14 @@ def run_trl(a: PPOArgs, plan: Plan, staged: PPOOutput, reporter: Reporter, start
     if ignored:
         say(f"--algo {a.algo}: ignoring PPO-only settings {', '.join(ignored)}")
     threads = runtime.configure_threads(a.threads)
-    precision = runtime.pick_precision(a.precision)
+    choice = runtime.precision_choice(a.precision)
+    precision = choice.precision
     lr = a.lr or (DEFAULT_LORA_LR if a.lora else DEFAULT_LR)
     total = updates(a, len(plan.prompt_ids))
     tok = plan.tok
     mem = plan_memory(a, plan, precision, a.batch_size, say)
     transformers.set_seed(a.seed)
-    policy = AutoModelForCausalLM.from_pretrained(plan.policy_path, dtype=runtime.torch_dtype(precision),
+    policy = AutoModelForCausalLM.from_pretrained(plan.policy_path, dtype=runtime.weight_dtype(precision),
                                                   **plan.loading.model_kwargs())
     set_distinct_pad(tok, policy)
     policy.generation_config.eos_token_id = plan.eos_ids
@@ -199,7 +200,7 @@ def run_trl(a: PPOArgs, plan: Plan, staged: PPOOutput, reporter: Reporter, start
                    "final_kl": last_row.get("kl"), "final_entropy": last_row.get("entropy"),
                    "final_response_length": last_row.get("response_length"),
                    "seconds_per_update": (time.time() - t0) / max(1, steps),
-                   "threads": threads, "precision": precision, "lr": lr,
+                   "threads": threads, "precision": precision, "precision_reason": choice.reason, "lr": lr,
                    "memory": mem.with_peak()}
         write_ppo_manifest(dest, a, plan, metrics, started, lr=lr, ppo_epochs=ppo_epochs(a))
     return staged.out

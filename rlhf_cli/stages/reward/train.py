@@ -196,7 +196,8 @@ def run_reward(args: RewardArgs, reporter: Reporter | None = None) -> Path:
 
     runtime.quiet_libraries()
     threads = runtime.configure_threads(args.threads)
-    precision = runtime.pick_precision(args.precision)
+    choice = runtime.precision_choice(args.precision)
+    precision = choice.precision
     tok = load_tokenizer(model_path, loading=loading)
     train_rows, trunc = encode_pairs(train, tok, max_length)
     eval_rows, etrunc = encode_pairs(evalset, tok, max_length) if evalset else ([], 0)
@@ -208,15 +209,15 @@ def run_reward(args: RewardArgs, reporter: Reporter | None = None) -> Path:
                        say=say, saved=saved)
     if args.dry_run:
         return dry_run(args, reporter, staged.out, model_path, plan, train, evalset, train_rows, eval_rows,
-                       trunc + etrunc, parent, {"lr (used)": lr, "precision (used)": precision,
+                       trunc + etrunc, parent, {"lr (used)": lr, "precision (used)": str(choice),
                                                 "threads (used)": threads})
 
     transformers.set_seed(args.seed)  # the fresh score head is random
     model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, **loading.model_kwargs(),
-                                                               dtype=runtime.torch_dtype(precision))
+                                                               dtype=runtime.weight_dtype(precision))
     set_distinct_pad(tok, model)
     trainable = freeze_lower_layers(model, args.freeze_layers)
-    say(describe_setup(f"reward model from {model_name}", model, args, precision, threads, lr, trainable)
+    say(describe_setup(f"reward model from {model_name}", model, args, str(choice), threads, lr, trainable)
         + (", pairs grouped by prompt" if args.group_by_prompt else ", pairs shuffled"))
 
     cols = ["chosen_ids", "rejected_ids"] + (["margin"] if args.margin else [])
@@ -262,7 +263,7 @@ def run_reward(args: RewardArgs, reporter: Reporter | None = None) -> Path:
                 "truncated_sequences": trunc + etrunc}
         write_manifest(dest, stage="reward", parents=[str(parent.path) if parent else model_name],
                        args=to_dict(args) | {"resolved_model": str(model_path), "lr": lr}, data=data,
-                       metrics=metrics | {"threads": threads, "precision": precision,
+                       metrics=metrics | {"threads": threads, "precision": precision, "precision_reason": choice.reason,
                                           "memory": plan.with_peak()},
                        started=started)
     hub.push_if_asked(args, staged.out, say)  # --push-to-hub: checked before training, uploaded now

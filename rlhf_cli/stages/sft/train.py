@@ -2,8 +2,8 @@
 
 The model learns to imitate `<prompt, answer>` demonstrations. By default the loss covers only the assistant's
 tokens (the prompt is context, not a target), through a chat template with `{% generation %}` markers that
-renders exactly as the model's own. Training runs on TRL's SFTTrainer with hardware-aware defaults: fp32 and no
-gradient checkpointing on CPU, bf16 on GPUs that have it.
+renders exactly as the model's own. Training runs on TRL's SFTTrainer with hardware-aware defaults: no gradient
+checkpointing on CPU; bf16 on GPUs that have it and on CPUs where it measures faster (fp32 weights, bf16 autocast).
 
     rlhf sft --model HuggingFaceTB/SmolLM2-135M-Instruct --data examples/data/sft_messages.jsonl --run runs/demo
 """
@@ -48,7 +48,7 @@ def sft_lengths(counts: list[int], max_length: int, args: SFTArgs) -> list[int]:
 
 def dry_run(args: SFTArgs, reporter: Reporter, staged: StagedOutput, model_path: Path, plan: MemoryPlan,
             counts: list[int],
-            evalset: DataSet | None, tok, max_length: int, lr: float, precision: str, threads: int,
+            evalset: DataSet | None, tok, max_length: int, lr: float, precision: object, threads: int,
             parent: Manifest | None, train: DataSet) -> Path:
     """`--dry-run`: the plan of this run (see `rlhf_cli.core.dry_run`)."""
     # packed: every sequence is --max-length tokens long, as many of them as the tokens fill
@@ -64,7 +64,7 @@ def dry_run(args: SFTArgs, reporter: Reporter, staged: StagedOutput, model_path:
         data["packing"] = f"{len(examples)} sequences of {max_length} tokens"
     return dry.trainer_stage(args, reporter, "sft", staged.out, model_path, plan, example_tokens=examples,
                              unit="rows", data=data, eval_tokens=eval_tokens,
-                             resolved={"lr (used)": lr, "precision (used)": precision, "threads (used)": threads})
+                             resolved={"lr (used)": lr, "precision (used)": str(precision), "threads (used)": threads})
 
 
 def run_sft(args: SFTArgs, reporter: Reporter | None = None) -> Path:
@@ -87,7 +87,8 @@ def run_sft(args: SFTArgs, reporter: Reporter | None = None) -> Path:
 
     runtime.quiet_libraries()
     threads = runtime.configure_threads(args.threads)
-    precision = runtime.pick_precision(args.precision)
+    choice = runtime.precision_choice(args.precision)
+    precision = choice.precision
     tok = load_tokenizer(model_path, loading=loading)
     if args.assistant_only_loss:
         tok.chat_template = training_template(tok)
@@ -95,13 +96,13 @@ def run_sft(args: SFTArgs, reporter: Reporter | None = None) -> Path:
     plan = training.plan_memory(args, model_path, causal=True, lengths=sft_lengths(counts, max_length, args),
                                 seqs_per_example=1, precision=precision, say=say, saved=saved)
     if args.dry_run:
-        return dry_run(args, reporter, staged, model_path, plan, counts, evalset, tok, max_length, lr, precision,
+        return dry_run(args, reporter, staged, model_path, plan, counts, evalset, tok, max_length, lr, choice,
                        threads, parent, train)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=runtime.torch_dtype(precision),
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=runtime.weight_dtype(precision),
                                                  **loading.model_kwargs())
     set_distinct_pad(tok, model)
     trainable = training.freeze_lower_layers(model, args.freeze_layers)
-    say(training.describe_setup(f"model {args.model}", model, args, precision, threads, lr, trainable))
+    say(training.describe_setup(f"model {args.model}", model, args, str(choice), threads, lr, trainable))
 
     with StopSignals(say) as signals, staged as dest:
         resume_from = training.resume_point(dest, saved, args, plan, say)
@@ -137,7 +138,7 @@ def run_sft(args: SFTArgs, reporter: Reporter | None = None) -> Path:
         data = {"train": train.summary(), "eval": evalset.summary() if evalset else None}
         write_manifest(dest, stage="sft", parents=[str(parent.path) if parent else args.model],
                        args=to_dict(args) | {"resolved_model": str(model_path), "lr": lr}, data=data,
-                       metrics=metrics | {"threads": threads, "precision": precision,
+                       metrics=metrics | {"threads": threads, "precision": precision, "precision_reason": choice.reason,
                                           "memory": plan.with_peak()},
                        started=started)
     hub.push_if_asked(args, staged.out, say)  # --push-to-hub: checked before training, uploaded now
