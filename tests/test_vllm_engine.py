@@ -339,3 +339,38 @@ def test_gpu_check_script_parses_and_its_recipe_plans(tmp_path):
     result = ok(invoke("pipeline", ROOT / "examples" / "recipes" / "gpu_check.yaml", "--run", tmp_path / "run",
                        "--dry-run"))
     assert "vLLM" in result.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------
+# gradient checkpointing in our PPO (the memory planner's choice)
+
+
+def test_checkpointed_layers_recompute_and_give_the_same_gradients(tiny, monkeypatch):
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    from rlhf_cli.stages.ppo.trainer import checkpoint_layers
+
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    calls = []
+    mlp_forward = modeling_llama.LlamaMLP.forward
+    monkeypatch.setattr(modeling_llama.LlamaMLP, "forward", lambda self, x: calls.append(1) or mlp_forward(self, x))
+
+    def grads_and_calls(checkpointed: bool):
+        model = AutoModelForCausalLM.from_pretrained(tiny).eval()
+        if checkpointed:
+            assert checkpoint_layers(model) == model.config.num_hidden_layers
+        calls.clear()
+        with torch.no_grad():  # a rollout pass: no recomputation
+            model(input_ids=ids)
+        model(input_ids=ids).logits.float().square().mean().backward()
+        assert not any(m.training for m in model.modules() if isinstance(m, torch.nn.Dropout))
+        return {n: p.grad.clone() for n, p in model.named_parameters()}, len(calls)
+
+    plain, plain_calls = grads_and_calls(False)
+    ckpt, ckpt_calls = grads_and_calls(True)
+    layers = 2
+    # two passes through every layer; checkpointed, each layer runs once more in the backward pass
+    assert (plain_calls, ckpt_calls) == (2 * layers, 3 * layers)
+    for n, g in plain.items():
+        torch.testing.assert_close(ckpt[n], g)

@@ -179,6 +179,24 @@ def open_engine(a: PPOArgs, plan: Plan, precision: str) -> vllm_engine.Engine:
                                   eos_ids=plan.eos_ids, seed=a.seed, trust_remote_code=a.trust_remote_code)
 
 
+def checkpoint_layers(model: PreTrainedModel) -> int:
+    """Gradient checkpointing in a model that stays in eval mode (dropout off, so rollout and training passes
+    agree): transformers checkpoints a layer only when that layer's own `training` flag is set and gradients are
+    on, so only the layers' flags are set (not their children's, whose dropout stays off) and the no-grad rollout
+    passes run as before. Returns the number of checkpointed layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    kwargs = {"use_reentrant": False}  # works with frozen embeddings (LoRA, --freeze-layers) and DDP
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    for layer in layers:
+        layer.training = True
+    return len(layers)
+
+
 def check_engine_vocab(policy: PreTrainedModel, plan: Plan) -> None:
     """The engine was built from the folder's config: a policy whose embeddings grew (a pad token the tokenizer
     had to add) cannot hand it its weights."""
@@ -268,6 +286,9 @@ class PPOTrainer:
         transformers.set_seed(a.seed)  # fresh heads, LoRA initialisation
         self.policy, self.ref, self.rm, self.value = load_models(
             a, plan, self.precision, staged.partial if a.resume else None)
+        if self.memory.gradient_checkpointing:  # the planner found no micro-batch that fits without it
+            for model in (self.policy, self.value):
+                checkpoint_layers(model)
         self.params = [p for m in (self.policy, self.value) for p in m.parameters() if p.requires_grad]
         # the training passes go through these (DDP under several processes); generation and the no-grad
         # rollout passes use the plain models
