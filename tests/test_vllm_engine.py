@@ -333,12 +333,25 @@ def test_load_kwargs_on_the_cpu_leave_attention_to_transformers(tiny):
 # bench/gpu_check.sh
 
 
-def test_gpu_check_script_parses_and_its_recipe_plans(tmp_path):
+def test_gpu_check_script_parses_and_its_recipe_plans(w, tmp_path):
+    """The script cannot run without a GPU: its bash parses, its recipe passes the pipeline's checks, and its
+    stage 3 (and the grpo and best-of-n steps beside it) plan with --dry-run."""
+    from rlhf_cli.pipeline.recipe import load_recipe
+
     script = ROOT / "bench" / "gpu_check.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
-    result = ok(invoke("pipeline", ROOT / "examples" / "recipes" / "gpu_check.yaml", "--run", tmp_path / "run",
-                       "--dry-run"))
-    assert "vLLM" in result.stdout
+    text = script.read_text(encoding="utf-8")
+    assert "examples/recipes/gpu_check.yaml" in text and "--use-vllm" in text and "--algo grpo" in text
+    recipe = load_recipe(ROOT / "examples" / "recipes" / "gpu_check.yaml", run=str(tmp_path / "run"))
+    assert recipe.algo_name == "ppo" and recipe.stage3_values["use_vllm"] is True
+    stage3 = [f"--{k.replace('_', '-')}={v}" for k, v in recipe.stage3_values.items()
+              if k not in ("algo", "use_vllm", "sample_every")]
+    plan = ok(invoke("ppo", "--run", w.run, "--out", tmp_path / "ppo", *stage3, "--use-vllm", "--threads", 1,
+                     "--max-length", 512, "--dry-run"))
+    assert "vLLM (colocated" in plan.stdout
+    ok(invoke("ppo", "--run", w.run, "--out", tmp_path / "grpo", "--algo", "grpo", "--use-vllm", "--prompts",
+              ROOT / "examples" / "data" / "hh_prompts_train.jsonl", "--max-steps", 10, "--batch-size", 32,
+              "--group-size", 4, "--max-new-tokens", 64, "--max-length", 512, "--threads", 1, "--dry-run"))
 
 
 # ---------------------------------------------------------------------------------------------------------
