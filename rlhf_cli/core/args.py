@@ -138,6 +138,39 @@ def accelerate_config_field() -> Any:
                      "examples/accelerate/); --num-processes overrides its num_processes.", metavar="FILE")
 
 
+# ------------------------------------------------------------------------------------------------ GPU
+# Generation with vLLM (rlhf_cli.core.vllm_engine) and 4-bit loading (QLoRA); both need a CUDA GPU and a package
+# that is not a dependency, and are refused with one line before any weights load where either is missing.
+
+
+def use_vllm_field(help: str) -> Any:
+    return opt(False, help)
+
+
+def vllm_memory_field() -> Any:
+    return opt(0.3, "With --use-vllm (colocated): the fraction of the GPU's memory vLLM may take for its weights "
+                    "and KV cache; training gets the rest.", above=0, below=1, expect="a fraction, 0 < x < 1")
+
+
+def check_vllm_layout(use_vllm: bool, processes: int, mode: str = "colocate", what: str = "") -> None:
+    """The rules of --use-vllm that need no GPU (checked before `accelerate launch` starts processes): `what`
+    names a command whose own engine runs colocated in one process (TRL's trainers, `what` empty, also run it
+    under several processes or as a server)."""
+    if not (use_vllm and what):
+        return
+    if mode != "colocate":
+        raise ConfigError(f"--vllm-mode {mode}: {what} runs vLLM colocated in its own process; expected "
+                          f"--vllm-mode colocate (a vLLM server is for --algo grpo/rloo)")
+    if processes > 1:
+        raise ConfigError(f"--use-vllm with {processes} processes: {what} runs one colocated vLLM engine in one "
+                          f"process; expected one process (--algo grpo/rloo run vLLM under several)")
+
+
+def load_in_4bit_field() -> Any:
+    return opt(False, "With --lora: load the frozen base weights in 4 bits (QLoRA, NF4 through bitsandbytes; needs "
+                      "a CUDA GPU and `pip install bitsandbytes`).")
+
+
 # ------------------------------------------------------------------------------------------------ loading
 # Every command that loads a model lists both (rlhf_cli.core.models.LoadOptions applies them).
 

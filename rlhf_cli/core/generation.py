@@ -223,10 +223,13 @@ class Answer:
 class LM:
     """A causal LM with its tokenizer (left padding), ready to sample."""
 
-    def __init__(self, name: str, path: Path, model: PreTrainedModel, tok: PreTrainedTokenizerBase):
+    def __init__(self, name: str, path: Path, model: PreTrainedModel | None, tok: PreTrainedTokenizerBase,
+                 eos_ids: list[int] | None = None, context: int | None = None):
+        """`model` None: only the tokenizer's side (encoding prompts, decoding answers) for answers sampled by
+        another engine (`core.vllm_engine`); then `eos_ids` and `context` come from the folder's files."""
         self.name, self.path, self.model, self.tok = name, path, model, tok
-        self.eos_ids = stop_ids(tok, model.generation_config.eos_token_id)
-        self.context = getattr(model.config, "max_position_embeddings", None)
+        self.eos_ids = eos_ids or stop_ids(tok, model.generation_config.eos_token_id)
+        self.context = context if model is None else getattr(model.config, "max_position_embeddings", None)
 
     @property
     def device(self) -> torch.device:
@@ -366,6 +369,21 @@ def refuse_reward_stage(spec: str, flag: str) -> None:
         raise CheckpointError(f"{flag} {spec}: is {a_stage(m.stage)} (it scores answers, it cannot write them); "
                               f"expected a model that generates: an sft or ppo stage, made by "
                               f"`{command_for('sft')}`, a model folder or a hub id")
+
+
+def tokenizer_lm(spec: str, path: Path, loading: LoadOptions = SAFE_LOADING) -> LM:
+    """An `LM` without weights, for a model whose answers another engine samples: the tokenizer (left padding),
+    the stop ids of its generation_config.json and its context length from config.json."""
+    tok = load_tokenizer(path, padding_side="left", loading=loading)
+    try:
+        gen = json.loads((path / GENERATION_CONFIG).read_text(encoding="utf-8")).get("eos_token_id")
+    except (OSError, json.JSONDecodeError):
+        gen = None
+    try:
+        context = json.loads((path / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, json.JSONDecodeError):
+        context = None
+    return LM(spec, path, None, tok, eos_ids=stop_ids(tok, gen), context=context)
 
 
 def load_lm(spec: str, flag: str = "MODEL", precision: str = "auto", say: Callable[[str], None] = lambda s: None,

@@ -102,8 +102,59 @@ def device() -> torch.device:
 
 
 def to_device(model: torch.nn.Module) -> torch.nn.Module:
-    """Move a model onto this process's device (a no-op on the CPU)."""
-    return model.to(device()) if has_gpu() else model
+    """Move a model onto this process's device (a no-op on the CPU, and for a 4-bit model, which was loaded onto
+    it and cannot be moved)."""
+    if not has_gpu() or getattr(model, "is_loaded_in_4bit", False):
+        return model
+    return model.to(device())
+
+
+def check_load_in_4bit(load_in_4bit: bool) -> None:
+    """`--load-in-4bit`: one line when this machine cannot (before any weights load)."""
+    if not load_in_4bit:
+        return
+    import importlib.util
+
+    from rlhf_cli.core.errors import ConfigError
+
+    need = "--load-in-4bit needs a CUDA GPU and `pip install bitsandbytes`"
+    if not has_gpu():
+        raise ConfigError(f"{need}; this machine has no CUDA GPU (drop --load-in-4bit; --lora alone trains "
+                          f"adapters on full-precision weights)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{need}; bitsandbytes is not installed here")
+
+
+def attention_kwargs(path, auto_class: type, precision: str) -> dict:
+    """The attention kernel for `auto_class.from_pretrained(path)`: flash-attention 2 on a GPU in bf16/fp16 when
+    `flash_attn` is installed and the model's class supports it; otherwise nothing, and transformers picks SDPA
+    (its default, where the model supports it, else eager)."""
+    import importlib.util
+
+    if not (has_gpu() and precision in ("bf16", "fp16") and importlib.util.find_spec("flash_attn") is not None):
+        return {}
+    try:
+        from transformers import AutoConfig
+
+        model_class = auto_class._model_mapping[type(AutoConfig.from_pretrained(path))]
+    except Exception:  # a config transformers does not map (remote code): leave the choice to transformers
+        return {}
+    return {"attn_implementation": "flash_attention_2"} if getattr(model_class, "_supports_flash_attn", False) else {}
+
+
+def load_kwargs(path, auto_class: type, precision: str, load_in_4bit: bool = False, trained: bool = True) -> dict:
+    """What the device and precision add to a model's `from_pretrained`: the dtype (`weight_dtype`: fp32 master
+    weights for a model that trains on the CPU), the attention kernel, and with `load_in_4bit` NF4 weights
+    (double quantisation, compute in the training precision) placed straight on this process's GPU."""
+    kw: dict = {"dtype": weight_dtype(precision, trained), **attention_kwargs(path, auto_class, precision)}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kw["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype(precision))
+        kw["device_map"] = {"": device()}
+    return kw
 
 
 def precision_choice(precision: str) -> precision_probe.Choice:

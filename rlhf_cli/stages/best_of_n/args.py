@@ -13,6 +13,7 @@ from rlhf_cli.core.args import (
     accelerate_config_field,
     allow_pickle_field,
     check_reporting,
+    check_vllm_layout,
     dry_run_field,
     freeze_layers_field,
     lora_alpha_field,
@@ -39,6 +40,8 @@ from rlhf_cli.core.args import (
     top_k_field,
     top_p_field,
     trust_remote_code_field,
+    use_vllm_field,
+    vllm_memory_field,
     warmup_field,
     weight_decay_field,
 )
@@ -78,6 +81,10 @@ class BestOfNArgs:
     repetition_penalty: float | None = repetition_penalty_field(GENERATE_SAMPLING)
     max_new_tokens: int = opt(DEFAULT_MAX_NEW_TOKENS, "Longest answer, in tokens.", min=1)
     sample_batch_size: int = opt(8, "Prompts per sampling batch (each with K answers).", min=1)
+    use_vllm: bool = use_vllm_field("Sample the K answers with a vLLM engine on the GPU (needs `pip install "
+                                    "vllm`), freed before the fine-tune; its draws differ from transformers' for "
+                                    "the same --seed.")
+    vllm_gpu_memory_utilization: float = vllm_memory_field()
     seed: int = opt(42, "Random seed: each sampling batch is seeded from it and its index (the same answers as "
                         "`rlhf generate` with this seed and batch size), and the fine-tune's data order.")
     # The fine-tune: `rlhf sft` on the kept (prompt, best answer) pairs, with these settings.
@@ -119,10 +126,17 @@ class BestOfNArgs:
     private: bool = private_field()
     dry_run: bool = dry_run_field()
 
+    def check_launch(self) -> None:
+        """Said before `accelerate launch` starts the processes."""
+        from rlhf_cli.core import launch
+
+        check_vllm_layout(self.use_vllm, launch.processes(self), what="rlhf best-of-n")
+
 
 def check_best_of_n_args(args: BestOfNArgs) -> None:
     """Choices and bounds of every field, then the rules between fields."""
     validate(args)
+    args.check_launch()
     if args.prompts is None:
         raise ConfigError("--prompts: missing; expected a prompts file (any format `rlhf sft` or `rlhf reward` "
                           "reads), a folder or a hub dataset")

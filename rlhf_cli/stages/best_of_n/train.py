@@ -42,11 +42,11 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_cli.core import dry_run as dry
-from rlhf_cli.core import hub, memory, runtime
+from rlhf_cli.core import hub, launch, memory, runtime, vllm_engine
 from rlhf_cli.core.config import dump_yaml, to_dict
 from rlhf_cli.core.errors import CheckpointError, ConfigError, DataError
 from rlhf_cli.core.files import atomic_write_text
-from rlhf_cli.core.generation import Sampling, load_lm, pick_sampling, sampling_layers
+from rlhf_cli.core.generation import LM, Answer, Sampling, load_lm, pick_sampling, sampling_layers, tokenizer_lm
 from rlhf_cli.core.interrupt import StopSignals
 from rlhf_cli.core.manifest import (
     MANIFEST,
@@ -164,13 +164,19 @@ def sample_and_score(args: BestOfNArgs, samples: Path, prompts: list[list[dict]]
     if done:
         say(f"{samples}: {len(keys) - todo} of {len(keys)} prompts already sampled and scored; {todo} to go")
     loading = LoadOptions.of(args)
-    lm = load_lm(args.policy, "--policy", args.precision, say, loading)
-    rm = RewardModel.load(rm_spec, args.precision)
+    engine = None
+    if args.use_vllm:  # the tokenizer here, the weights in vLLM
+        lm = tokenizer_lm(args.policy, resolve_model(args.policy, "--policy", say, loading), loading)
+    else:
+        lm = load_lm(args.policy, "--policy", args.precision, say, loading)
     encoded, cut = lm.fit_prompts(prompts, sampling.max_new_tokens, "--policy")
+    if args.use_vllm:
+        engine = open_engine(args, lm, max(len(e) for e in encoded) + sampling.max_new_tokens)
+    rm = RewardModel.load(rm_spec, args.precision)
     if cut:
         say(f"{cut} prompts longer than {lm.context - sampling.max_new_tokens} tokens kept their last tokens")
     say(f"sampling {args.k} answers per prompt from {args.policy} ({sampling.describe()}, max_new_tokens "
-        f"{sampling.max_new_tokens}); scoring them with {rm.name}")
+        f"{sampling.max_new_tokens}{', with vLLM' if engine else ''}); scoring them with {rm.name}")
     reporter.start(todo)
     t0 = time.time()
     written = new_tokens = 0
@@ -185,7 +191,8 @@ def sample_and_score(args: BestOfNArgs, samples: Path, prompts: list[list[dict]]
                     continue
                 # Seeded per fixed batch, as `rlhf generate` is: a resumed run draws what an uninterrupted one would.
                 runtime.seed_all(args.seed * 100_003 + b)
-                answers = dict(zip(batch, lm.sample([encoded[i] for i in batch], args.k, sampling), strict=True))
+                answers = dict(zip(batch, sample(lm, engine, [encoded[i] for i in batch], args.k, sampling,
+                                                 args.seed * 100_003 + b), strict=True))
                 texts = [a.text for i in missing for a in answers[i]]
                 scores = rm.score_answers([prompts[i] for i in missing for _ in range(args.k)], texts,
                                           batch_size=max(16, args.k))
@@ -207,14 +214,36 @@ def sample_and_score(args: BestOfNArgs, samples: Path, prompts: list[list[dict]]
                     raise signals.stop(f"after {written} of {todo} prompts", str(samples))
     finally:
         reporter.finish()
+        if engine is not None:
+            engine.close()  # the fine-tune's memory plan counts what is free after it
     if rm.truncated:
         say(f"{rm.truncated} prompt + answer sequences longer than {rm.max_length} tokens kept their last "
             f"{rm.max_length} tokens for the reward model")
-    figures.update(sampling_seconds=round(time.time() - t0, 2), new_tokens=new_tokens)
+    figures.update(sampling_seconds=round(time.time() - t0, 2), new_tokens=new_tokens,
+                   generation=engine.name if engine is not None else "hf")
     del lm, rm
     gc.collect()
     memory.return_freed_memory()  # the fine-tune's memory plan counts what is free now
     return figures
+
+
+def open_engine(args: BestOfNArgs, lm: LM, max_model_len: int) -> vllm_engine.Engine:
+    """--use-vllm: a vLLM engine on the policy's folder, for the sampling only."""
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[runtime.pick_precision(args.precision)]
+    return vllm_engine.VLLMEngine(lm.path, dtype=dtype, gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                                  max_model_len=max_model_len, eos_ids=lm.eos_ids, seed=args.seed,
+                                  trust_remote_code=args.trust_remote_code)
+
+
+def sample(lm: LM, engine: vllm_engine.Engine | None, prompts: list[list[int]], k: int, sampling: Sampling,
+           seed: int) -> list[list[Answer]]:
+    """K answers per prompt: transformers' generate on the loaded model, or the engine (seeded per batch)."""
+    if engine is None:
+        return lm.sample(prompts, k, sampling)
+    rows = engine.generate(prompts, vllm_engine.SampleSettings(
+        max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+        top_k=sampling.top_k, repetition_penalty=sampling.repetition_penalty, n=k, seed=seed))
+    return [[lm.answer(rows[p * k + j]) for j in range(k)] for p in range(len(prompts))]
 
 
 def read_samples(samples: Path, prompts: list[list[dict]]) -> list[dict]:
@@ -350,7 +379,8 @@ def dry_run(args: BestOfNArgs, reporter: Reporter, out: Path, policy_path: Path,
                "optimisation steps": f"at most {steps} ({per_epoch} per epoch over at most {len(prompt_lens)} kept "
                                      f"answers; effective batch {args.batch_size * args.grad_accum})",
                "tokens per epoch": f"{sum(seqs)} (at most: every prompt kept, every answer {args.max_new_tokens} "
-                                   f"tokens)"}
+                                   f"tokens)",
+               "generation": vllm_engine.describe(args.use_vllm, "colocate", args.vllm_gpu_memory_utilization)}
     return dry.finish(reporter, dry.report(STAGE, out, args, summary, steps, sum(seqs), plan, t,
                                            {"precision (used)": str(choice)}))
 
@@ -371,6 +401,8 @@ def run_best_of_n(args: BestOfNArgs, reporter: Reporter | None = None) -> Path:
     sampling = pick_sampling_settings(args, policy_path, say)
     staged = stage_output(args.out, args.run, STAGE, args.overwrite, ResumableOutput, resume=args.resume)
     check_resume(args, staged, say)
+    if not args.dry_run:  # before any weights load; a dry run shows whether it would run here instead
+        vllm_engine.check_vllm(args.use_vllm, launch.processes(args), what="rlhf best-of-n")
     if args.dry_run:
         return dry_run(args, reporter, staged.out, policy_path, rm_spec, ds, loading)
 

@@ -10,8 +10,10 @@ from rlhf_cli.core.args import (
     accelerate_config_field,
     allow_pickle_field,
     check_reporting,
+    check_vllm_layout,
     dry_run_field,
     freeze_layers_field,
+    load_in_4bit_field,
     lora_alpha_field,
     lora_dropout_field,
     lora_field,
@@ -30,6 +32,8 @@ from rlhf_cli.core.args import (
     report_to_field,
     threads_field,
     trust_remote_code_field,
+    use_vllm_field,
+    vllm_memory_field,
     warmup_field,
     weight_decay_field,
 )
@@ -143,6 +147,17 @@ class PPOArgs:
     lora_merge: bool = lora_merge_field()
     freeze_layers: int = freeze_layers_field("Freeze the embeddings and the lowest N layers of the policy and value "
                                              "model.")
+    load_in_4bit: bool = load_in_4bit_field()
+    use_vllm: bool = use_vllm_field("Sample the rollouts with vLLM on the GPU (needs `pip install vllm`): ppo runs "
+                                    "a colocated engine that takes the policy's weights after every update and "
+                                    "only supplies token ids (log-probabilities come from the policy's own "
+                                    "forward pass); grpo/rloo use TRL's vLLM integration.")
+    vllm_mode: str = opt("colocate", "With --use-vllm: colocate (an engine in the training process) or server "
+                                     "(grpo/rloo only: a `trl vllm-serve` server at --vllm-server-url).",
+                         choices=("colocate", "server"))
+    vllm_gpu_memory_utilization: float = vllm_memory_field()
+    vllm_server_url: str | None = opt(None, "With --vllm-mode server: the server's URL (default "
+                                            "http://localhost:8000).", metavar="URL")
     report_to: str = report_to_field()
     push_to_hub: str | None = push_to_hub_field()
     private: bool = private_field()
@@ -151,6 +166,8 @@ class PPOArgs:
     def check_launch(self) -> None:
         """Our PPO keeps whole copies of its models on every process (DDP): a sharding config is refused before
         any process starts."""
+        check_vllm_layout(self.use_vllm, launch.processes(self), self.vllm_mode,
+                          "rlhf ppo --algo ppo" if self.algo == "ppo" else "")
         kind = sharded(self) if self.algo == "ppo" else None
         if kind:
             raise ConfigError(f"--accelerate-config {self.accelerate_config}: rlhf ppo --algo ppo copies the policy "
@@ -162,6 +179,11 @@ def check_ppo_args(a: PPOArgs) -> None:
     """Choices and bounds of every field, then the rules between fields, then tracking and the hub."""
     validate(a)
     a.check_launch()
+    if a.load_in_4bit and not a.lora:
+        raise ConfigError("--load-in-4bit: the 4-bit base weights are frozen, so only adapters can train; expected "
+                          "--lora with it (QLoRA)")
+    if a.vllm_server_url and a.vllm_mode != "server":
+        raise ConfigError(f"--vllm-server-url {a.vllm_server_url}: only used with --vllm-mode server")
     if a.algo == "ppo":
         mb = minibatch_size(a)
         if a.batch_size % mb:

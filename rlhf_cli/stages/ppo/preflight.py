@@ -16,7 +16,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from rlhf_cli.core import dry_run as dry
-from rlhf_cli.core import launch, memory, runtime
+from rlhf_cli.core import launch, memory, runtime, vllm_engine
 from rlhf_cli.core.errors import CheckpointError, ConfigError, DataError
 from rlhf_cli.core.generation import encode_chat, stop_ids
 from rlhf_cli.core.manifest import Manifest, manifest_if_stage, require_stage
@@ -201,13 +201,25 @@ def plan_memory(a: PPOArgs, plan: Plan, precision: str, minibatch: int, say: Cal
         frozen_layers=a.freeze_layers, weight_bytes=runtime.weight_dtype(precision).itemsize,
         act_bytes=runtime.compute_dtype(precision).itemsize, frozen_params=frozen,
         value_model=a.algo == "ppo")
-    mp = memory.plan(shape, work, minibatch // a.grad_accum, a.grad_accum, max_memory=a.max_memory,
+    mp = memory.plan(shape, work, minibatch // a.grad_accum, a.grad_accum, max_memory=trl_vllm_budget(a),
                      micro_batch=a.micro_batch_size, cpu=not runtime.has_gpu(),
                      what="the minibatch" if a.algo == "ppo" else "--batch-size / --grad-accum")
     if mp.tight:
         memory.return_freed_memory()
     say(mp.describe())
     return mp
+
+
+def trl_vllm_budget(a: PPOArgs) -> str | None:
+    """--max-memory, else for grpo/rloo with a colocated vLLM engine (which TRL starts after this plan) the free
+    GPU memory less the engine's share; else None (the planner measures what is free)."""
+    if a.max_memory or not (a.use_vllm and a.algo != "ppo" and a.vllm_mode == "colocate" and runtime.has_gpu()):
+        return a.max_memory
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    room = max((free - a.vllm_gpu_memory_utilization * total) * memory.SAFETY, 2**20)
+    return f"{room / 2**30:.3f}GiB"
 
 
 def dry_run(a: PPOArgs, plan: Plan, out: Path, reporter) -> Path:
@@ -261,7 +273,12 @@ def dry_run(a: PPOArgs, plan: Plan, out: Path, reporter) -> Path:
                               + (f" in minibatches of {minibatch_size(a)}" if a.algo == "ppo" else ""),
         "tokens per epoch": tokens_per_epoch,
         "tokens generated": f"up to {total * batch * response} ({response} per response)",
+        "generation": vllm_engine.describe(a.use_vllm, a.vllm_mode, a.vllm_gpu_memory_utilization,
+                                           a.vllm_server_url),
     }
+    if a.load_in_4bit:
+        summary["base weights"] = "4-bit NF4 (QLoRA)" + ("" if runtime.has_gpu() else
+                                                         "; not available on this machine: needs a CUDA GPU")
     lr = a.lr or (DEFAULT_LORA_LR if a.lora else DEFAULT_LR)
     resolved = {"lr (used)": lr, "ppo_epochs (used)": epochs, "precision (used)": str(choice),
                 "threads (used)": threads}

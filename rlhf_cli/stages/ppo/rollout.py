@@ -60,6 +60,24 @@ def generate_rollouts(policy: PreTrainedModel, prompt_ids: list[list[int]], gen_
     return Rollout(torch.cat([ids, response], 1), torch.cat([attn, mask.long()], 1), p, response, mask, ends)
 
 
+def rollout_from_ids(prompt_ids: list[list[int]], responses: list[list[int]], pad_id: int, eos_ids: list[int],
+                     device: torch.device) -> Rollout:
+    """A rollout from token ids sampled elsewhere (a generation engine such as vLLM): each response holds its
+    tokens up to and including its first EOS, or all of them when it has none."""
+    ids, attn = (t.to(device) for t in pad_batch(prompt_ids, pad_id, left=True))
+    width = max(1, max(len(r) for r in responses))
+    response = torch.full((len(responses), width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(response, dtype=torch.bool)
+    ends = torch.zeros(len(responses), dtype=torch.bool, device=device)
+    for i, r in enumerate(responses):
+        if r:
+            response[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, :len(r)] = True
+            ends[i] = r[-1] in eos_ids
+    return Rollout(torch.cat([ids, response], 1), torch.cat([attn, mask.long()], 1), ids.shape[1], response, mask,
+                   ends)
+
+
 def response_texts(tok: PreTrainedTokenizerBase, ro: Rollout, n: int | None = None) -> list[str]:
     """The responses as text, without EOS and what follows it."""
     rows = range(ro.response.shape[0] if n is None else min(n, ro.response.shape[0]))

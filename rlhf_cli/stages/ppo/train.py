@@ -49,7 +49,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from rlhf_cli.core import hub
+from rlhf_cli.core import hub, launch, runtime, vllm_engine
 from rlhf_cli.core.errors import ConfigError
 from rlhf_cli.core.manifest import stage_output
 from rlhf_cli.core.progress import Reporter
@@ -59,6 +59,16 @@ from rlhf_cli.stages.ppo.checkpoint import PPOOutput, Stopped
 from rlhf_cli.stages.ppo.preflight import dry_run, preflight
 from rlhf_cli.stages.ppo.trainer import PPOTrainer
 from rlhf_cli.stages.ppo.trl_algos import run_trl
+
+
+def check_gpu_flags(a: PPOArgs) -> None:
+    """--use-vllm and --load-in-4bit: one line, before any weights load, where this machine or run cannot."""
+    if a.algo == "ppo" and a.use_vllm and a.load_in_4bit:
+        raise ConfigError("--use-vllm with --load-in-4bit: --algo ppo hands vLLM the policy's merged weights, which "
+                          "4-bit base weights cannot give exactly; expected one of them (or --algo grpo/rloo)")
+    vllm_engine.check_vllm(a.use_vllm, launch.processes(a), a.vllm_mode,
+                           what="rlhf ppo --algo ppo" if a.algo == "ppo" else "")
+    runtime.check_load_in_4bit(a.load_in_4bit)
 
 
 def run_ppo(args: PPOArgs, reporter: Reporter | None = None) -> Path:
@@ -78,6 +88,8 @@ def run_ppo(args: PPOArgs, reporter: Reporter | None = None) -> Path:
     if not args.resume and staged.partial.exists():
         say(f"{'a real run would discard' if args.dry_run else 'discarding'} the unfinished run in "
             f"{staged.partial} (pass --resume to continue it)")
+    if not args.dry_run:  # a dry run shows whether they would run here instead of refusing
+        check_gpu_flags(args)
     plan = preflight(args, say)
     if args.dry_run:
         return dry_run(args, plan, staged.out, reporter)

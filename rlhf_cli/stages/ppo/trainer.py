@@ -16,6 +16,7 @@ process takes the same decisions (early stop, divergence, stop request) at the s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import time
@@ -27,7 +28,7 @@ import transformers
 from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig, PreTrainedModel
 
-from rlhf_cli.core import runtime
+from rlhf_cli.core import runtime, vllm_engine
 from rlhf_cli.core.config import dump_yaml, to_dict
 from rlhf_cli.core.errors import ConfigError, TrainingError
 from rlhf_cli.core.interrupt import StopSignals
@@ -78,6 +79,7 @@ from rlhf_cli.stages.ppo.rollout import (
     response_logits,
     response_texts,
     rollout_forward,
+    rollout_from_ids,
     score_rollout,
     trimmed,
 )
@@ -126,22 +128,25 @@ def load_models(a: PPOArgs, plan: Plan, precision: str, resume_dir: Path | None
     Policy, value and reference load in the training weight dtype (fp32 on the CPU, computing under autocast):
     the reference then computes exactly as the policy does, so their KL starts at 0; the RM only scores and
     loads in the compute dtype."""
-    dtype = runtime.weight_dtype(precision)
     tok = plan.tok
 
-    def causal(path: Path) -> PreTrainedModel:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **plan.loading.model_kwargs())
+    def causal(path: Path, load_in_4bit: bool = False) -> PreTrainedModel:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, **runtime.load_kwargs(path, AutoModelForCausalLM, precision, load_in_4bit),
+            **plan.loading.model_kwargs())
         set_distinct_pad(tok, model)  # a pad token the tokenizer had to add needs an embedding row
         return model
 
     def classifier(path: Path) -> PreTrainedModel:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
-                                                                   **plan.loading.model_kwargs())
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, **runtime.load_kwargs(path, AutoModelForSequenceClassification, precision),
+            **plan.loading.model_kwargs())
         set_distinct_pad(tok, model)
         return model
 
     full_resume = resume_dir is not None and not a.lora
-    policy = causal(resume_dir if full_resume else plan.policy_path)
+    # --load-in-4bit (QLoRA, with --lora): the policy's frozen base in 4 bits; it is also the reference
+    policy = causal(resume_dir if full_resume else plan.policy_path, a.load_in_4bit)
     ref = None if a.lora else causal(plan.policy_path)
     rm = RewardModel.load(plan.reward_spec, precision, tok=plan.rm_tok, max_length=plan.rm_max_length)
     value_base = plan.reward_path if a.value_init == "reward" else plan.policy_path
@@ -149,6 +154,10 @@ def load_models(a: PPOArgs, plan: Plan, precision: str, resume_dir: Path | None
     if a.freeze_layers:
         freeze_lower_layers(policy, a.freeze_layers)
         freeze_lower_layers(value, a.freeze_layers)
+    if a.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        policy = prepare_model_for_kbit_training(policy, use_gradient_checkpointing=False)
     if a.lora and resume_dir is not None:
         policy = PeftModel.from_pretrained(policy, resume_dir / "adapter", is_trainable=True)
         value = PeftModel.from_pretrained(value, resume_dir / "value" / "adapter", is_trainable=True)
@@ -161,6 +170,47 @@ def load_models(a: PPOArgs, plan: Plan, precision: str, resume_dir: Path | None
     head_model(value)  # PPO reads values and RM scores from every hidden state: both need a findable head
     head_model(rm.model)
     return policy, ref, rm, value
+
+
+def open_engine(a: PPOArgs, plan: Plan, precision: str) -> vllm_engine.Engine:
+    """--use-vllm: a vLLM engine colocated with training, on the policy's folder (the trainer then hands it the
+    weights it trains on before the first rollout and after every update)."""
+    longest = max(len(p) for p in plan.prompt_ids) + a.max_new_tokens
+    return vllm_engine.VLLMEngine(plan.policy_path, dtype={"fp32": "float32", "bf16": "bfloat16",
+                                                           "fp16": "float16"}[precision],
+                                  gpu_memory_utilization=a.vllm_gpu_memory_utilization, max_model_len=longest,
+                                  eos_ids=plan.eos_ids, seed=a.seed, trust_remote_code=a.trust_remote_code)
+
+
+def checkpoint_layers(model: PreTrainedModel) -> int:
+    """Gradient checkpointing in a model that stays in eval mode (dropout off, so rollout and training passes
+    agree): transformers checkpoints a layer only when that layer's own `training` flag is set and gradients are
+    on, so only the layers' flags are set (not their children's, whose dropout stays off) and the no-grad rollout
+    passes run as before. Returns the number of checkpointed layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    kwargs = {"use_reentrant": False}  # works with frozen embeddings (LoRA, --freeze-layers) and DDP
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    for layer in layers:
+        layer.training = True
+    return len(layers)
+
+
+def check_engine_vocab(policy: PreTrainedModel, plan: Plan) -> None:
+    """The engine was built from the folder's config: a policy whose embeddings grew (a pad token the tokenizer
+    had to add) cannot hand it its weights."""
+    from rlhf_cli.core.reward_model import read_config
+
+    on_disk = read_config(plan.policy_path, "--policy").get("vocab_size")
+    rows = policy.get_input_embeddings().num_embeddings
+    if on_disk is not None and rows != on_disk:
+        raise ConfigError(f"--use-vllm: the policy's tokenizer needed a new pad token, so its embeddings grew from "
+                          f"{on_disk} to {rows} rows and no longer match {plan.policy_path}; expected a tokenizer "
+                          f"with a pad token other than EOS (an sft stage saves one), or drop --use-vllm")
 
 
 class Diverged(Exception):
@@ -231,6 +281,8 @@ class PPOTrainer:
         self.lr = a.lr or (DEFAULT_LORA_LR if a.lora else DEFAULT_LR)
         self.epochs = ppo_epochs(a)
         self.minibatch = minibatch_size(a)
+        # --use-vllm: the engine takes its share of the GPU first, so the memory planner sees what is left
+        self.engine = open_engine(a, plan, self.precision) if a.use_vllm else None
         self.memory = plan_memory(a, plan, self.precision, self.minibatch, reporter.info)
         self.micro = self.memory.micro_batch
         self.total = updates(a, len(plan.prompt_ids))
@@ -238,6 +290,9 @@ class PPOTrainer:
         transformers.set_seed(a.seed)  # fresh heads, LoRA initialisation
         self.policy, self.ref, self.rm, self.value = load_models(
             a, plan, self.precision, staged.partial if a.resume else None)
+        if self.memory.gradient_checkpointing:  # the planner found no micro-batch that fits without it
+            for model in (self.policy, self.value):
+                checkpoint_layers(model)
         self.params = [p for m in (self.policy, self.value) for p in m.parameters() if p.requires_grad]
         # the training passes go through these (DDP under several processes); generation and the no-grad
         # rollout passes use the plain models
@@ -252,6 +307,8 @@ class PPOTrainer:
             do_sample=True, temperature=a.temperature, top_k=a.top_k or 0, top_p=a.top_p,
             max_new_tokens=a.max_new_tokens, eos_token_id=plan.eos_ids, pad_token_id=plan.tok.pad_token_id,
             bos_token_id=plan.tok.bos_token_id, use_cache=True)
+        self.sampling = vllm_engine.SampleSettings(max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                                                   top_p=a.top_p, top_k=a.top_k or 0)
         self.history: list[dict] = []
         self.tracker = Tracker(None, staged.partial)  # --report-to opens the real one when training starts
         self.report_to = a.report_to if self.rank == 0 else None  # one run in the dashboard, from rank 0
@@ -296,6 +353,7 @@ class PPOTrainer:
                     batch = self.collect(step)  # rollouts, scores, KL-shaped rewards, advantages
                     self.guard(batch, step)  # NaN scores, runaway KL to the reference
                     stats = self.train_on(batch)  # PPO epochs over minibatches, then the KL controller
+                    self.sync_engine()  # --use-vllm: the next rollouts sample from the updated policy
                 except Diverged as e:
                     self.reporter.finish()
                     raise self.diverged(str(e), step + 1, dest) from None
@@ -321,8 +379,17 @@ class PPOTrainer:
             self.history = jsonl_keep(metrics, step)
             jsonl_keep(samples, step)
             self.reporter.info(f"resuming from update {step} of {self.total} in {dest}")
+        if self.engine is not None:
+            check_engine_vocab(self.policy, self.plan)
+        self.sync_engine()  # the engine loaded the policy's folder: it takes the weights actually trained on
         self.t_start = time.time()  # training time: loading models and state does not count
         return step
+
+    def sync_engine(self) -> None:
+        """--use-vllm: hand the policy's current weights to the generation engine (LoRA merged, Hugging Face
+        names). Without it the policy samples itself and there is nothing to hand over."""
+        if self.engine is not None:
+            self.engine.load_weights(vllm_engine.engine_weights(self.policy))
 
     # ------------------------------------------------------------------------------------------- phases
 
@@ -336,9 +403,15 @@ class PPOTrainer:
         n, first = len(plan.prompt_ids), step * self.global_batch + self.rank * a.batch_size
         idx = [prompt_order(a.seed, n, k // n)[k % n] for k in range(first, first + a.batch_size)]
         rows = [plan.rows[i] for i in idx]
+        prompt_ids = [plan.prompt_ids[i] for i in idx]
         with runtime.autocast(self.precision):  # bf16 on the CPU: fp32 weights, bf16 matmuls
-            rollout = generate_rollouts(self.policy, [plan.prompt_ids[i] for i in idx], self.gen_config,
-                                        plan.tok.pad_token_id, plan.eos_ids, self.device)
+            if self.engine is None:
+                rollout = generate_rollouts(self.policy, prompt_ids, self.gen_config, plan.tok.pad_token_id,
+                                            plan.eos_ids, self.device)
+            else:  # token ids only: every log-probability comes from the policy's own forward pass below
+                seed = rollout_seed(a.seed, step, self.rank)
+                responses = self.engine.generate(prompt_ids, dataclasses.replace(self.sampling, seed=seed))
+                rollout = rollout_from_ids(prompt_ids, responses, plan.tok.pad_token_id, plan.eos_ids, self.device)
             t1 = time.time()
             raw = score_rollout(self.rm, plan, rollout, rows, self.micro)
             scores = self.shaper(raw, rollout.ends, self.sum_all)
@@ -581,6 +654,7 @@ class PPOTrainer:
             **{f"seconds_{k[5:]}_per_update": sum(h[k] for h in history) / len(history)
                for k in ("time/generate", "time/score", "time/forward", "time/train")},
             "reward_input": "token ids" if self.plan.same_ids else "re-encoded text",
+            "generation": self.engine.name if self.engine is not None else "hf",
             "threads": self.threads, "precision": self.precision, "precision_reason": self.choice.reason,
             "lr": self.lr,
             "memory": self.memory.with_peak(),

@@ -112,9 +112,10 @@ class TRLLog(TrainerCallback):
 
 
 def trl_config(a: PPOArgs, out: Path, lr: float, precision: str, total: int,
-               mem: memory.MemoryPlan | None = None) -> Any:
+               mem: memory.MemoryPlan | None = None, max_model_len: int | None = None) -> Any:
     """The GRPO/RLOO config for our flags; `mem`: the planner's micro-batches (TRL samples the whole
-    --batch-size at once and trains on it in micro-batches that it accumulates)."""
+    --batch-size at once and trains on it in micro-batches that it accumulates), and whether it needs gradient
+    checkpointing; `max_model_len`: the longest prompt + response, vLLM's context (its KV cache is sized by it)."""
     config_cls, _ = TRAINERS[a.algo]
     micro, accum = (mem.micro_batch, mem.grad_accum) if mem else (a.batch_size // a.grad_accum, a.grad_accum)
     return config_cls(
@@ -122,15 +123,33 @@ def trl_config(a: PPOArgs, out: Path, lr: float, precision: str, total: int,
         gradient_accumulation_steps=accum, learning_rate=lr, lr_scheduler_type=a.lr_scheduler,
         warmup_steps=a.warmup_ratio,  # transformers reads a value below 1 as a fraction of the steps
         weight_decay=a.weight_decay, max_steps=total, seed=a.seed, data_seed=a.seed,
-        bf16=precision == "bf16", fp16=precision == "fp16", gradient_checkpointing=False, logging_steps=1,
+        bf16=precision == "bf16", fp16=precision == "fp16", logging_steps=1,
+        # the memory planner turns it on when no micro-batch fits without it
+        gradient_checkpointing=bool(mem and mem.gradient_checkpointing),
         logging_strategy="steps", save_strategy="steps" if a.save_every else "no", save_steps=a.save_every or 500,
         eval_strategy="no", report_to=tracking.hf_report_to(a.report_to), run_name=tracking.run_name(out.parent),
         project=tracking.PROJECT, disable_tqdm=True, dataloader_num_workers=0,
         num_generations=a.group_size, max_completion_length=a.max_new_tokens, temperature=a.temperature,
         top_p=a.top_p, top_k=a.top_k or 0, beta=a.kl_coef, epsilon=a.clip_eps, max_grad_norm=a.max_grad_norm,
         num_iterations=ppo_epochs(a), disable_dropout=True, log_completions=False, shuffle_dataset=True,
-        **runtime.trainer_device_kwargs(),
+        **vllm_kwargs(a, max_model_len), **runtime.trainer_device_kwargs(),
     )
+
+
+def vllm_kwargs(a: PPOArgs, max_model_len: int | None = None) -> dict[str, Any]:
+    """--use-vllm for TRL's trainers: its own vLLM integration (colocated in the training processes, or a
+    `trl vllm-serve` server), its importance-sampling correction for the engine's slightly different
+    log-probabilities left at TRL's default."""
+    if not a.use_vllm:
+        return {"use_vllm": False}
+    kw: dict[str, Any] = {"use_vllm": True, "vllm_mode": a.vllm_mode}
+    if a.vllm_mode == "colocate":
+        kw["vllm_gpu_memory_utilization"] = a.vllm_gpu_memory_utilization
+        if max_model_len:
+            kw["vllm_max_model_length"] = max_model_len
+    elif a.vllm_server_url:
+        kw["vllm_server_base_url"] = a.vllm_server_url
+    return kw
 
 
 def run_trl(a: PPOArgs, plan: Plan, staged: PPOOutput, reporter: Reporter, started: float) -> Path:
@@ -148,8 +167,9 @@ def run_trl(a: PPOArgs, plan: Plan, staged: PPOOutput, reporter: Reporter, start
     tok = plan.tok
     mem = plan_memory(a, plan, precision, a.batch_size, say)
     transformers.set_seed(a.seed)
-    policy = AutoModelForCausalLM.from_pretrained(plan.policy_path, dtype=runtime.weight_dtype(precision),
-                                                  **plan.loading.model_kwargs())
+    policy = AutoModelForCausalLM.from_pretrained(
+        plan.policy_path, **runtime.load_kwargs(plan.policy_path, AutoModelForCausalLM, precision, a.load_in_4bit),
+        **plan.loading.model_kwargs())
     set_distinct_pad(tok, policy)
     policy.generation_config.eos_token_id = plan.eos_ids
     if a.freeze_layers:
@@ -171,7 +191,8 @@ def run_trl(a: PPOArgs, plan: Plan, staged: PPOOutput, reporter: Reporter, start
             f"beta {a.kl_coef:g}")
         trainer = TRAINERS[a.algo][1](
             model=policy, reward_funcs=RewardFunction(rm, a, plan.eos_ids),
-            args=trl_config(a, dest / "trainer", lr, precision, total, mem), processing_class=tok,
+            args=trl_config(a, dest / "trainer", lr, precision, total, mem,
+                            max(len(p) for p in plan.prompt_ids) + a.max_new_tokens), processing_class=tok,
             train_dataset=Dataset.from_list([{"prompt": r["prompt"]} for r in plan.rows]),
             peft_config=lora_config(a, "CAUSAL_LM", policy) if a.lora else None,
             callbacks=[log := TRLLog(a, dest, total, reporter, history, signals)])
@@ -201,6 +222,6 @@ def run_trl(a: PPOArgs, plan: Plan, staged: PPOOutput, reporter: Reporter, start
                    "final_response_length": last_row.get("response_length"),
                    "seconds_per_update": (time.time() - t0) / max(1, steps),
                    "threads": threads, "precision": precision, "precision_reason": choice.reason, "lr": lr,
-                   "memory": mem.with_peak()}
+                   "generation": "vllm" if a.use_vllm else "hf", "memory": mem.with_peak()}
         write_ppo_manifest(dest, a, plan, metrics, started, lr=lr, ppo_epochs=ppo_epochs(a))
     return staged.out
