@@ -42,7 +42,7 @@ $(STAMPS)/chromium:
 	@{ command -v chromium && command -v chromedriver; } >/dev/null 2>&1 && touch $@ || true
 
 test: install $(STAMPS)/chromium
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: install $(STAMPS)/chromium
 	$(BIN)/python -m pytest -q -m "not slow"
