@@ -68,19 +68,25 @@ def build_rm(dest: Path, policy: Path, template: str | None = None, extra_tokens
     return stage(dest, "reward", max_length=256)
 
 
+def peaky_sft(dest: Path) -> Path:
+    """The tiny policy as an sft stage, its embeddings (tied: the LM head too) scaled 10x so its next-token
+    distributions are peaky and sampled answers differ in ways an RM can reward."""
+    from transformers import AutoModelForCausalLM
+
+    policy = build_tiny(dest)
+    model = AutoModelForCausalLM.from_pretrained(policy)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(10.0)
+    model.save_pretrained(policy)
+    return stage(policy, "sft", max_length=128)
+
+
 @pytest.fixture(scope="module")
 def w(tmp_path_factory):
     """A run folder with an sft stage (the peaky tiny policy) and reward stages of each kind, plus prompts."""
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("ppo")
     run = root / "run"
-    policy = build_tiny(run / "sft")
-    model = AutoModelForCausalLM.from_pretrained(policy)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(10.0)  # tied: the LM head too
-    model.save_pretrained(policy)
-    stage(policy, "sft", max_length=128)
+    policy = peaky_sft(run / "sft")
     build_rm(run / "reward", policy)
     rows = [{"prompt": f"Tell me about topic {i}."} for i in range(32)]
     return SimpleNamespace(root=root, run=run, policy=policy, rm=run / "reward",

@@ -19,13 +19,12 @@ import signal
 import socket
 import subprocess
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import build_tiny, invoke, ok, one_error, stage, write_jsonl
-from test_ppo import build_rm
+from helpers import invoke, ok, one_error, write_jsonl
+from test_ppo import build_rm, lines, peaky_sft
 from test_scale import manifest, manifests_under, rlhf, run
 
 from rlhf_cli.core import launch
@@ -116,23 +115,12 @@ def test_ppo_refuses_sharded_configs(tmp_path):
 
 @pytest.fixture(scope="module")
 def w(tmp_path_factory):
-    from transformers import AutoModelForCausalLM
-
     root = tmp_path_factory.mktemp("ppo_dist")
     run_dir = root / "run"
-    policy = build_tiny(run_dir / "sft")
-    model = AutoModelForCausalLM.from_pretrained(policy)
-    with torch.no_grad():
-        model.model.embed_tokens.weight.mul_(10.0)  # peaky: see test_ppo
-    model.save_pretrained(policy)
-    stage(policy, "sft", max_length=128)
+    policy = peaky_sft(run_dir / "sft")
     build_rm(run_dir / "reward", policy)
     prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": f"Tell me about topic {i}."} for i in range(32)])
     return SimpleNamespace(root=root, run=run_dir, prompts=prompts)
-
-
-def lines(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
 def mean(xs) -> float:

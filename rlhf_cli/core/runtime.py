@@ -25,6 +25,7 @@ from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
+from rlhf_cli.core import launch
 from rlhf_cli.core import precision as precision_probe
 
 
@@ -36,16 +37,8 @@ def local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main_process() -> bool:
-    return rank() == 0
+# rank and world size: read from the launcher's environment in core/launch.py (light: the CLI imports it at start)
+rank, world_size, is_main_process = launch.rank, launch.world_size, launch.is_main
 
 
 def init_distributed(timeout_s: float | None = None) -> None:
