@@ -39,6 +39,8 @@ p.add_argument("--updates", type=int, default=20, help="updates of 8 answers eac
 p.add_argument("--max-new-tokens", type=int, default=48)
 p.add_argument("--out", default=str(ROOT / "bench" / "results" / "stage3"))
 p.add_argument("--skip-train", action="store_true", help="only evaluate the folders already in --out")
+p.add_argument("--threads", type=int, default=2, help="torch threads per command (1: two copies of this script "
+               "with different --algos can share 2 cores)")
 a = p.parse_args()
 
 run, out = Path(a.run), Path(a.out)
@@ -50,7 +52,8 @@ for stage in ("sft", "reward"):
 # The demo's stage-3 budget: 20 updates x 8 answers = 160 sampled answers of up to 48 tokens, the top 10 of 30
 # layers trained. GRPO/RLOO sample 4 answers per prompt for 2 prompts per update (8 answers); best-of-n samples
 # 4 answers for each of the 40 prompts (160 answers) and fine-tunes on the 40 best.
-COMMON = ["--prompts", a.prompts, "--max-new-tokens", str(a.max_new_tokens), "--seed", "42", "--threads", "2"]
+COMMON = ["--prompts", a.prompts, "--max-new-tokens", str(a.max_new_tokens), "--seed", "42",
+          "--threads", str(a.threads)]
 PPO_LIKE = COMMON + ["--max-steps", str(a.updates), "--batch-size", "8", "--temperature", "0.7",
                      "--freeze-layers", "20", "--missing-eos-penalty", "1.0"]
 COMMANDS = {
@@ -74,6 +77,12 @@ def child(cmd: list[str], log: Path) -> dict:
             "peak_gib": usage.ru_maxrss / 2**20}
 
 
+def episodes(dest: Path) -> int | None:
+    """Answers the stage sampled: PPO/GRPO/RLOO count episodes, best-of-n prompts x K."""
+    m = json.loads((dest / "rlhf_manifest.json").read_text())["metrics"]
+    return m.get("episodes") or (m.get("prompts", 0) * m.get("k", 0)) or None
+
+
 rows = {}
 for algo in a.algos.split(","):
     dest = out / algo
@@ -86,8 +95,14 @@ for algo in a.algos.split(","):
         cost_file.write_text(json.dumps(cost))
     cost = json.loads(cost_file.read_text())
     evaluation = out / f"{algo}.eval.json"
+    fresh = evaluation.is_file() and evaluation.stat().st_mtime > (dest / "rlhf_manifest.json").stat().st_mtime
+    if a.skip_train and fresh:  # already judged after its training: print it again
+        rows[algo] = cost | json.loads(evaluation.read_text().strip().splitlines()[-1])
+        rows[algo]["episodes"] = episodes(dest)
+        continue
     cmd = [str(BIN / "rlhf"), "eval", "policy", "--model", str(dest), "--baseline", str(run / "sft"), "--reward",
-           str(run / "reward"), "--prompts", a.eval_prompts, "--max-new-tokens", str(a.max_new_tokens), "--json"]
+           str(run / "reward"), "--prompts", a.eval_prompts, "--max-new-tokens", str(a.max_new_tokens), "--json",
+           "--threads", str(a.threads)]
     if a.eval_samples:
         cmd += ["--max-samples", str(a.eval_samples)]
     print(f"{algo}: eval policy on {a.eval_prompts}", file=sys.stderr, flush=True)
@@ -96,9 +111,7 @@ for algo in a.algos.split(","):
         sys.exit(f"eval failed for {algo}:\n{r.stderr[-3000:]}")
     evaluation.write_text(r.stdout)
     rows[algo] = cost | json.loads(r.stdout.strip().splitlines()[-1])
-    manifest = json.loads((dest / "rlhf_manifest.json").read_text())
-    rows[algo]["episodes"] = manifest["metrics"].get("episodes") or (
-        manifest["metrics"].get("prompts", 0) * manifest["metrics"].get("k", 0)) or None
+    rows[algo]["episodes"] = episodes(dest)
 
 
 def f(x, fmt=".3f") -> str:

@@ -238,3 +238,56 @@ def test_demo_config_resolves():
     assert demo.read_text().startswith("# rlhf best-of-n --config examples/configs/demo_best_of_n.yaml --run runs/demo")
     args = resolve(BestOfNArgs, demo, {"run": "runs/demo", "k": 2})  # a flag overrides the file
     assert (args.prompts, args.k, args.max_new_tokens, args.freeze_layers) == ("examples/data/prompts.jsonl", 2, 48, 20)
+
+
+def test_objective_dpo_trains_best_against_worst(w, tmp_path):
+    """--objective dpo: each kept prompt's best answer against its worst (the RM's ranking of the policy's own
+    samples), trained with DPO from the policy: the policy's log-probability margin of best over worst grows."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "bon-dpo"
+    ok(invoke("best-of-n", "--run", w.run, "--prompts", w.prompts, "--out", out, "--objective", "dpo", "--beta",
+              "0.1", "--max-steps", 8, "--lr-scheduler", "constant", *[x if x != "1e-2" else "1e-3" for x in FAST]))
+    rows = rows_of(out / "samples.jsonl")
+    pairs = rows_of(out / "pairs.jsonl")
+    kept = [r for r in rows if r["kept"]]
+    assert len(pairs) == len(kept) >= 6
+    for r, p in zip(kept, pairs, strict=True):
+        assert r["worst"] == min(range(4), key=lambda j: (r["scores"][j], j))
+        assert p == {"prompt": r["prompt"], "chosen": r["response"], "rejected": r["responses"][r["worst"]]}
+        assert r["worst_score"] < r["score"]
+    m = manifest(out)
+    assert m["args"]["objective"] == "dpo" and m["metrics"]["objective"] == "dpo"
+    assert m["metrics"]["dpo_steps"] == 8 and m["parents"] == [str(w.sft), str(w.rm)]
+    assert m["metrics"]["mean_worst_score"] < m["metrics"]["mean_best_score"]
+    assert not (out / "kept.jsonl").exists() and not (out / "dpo").exists()
+
+    tok = AutoTokenizer.from_pretrained(out)
+
+    def margin(model_dir: Path) -> float:
+        """Mean over the pairs of log p(chosen) - log p(rejected), each answer's tokens after its prompt."""
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+        total = 0.0
+        for p in pairs:
+            lp = []
+            for answer in (p["chosen"], p["rejected"]):
+                prompt = tok.apply_chat_template(p["prompt"], add_generation_prompt=True, tokenize=True,
+                                                 return_dict=False)
+                full = tok.apply_chat_template(p["prompt"] + [{"role": "assistant", "content": answer}],
+                                               tokenize=True, return_dict=False)
+                ids = torch.tensor([full])
+                with torch.no_grad():
+                    logp = model(ids).logits[0, :-1].log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0]
+                lp.append(float(logp[len(prompt) - 1:].sum()))
+            total += lp[0] - lp[1]
+        return total / len(pairs)
+
+    before, after = margin(w.sft), margin(out)
+    assert after > before + 1.0, (before, after)
+
+
+def test_objective_dpo_needs_two_answers(w, tmp_path):
+    one_error(invoke("best-of-n", "--run", w.run, "--prompts", w.prompts, "--out", tmp_path / "x", "--objective",
+                     "dpo", "-k", 1, "--threads", 1), 2, "--objective dpo: needs at least 2 answers per prompt")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()

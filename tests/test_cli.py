@@ -268,6 +268,19 @@ def test_sft_lora_no_merge_keeps_only_the_adapter(tiny, tmp_path):
     assert any("lora_A" in k for k in model.state_dict())
 
 
+def test_lora_with_frozen_layers_adapts_only_the_layers_above(tiny, tmp_path):
+    """--lora --freeze-layers N: adapters on the layers above N only (so no backward pass runs below them)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "sft"
+    ok(invoke("sft", "--model", tiny, "--data", EXAMPLES / "sft_alpaca.jsonl", "--out", out, "--lora",
+              "--no-lora-merge", "--freeze-layers", 1, "--max-length", 128, *FAST))
+    keys = load_file(out / "adapter" / "adapter_model.safetensors").keys()
+    layers = {k.split(".layers.")[1].split(".")[0] for k in keys if "lora_" in k}
+    assert layers == {"1"}, sorted(keys)  # the tiny model has layers 0 and 1
+    assert {k.split(".")[-3] for k in keys if "lora_A" in k} >= {"q_proj", "down_proj"}  # all-linear, spelled out
+
+
 def test_reward_lora_merged_from_sft_stage(run, tmp_path):
     from transformers import AutoModelForSequenceClassification
 

@@ -289,7 +289,7 @@ def test_rollout_masks_scores_and_logprobs_with_pad_equal_to_eos(w):
         assert bool(ro.ends[i]) == (eos in r)
         assert ro.attn[i].sum() == len(prompts[i]) + n
 
-    old, ref, values, _ = rollout_forward(policy, policy, rm, ro, 1.0, 4, lora=False)
+    old, ref, values, _, _ = rollout_forward(policy, policy, rm, ro, 1.0, 4, lora=False)
     plan = Plan(policy="p", policy_path=w.policy, policy_manifest=None, reward_spec=RewardSpec("r", w.rm, None),
                 tok=tok, rm_tok=tok, same_ids=True, turn_suffix=template_suffix(tok), why_reencode="", prompts=None,
                 prompt_ids=prompts, rows=[], too_long=0, eos_ids=[eos], rm_max_length=256)

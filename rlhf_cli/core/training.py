@@ -166,18 +166,25 @@ def describe_setup(what: str, model: PreTrainedModel, args: Any, precision: str,
 
 
 def lora_config(args: Any, task: str, model: PreTrainedModel) -> LoraConfig:
-    """`args`: any args with the LoRA fields of `rlhf_cli.core.args`."""
+    """`args`: any args with the LoRA fields of `rlhf_cli.core.args`. With --freeze-layers N the adapters go only
+    on the layers above N, so no backward pass runs below them."""
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] not in ("score", "lm_head")})
     targets: Any = args.lora_targets
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
         names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
         missing = [t for t in targets if t not in names]
         if missing or not targets:
-            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                             if type(m).__name__ == "Linear" and n.rsplit(".", 1)[-1] not in ("score", "lm_head")})
             raise ConfigError(f"--lora-targets {args.lora_targets}: no module named {', '.join(missing) or '(empty)'}"
                               f" in this model; expected all-linear or a comma list of: {', '.join(linear)}")
-    extra = {"modules_to_save": ["score"]} if task == "SEQ_CLS" else {}
+    extra: dict[str, Any] = {"modules_to_save": ["score"]} if task == "SEQ_CLS" else {}
+    frozen = getattr(args, "freeze_layers", 0) or 0
+    total = getattr(model.config, "num_hidden_layers", None)
+    if frozen and total and frozen < total and linear:
+        # peft takes a layer list only with named targets: all-linear is spelled out
+        targets = linear if targets == "all-linear" else targets
+        extra["layers_to_transform"] = list(range(frozen, total))
     return LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=targets, task_type=task, **extra)
 

@@ -87,11 +87,19 @@ class BestOfNArgs:
     vllm_gpu_memory_utilization: float = vllm_memory_field()
     seed: int = opt(42, "Random seed: each sampling batch is seeded from it and its index (the same answers as "
                         "`rlhf generate` with this seed and batch size), and the fine-tune's data order.")
-    # The fine-tune: `rlhf sft` on the kept (prompt, best answer) pairs, with these settings.
+    objective: str = opt("sft", "What the policy learns from the scored answers: sft = fine-tune on each kept "
+                                "prompt's best answer (rejection sampling); dpo = DPO on each kept prompt's best "
+                                "answer against its worst (the reward model ranks the policy's own answers: online "
+                                "DPO), which also pushes away from what the RM dislikes.", choices=("sft", "dpo"))
+    beta: float = opt(0.1, "--objective dpo: DPO's beta, the pull towards the starting policy (the reference).",
+                      above=0)
+    # The fine-tune: `rlhf sft` on the kept (prompt, best answer) pairs (or `rlhf dpo` on the kept (best, worst)
+    # pairs), with these settings.
     epochs: float = opt(1.0, "Fine-tune: passes over the kept pairs.", above=0)
     max_steps: int | None = opt(None, "Fine-tune: stop after this many optimiser steps (overrides --epochs).",
                                 min=1)
-    lr: float | None = lr_field("Fine-tune: peak learning rate (default: rlhf sft's, 2e-05; 2e-4 with --lora).")
+    lr: float | None = lr_field("Fine-tune: peak learning rate (default: rlhf sft's, 2e-05, 2e-4 with --lora; with "
+                                "--objective dpo, rlhf dpo's, 5e-06, 5e-05 with --lora).")
     lr_scheduler: str = opt("cosine", "Fine-tune: learning-rate schedule.",
                             choices=("linear", "cosine", "constant", "constant_with_warmup"))
     warmup_ratio: float = warmup_field(0.05, "steps", "Fine-tune: fraction of steps spent warming up.")
@@ -140,6 +148,8 @@ def check_best_of_n_args(args: BestOfNArgs) -> None:
     if args.prompts is None:
         raise ConfigError("--prompts: missing; expected a prompts file (any format `rlhf sft` or `rlhf reward` "
                           "reads), a folder or a hub dataset")
+    if args.objective == "dpo" and args.k < 2:
+        raise ConfigError("--objective dpo: needs at least 2 answers per prompt (a best and a worst); use -k 2 or more")
     if args.temperature == 0 and args.k > 1:
         raise ConfigError(f"--temperature 0 is greedy decoding: all {args.k} answers would be the same; use a "
                           f"temperature above 0 (such as 0.7)")

@@ -22,6 +22,11 @@ go further (and over-optimise it).
    this stage's optimisation flags; the SFT loss on the kept answers before and after goes into the manifest. The
    fine-tune trains in `OUT.partial/sft` and `--resume` continues it as `rlhf sft --resume` would.
 
+With `--objective dpo`, step 4 is instead `rlhf dpo` (`stages.dpo.train.run_dpo`) from the policy, its own
+reference, on each kept prompt's best answer against its worst (`pairs.jsonl`): the RM's ranking of the policy's
+own samples, learned from both ends (online DPO, as in iterative/rejection-sampling DPO); a prompt whose best and
+worst answers are the same text is dropped.
+
 The result is a normal causal-LM folder (the fine-tuned policy) holding `samples.jsonl` (every prompt with its K
 answers, their scores, the best one and whether it was kept), `kept.jsonl` (what was fine-tuned on), SFT's
 `metrics.jsonl`, and `rlhf_manifest.json`, written last, whose parents are the policy and the RM.
@@ -67,6 +72,8 @@ from rlhf_cli.data import load_prompts
 from rlhf_cli.interact.args import GENERATE_SAMPLING
 from rlhf_cli.interact.generate import prompt_key, read_existing
 from rlhf_cli.stages.best_of_n.args import BestOfNArgs, check_best_of_n_args
+from rlhf_cli.stages.dpo.args import DPOArgs
+from rlhf_cli.stages.dpo.train import run_dpo
 from rlhf_cli.stages.sft.args import SFTArgs
 from rlhf_cli.stages.sft.train import run_sft
 
@@ -74,6 +81,8 @@ STAGE = "best-of-n"
 SAMPLING_TIMEOUT_S = 12 * 3600  # how long the other processes wait for rank 0's sampling
 SAMPLES = "samples.jsonl"  # every prompt, its K answers and scores, the best and whether it was kept
 KEPT = "kept.jsonl"  # the (prompt, best answer) pairs fine-tuned on, as SFT messages
+PAIRS = "pairs.jsonl"  # --objective dpo: the (prompt, best answer, worst answer) rows trained on
+DPO_DIR = "dpo"  # OUT.partial/dpo: the DPO fine-tune's stage folder, as SFT_DIR
 SFT_DIR = "sft"  # OUT.partial/sft: the fine-tune's own stage folder until its files move up into OUT
 RESUME_FILE = "resume.json"
 # What decides the samples: a resumed run must use the same (the selection and the fine-tune's flags may change
@@ -86,6 +95,7 @@ SFT_KEYS = ("epochs", "max_steps", "lr", "lr_scheduler", "warmup_ratio", "batch_
             "lora_targets", "lora_merge", "freeze_layers", "gradient_checkpointing", "max_memory", "micro_batch_size",
             "save_every", "logging_steps", "precision", "threads", "allow_pickle", "trust_remote_code",
             "report_to")
+DPO_KEYS = tuple(k for k in SFT_KEYS if k != "assistant_only_loss")  # DPO learns from the answers' tokens only
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -281,8 +291,14 @@ def select_all(rows: list[dict], args: BestOfNArgs) -> dict[str, Any]:
     dropped: dict[str, int] = {}
     for row in rows:
         best, why = select(row["scores"], row["responses"], args.min_score, args.min_margin)
+        worst = min(range(len(row["scores"])), key=lambda j: (row["scores"][j], j))
+        if why is None and args.objective == "dpo" and \
+                row["responses"][worst].strip() == row["responses"][best].strip():
+            why = "best and worst answers the same"
         row.update(best=best, kept=why is None, dropped=why, response=row["responses"][best],
                    score=row["scores"][best], mean_score=sum(row["scores"]) / len(row["scores"]))
+        if args.objective == "dpo":
+            row.update(worst=worst, rejected=row["responses"][worst], worst_score=row["scores"][worst])
         if why:
             dropped[why] = dropped.get(why, 0) + 1
     kept = [r for r in rows if r["kept"]]
@@ -322,10 +338,27 @@ def sft_args(args: BestOfNArgs, dest: Path) -> SFTArgs:
                    resume=args.resume and bool(started), **{k: getattr(args, k) for k in SFT_KEYS})
 
 
-def write_kept(dest: Path, rows: list[dict], fine_tune_started: bool) -> None:
-    text = "".join(json.dumps({"messages": r["prompt"] + [{"role": "assistant", "content": r["response"]}]},
-                              ensure_ascii=False) + "\n" for r in rows if r["kept"])
-    path = dest / KEPT
+def dpo_args(args: BestOfNArgs, dest: Path) -> DPOArgs:
+    """`rlhf dpo` on the kept (best, worst) pairs, from the policy (also its reference), with this stage's
+    optimisation flags; no eval set (before training the implicit reward margin is 0 by construction)."""
+    dpo_dir = dest / DPO_DIR
+    started = complete_checkpoints(dpo_dir.with_name(DPO_DIR + ".partial"))
+    return DPOArgs(model=args.policy, data=str(dest / PAIRS), out=str(dpo_dir), overwrite=True, format="explicit",
+                   method="dpo", beta=args.beta, group_by_prompt=False, resume=args.resume and bool(started),
+                   **{k: getattr(args, k) for k in DPO_KEYS})
+
+
+def write_kept(dest: Path, rows: list[dict], fine_tune_started: bool, objective: str = "sft") -> None:
+    """The kept rows as the fine-tune reads them: SFT messages (`kept.jsonl`), or for --objective dpo explicit
+    preference pairs (`pairs.jsonl`)."""
+    if objective == "dpo":
+        text = "".join(json.dumps({"prompt": r["prompt"], "chosen": r["response"], "rejected": r["rejected"]},
+                                  ensure_ascii=False) + "\n" for r in rows if r["kept"])
+        path = dest / PAIRS
+    else:
+        text = "".join(json.dumps({"messages": r["prompt"] + [{"role": "assistant", "content": r["response"]}]},
+                                  ensure_ascii=False) + "\n" for r in rows if r["kept"])
+        path = dest / KEPT
     if fine_tune_started and path.is_file() and path.read_text(encoding="utf-8") != text:
         raise ConfigError("--min-score/--min-margin: they keep other answers than the interrupted fine-tune was "
                           "training on; resume with the same thresholds, or start again without --resume")
@@ -364,12 +397,15 @@ def dry_run(args: BestOfNArgs, reporter: Reporter, out: Path, policy_path: Path,
     answers = len(prompt_lens) * args.k
     steps, per_epoch = dry.trainer_steps(args, len(prompt_lens))
     trained = dry.padded_tokens(seqs, plan.micro_batch, seed=args.seed) * steps / per_epoch
+    dpo = args.objective == "dpo"  # two answers per pair trained, and the reference's pass over both
     compute = dry.Compute(
-        train_flops=trained * dry.train_flops(shape, head=1.0, lora=args.lora, lora_r=args.lora_r,
-                                              freeze_layers=args.freeze_layers or 0),
+        train_flops=(2 if dpo else 1) * trained * dry.train_flops(shape, head=1.0, lora=args.lora,
+                                                                  lora_r=args.lora_r,
+                                                                  freeze_layers=args.freeze_layers or 0),
         forward_flops=(args.k * sum(prompt_lens) * dry.forward_flops(shape, 0.0)
                        + args.k * sum(seqs) * dry.forward_flops(rm_shape, 0.0)
-                       + 2 * sum(seqs) * dry.forward_flops(shape, 1.0)),  # eval loss before and after
+                       # sft: the eval loss before and after; dpo: the reference on both answers per pass
+                       + (2 * trained if dpo else 2 * sum(seqs)) * dry.forward_flops(shape, 1.0)),
         decode_tokens=answers * args.max_new_tokens, decode_batch=args.sample_batch_size * args.k)
     t = dry.estimate_time(compute, shape, int(plan.micro_batch * sum(seqs) / max(len(seqs), 1)), precision)
     summary = {"policy": f"{args.policy} ({policy_path})", "reward model": f"{args.reward} ({rm_spec.path})",
@@ -429,27 +465,43 @@ def run_best_of_n(args: BestOfNArgs, reporter: Reporter | None = None) -> Path:
             f"mean score of all {args.k * picked['prompts']} answers {picked['mean_score']:.4g} (selection gain "
             f"{picked['selection_gain']:.4g})")
 
-        fine_tune = sft_args(args, dest)
+        dpo = args.objective == "dpo"
+        fine_tune = dpo_args(args, dest) if dpo else sft_args(args, dest)
         sft_dir = Path(fine_tune.out)
         if read_manifest(sft_dir) is None:
             if runtime.is_main_process():
-                write_kept(dest, rows, fine_tune.resume)
+                write_kept(dest, rows, fine_tune.resume, args.objective)
             runtime.barrier()
-            say(f"fine-tuning {args.policy} on the {picked['kept']} kept answers ({dest / KEPT})")
-            run_sft(fine_tune, reporter)
+            if dpo:
+                say(f"DPO from {args.policy} on the {picked['kept']} kept prompts' best against worst answers "
+                    f"({dest / PAIRS})")
+                run_dpo(fine_tune, reporter)
+            else:
+                say(f"fine-tuning {args.policy} on the {picked['kept']} kept answers ({dest / KEPT})")
+                run_sft(fine_tune, reporter)
         if not runtime.is_main_process():
             return staged.out  # rank 0 writes the stage folder; StagedOutput waits for it on the way out
         sft = move_up(sft_dir, dest)
         (dest / RESUME_FILE).unlink(missing_ok=True)
         dump_yaml(args, dest / "rlhf_config.yaml", header="# rlhf best-of-n --config rlhf_config.yaml\n")
         sm = sft.metrics
-        metrics = picked | sampled | {
-            "sft_loss_before": sm.get("eval_loss_before"), "sft_loss_after": sm.get("eval_loss"),
-            "sft_steps": sm.get("steps"), "sft_train_loss": sm.get("train_loss"),
-            "sft_first_loss": sm.get("first_loss"), "sft_last_loss": sm.get("last_loss"),
-            "sft_train_seconds": sm.get("train_seconds"), "threads": threads, "precision": sm.get("precision"),
-            "precision_reason": sm.get("precision_reason"),
-            "memory": sm.get("memory")}
+        common = {"threads": threads, "precision": sm.get("precision"),
+                  "precision_reason": sm.get("precision_reason"), "memory": sm.get("memory")}
+        if dpo:
+            kept_rows = [r for r in rows if r["kept"]]
+            metrics = picked | sampled | common | {
+                "objective": "dpo", "mean_worst_score": sum(r["worst_score"] for r in kept_rows) / len(kept_rows),
+                "dpo_steps": sm.get("steps"), "dpo_train_loss": sm.get("train_loss"),
+                "dpo_reward_margin_last": sm.get("train_rewards_margins_last"),
+                "dpo_reward_accuracy_last": sm.get("train_rewards_accuracies_last"),
+                "dpo_train_seconds": sm.get("train_seconds")}
+        else:
+            metrics = picked | sampled | common | {
+                "objective": "sft",
+                "sft_loss_before": sm.get("eval_loss_before"), "sft_loss_after": sm.get("eval_loss"),
+                "sft_steps": sm.get("steps"), "sft_train_loss": sm.get("train_loss"),
+                "sft_first_loss": sm.get("first_loss"), "sft_last_loss": sm.get("last_loss"),
+                "sft_train_seconds": sm.get("train_seconds")}
         resolved = {"resolved_policy": str(policy_path), "resolved_reward": str(rm_spec.path),
                     "sampling": {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,
                                  "repetition_penalty": sampling.repetition_penalty},

@@ -51,7 +51,8 @@ RESUME_KEYS = ("algo", "policy", "reward", "prompts", "max_samples", "batch_size
                "max_new_tokens")
 # PPO settings that GRPO/RLOO do not use; given with those, they are named as ignored.
 PPO_ONLY = ("minibatch_size", "num_minibatches", "kl_estimator", "adaptive_kl", "kl_target", "kl_horizon", "gamma",
-            "lam", "whiten_advantages", "clip_value", "vf_coef", "target_kl", "value_init", "group_by_length")
+            "lam", "whiten_advantages", "clip_value", "vf_coef", "target_kl", "value_init", "group_by_length",
+            "shared_trunk")
 
 
 @dataclass
@@ -121,6 +122,10 @@ class PPOArgs:
     group_by_length: bool = opt(True, "Make each update's minibatches of rollouts of similar length (less padding, "
                                       "faster on prompts of mixed lengths; their order is shuffled every epoch), "
                                       "else random minibatches.")
+    shared_trunk: bool = opt(True, "With --freeze-layers: compute the frozen lower layers, which policy, "
+                                   "reference and value model share, once per rollout, and run only the layers "
+                                   "above them in every other pass (the same results, checked on the first "
+                                   "rollout; the full passes when the weights are not shared).")
     max_kl: float = opt(50.0, "Stop the run when the KL to the reference passes this many nats per response "
                               "(runaway optimisation); the last checkpoint is kept.", above=0)
     target_kl: float | None = opt(None, "Stop an update's remaining PPO epochs once the approximate KL to the "

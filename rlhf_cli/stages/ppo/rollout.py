@@ -24,6 +24,7 @@ from rlhf_cli.stages.ppo.core import (
     response_mask_from_ids,
 )
 from rlhf_cli.stages.ppo.preflight import Plan
+from rlhf_cli.stages.ppo.trunk import SharedTrunk
 
 
 def response_logits(model: PreTrainedModel, seq: torch.Tensor, attn: torch.Tensor, prompt_len: int,
@@ -115,29 +116,57 @@ def minibatches(ro: Rollout, size: int, group_by_length: bool) -> list[torch.Ten
 
 
 def rollout_forward(policy: PreTrainedModel, ref: PreTrainedModel, value: PreTrainedModel, ro: Rollout,
-                    temperature: float, size: int, lora: bool
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                    temperature: float, size: int, lora: bool, trunk: SharedTrunk | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Old log-probabilities, reference log-probabilities, values and entropies of the response tokens (what
-    stands after a row's end means nothing and is masked everywhere). Rows go through in chunks of similar
-    length, each without its all-padding columns."""
+    stands after a row's end means nothing and is masked everywhere), and with a shared trunk its hidden states
+    [B, P + R, H] for the training passes (zeros in the columns a row's chunk trimmed: padding, masked). Rows go
+    through in chunks of similar length, each without its all-padding columns."""
     n, width = ro.response.shape
     logps, refs, values, ents = (torch.zeros(n, width, device=ro.seq.device) for _ in range(4))
+    states = None
     order = by_length(ro)
     with torch.no_grad():
         for s in chunks(n, size):
             rows = order[s]
             seq, attn, pl, r = trimmed(ro, rows)
             resp = ro.response[rows][:, :r]
-            logits = response_logits(policy, seq, attn, pl, temperature)
+            if trunk is not None:
+                h = trunk.states(seq, attn)
+                if states is None:
+                    states = h.new_zeros(n, ro.seq.shape[1], h.shape[-1])
+                k = ro.prompt_len - pl
+                states[rows, k:k + h.shape[1]] = h
+                logits = trunk.response_logits(policy, h, attn, pl, temperature)
+            else:
+                logits = response_logits(policy, seq, attn, pl, temperature)
             logps[rows, :r] = logprobs_from_logits(logits, resp)
             ents[rows, :r] = entropy_from_logits(logits)
             del logits
-            with policy.disable_adapter() if lora else contextlib.nullcontext():
-                ref_logits = response_logits(ref, seq, attn, pl, temperature)
+            if trunk is not None:
+                ref_logits = trunk.response_logits(ref, h, attn, pl, temperature)
+            else:
+                with policy.disable_adapter() if lora else contextlib.nullcontext():
+                    ref_logits = response_logits(ref, seq, attn, pl, temperature)
             refs[rows, :r] = logprobs_from_logits(ref_logits, resp)
             del ref_logits
-            values[rows, :r] = token_scores(value, seq, attn)[:, pl - 1:-1]
-    return logps, refs, values, ents
+            scores = trunk.token_scores(value, h, attn) if trunk is not None else token_scores(value, seq, attn)
+            values[rows, :r] = scores[:, pl - 1:-1]
+    return logps, refs, values, ents, states
+
+
+def check_trunk(trunk: SharedTrunk, policy: PreTrainedModel, ro: Rollout, temperature: float, size: int) -> float:
+    """The largest difference between the policy's log-probabilities through the shared trunk and through its
+    full forward pass, on the rollout's first rows (the shortcut is used only when they agree)."""
+    rows = by_length(ro)[:size]
+    seq, attn, pl, r = trimmed(ro, rows)
+    resp = ro.response[rows][:, :r]
+    mask = ro.mask[rows][:, :r]
+    with torch.no_grad():
+        full = logprobs_from_logits(response_logits(policy, seq, attn, pl, temperature), resp)
+        short = logprobs_from_logits(trunk.response_logits(policy, trunk.states(seq, attn), attn, pl, temperature),
+                                     resp)
+    return float(((full - short).abs() * mask).max()) if mask.any() else 0.0
 
 
 class ScoreShaper:

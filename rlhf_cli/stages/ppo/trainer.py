@@ -74,6 +74,7 @@ from rlhf_cli.stages.ppo.preflight import Plan, plan_memory
 from rlhf_cli.stages.ppo.rollout import (
     Rollout,
     ScoreShaper,
+    check_trunk,
     generate_rollouts,
     minibatches,
     response_logits,
@@ -83,6 +84,10 @@ from rlhf_cli.stages.ppo.rollout import (
     score_rollout,
     trimmed,
 )
+from rlhf_cli.stages.ppo.trunk import SharedTrunk, find_trunk
+
+# largest log-probability difference between the shared-trunk shortcut and the full pass that is rounding
+TRUNK_TOLERANCE = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.1}
 
 N_SAMPLES = 3  # rollouts shown and kept in samples.jsonl every --sample-every updates
 
@@ -107,6 +112,7 @@ class Batch:
     started: float  # when collecting began
     seconds: dict[str, float] = field(default_factory=dict)  # per phase: generate, score, forward, train
     figures: dict[str, float] = field(default_factory=dict)  # means over every process's rollouts (`figures`)
+    trunk_states: torch.Tensor | None = None  # [B, P + R, H] after the shared frozen layers (`trunk`), if shared
 
 
 @dataclass
@@ -293,6 +299,8 @@ class PPOTrainer:
         if self.memory.gradient_checkpointing:  # the planner found no micro-batch that fits without it
             for model in (self.policy, self.value):
                 checkpoint_layers(model)
+        self.trunk, self.trunk_reason = self._trunk()
+        self.trunk_checked = False
         self.params = [p for m in (self.policy, self.value) for p in m.parameters() if p.requires_grad]
         # the training passes go through these (DDP under several processes); generation and the no-grad
         # rollout passes use the plain models
@@ -322,6 +330,21 @@ class PPOTrainer:
                               f"--max-steps {self.total}; raise --max-steps to continue")
         return summary
 
+    def _trunk(self) -> tuple[SharedTrunk | None, str]:
+        """With --freeze-layers, the frozen lower layers that policy, reference and value model share: computed
+        once per rollout instead of in every pass (`trunk`). Not with LoRA (the reference is the policy with its
+        adapters off) or several processes (DDP must see each training pass whole)."""
+        a = self.a
+        if not a.freeze_layers:
+            return None, "no frozen layers"
+        if not a.shared_trunk:
+            return None, "--no-shared-trunk"
+        if a.lora or a.load_in_4bit:
+            return None, "not with LoRA"
+        if self.world > 1:
+            return None, "not with several processes"
+        return find_trunk(self.policy, [self.ref, self.value], a.freeze_layers)
+
     def _optimizer(self) -> torch.optim.Optimizer:
         kw = dict(lr=self.lr, eps=1e-5, weight_decay=self.a.weight_decay)
         try:  # the fused kernel is several times faster, on CPU too
@@ -336,8 +359,10 @@ class PPOTrainer:
         procs = f" ({self.world} processes x {a.batch_size})" if self.world > 1 else ""
         return (f"ppo: policy {self.plan.policy} ({n_policy / 1e6:.0f}M parameters, {how}), reward "
                 f"{self.plan.reward}, value model from the {a.value_init} model; {self.choice}, {self.threads} "
-                f"threads, lr {self.lr:g}, {self.total} updates x {self.global_batch} rollouts{procs}, "
-                f"{self.epochs} PPO epochs x {a.batch_size // self.minibatch} minibatches")
+                f"thread{'s' if self.threads != 1 else ''}, lr {self.lr:g}, {self.total} updates x "
+                f"{self.global_batch} rollouts{procs}, "
+                f"{self.epochs} PPO epochs x {a.batch_size // self.minibatch} minibatches"
+                + (f"; frozen layers: {self.trunk_reason}" if self.trunk is not None else ""))
 
     # ------------------------------------------------------------------------------------------- the loop
 
@@ -417,8 +442,10 @@ class PPOTrainer:
             scores = self.shaper(raw, rollout.ends, self.sum_all)
             t2 = time.time()
             ref = self.policy if a.lora else self.ref
-            old_logp, ref_logp, old_values, entropy = rollout_forward(self.policy, ref, self.value, rollout,
-                                                                      a.temperature, self.micro, a.lora)
+            if self.trunk is not None and not self.trunk_checked:
+                self.verify_trunk(rollout)
+            old_logp, ref_logp, old_values, entropy, states = rollout_forward(
+                self.policy, ref, self.value, rollout, a.temperature, self.micro, a.lora, self.trunk)
         mask = rollout.mask.to(old_logp.dtype)
         kl_tok = kl_estimate(old_logp, ref_logp, a.kl_estimator) * mask
         beta = self.kl_ctl.value
@@ -430,9 +457,22 @@ class PPOTrainer:
         batch = Batch(rows=rows, rollout=rollout, raw_scores=raw, scores=scores, old_logprobs=old_logp,
                       ref_logprobs=ref_logp, values=old_values, entropy=entropy, mask=mask, seq_kl=kl_tok.sum(1),
                       kl_coef=beta, advantages=advantages, returns=returns, started=t0,
-                      seconds={"generate": t1 - t0, "score": t2 - t1, "forward": t3 - t2})
+                      seconds={"generate": t1 - t0, "score": t2 - t1, "forward": t3 - t2}, trunk_states=states)
         batch.figures = figures(batch)
         return batch
+
+    def verify_trunk(self, rollout: Rollout) -> None:
+        """Once, on the first rollout: the shared trunk's log-probabilities against the full forward pass. Any
+        difference beyond rounding (or an error: a model whose layers are called otherwise) turns it off."""
+        self.trunk_checked = True
+        try:
+            diff = check_trunk(self.trunk, self.policy, rollout, self.a.temperature, self.micro)
+            ok, why = diff <= TRUNK_TOLERANCE[self.precision], f"differs from the full pass by {diff:.2g}"
+        except Exception as e:  # noqa: BLE001 - any failure of the shortcut means the full passes
+            ok, why = False, f"failed ({type(e).__name__}: {e})"
+        if not ok:
+            self.trunk, self.trunk_reason = None, f"the shared-trunk shortcut {why}"
+            self.reporter.info(f"frozen layers: {self.trunk_reason}; running full forward passes")
 
     def train_on(self, batch: Batch) -> UpdateStats:
         """Step 5: PPO epochs over minibatches (clipped policy and value losses, gradient clipping), stopping
@@ -488,10 +528,17 @@ class PPOTrainer:
             old_logp = batch.old_logprobs[part][:, :width]
             with self.no_sync(last=i == len(parts) - 1):  # gradients are averaged once, after the last part
                 with runtime.autocast(self.precision):  # forward passes only: backward follows autocast's casts
-                    logits = response_logits(self.policy_train, seq, attn, prompt_len, a.temperature)
+                    if batch.trunk_states is not None:  # the frozen layers' output, computed once per rollout
+                        k = batch.rollout.prompt_len - prompt_len
+                        h = batch.trunk_states[part][:, k:k + seq.shape[1]]
+                        logits = self.trunk.response_logits(self.policy, h, attn, prompt_len, a.temperature)
+                        vpred_all = self.trunk.token_scores(self.value, h, attn)
+                    else:
+                        logits = response_logits(self.policy_train, seq, attn, prompt_len, a.temperature)
+                        vpred_all = self.value_train(seq, attn)
                     new_logp = logprobs_from_logits(logits, batch.rollout.response[part][:, :width])
                     del logits
-                    vpred = self.value_train(seq, attn)[:, prompt_len - 1:-1]
+                    vpred = vpred_all[:, prompt_len - 1:-1]
                 pg, pg_stats = policy_loss(new_logp, old_logp, batch.advantages[part][:, :width], mask, a.clip_eps)
                 vf, vf_stats = value_loss(vpred, batch.values[part][:, :width], batch.returns[part][:, :width],
                                           mask, a.clip_value)
@@ -656,6 +703,8 @@ class PPOTrainer:
             "reward_input": "token ids" if self.plan.same_ids else "re-encoded text",
             "generation": self.engine.name if self.engine is not None else "hf",
             "threads": self.threads, "precision": self.precision, "precision_reason": self.choice.reason,
+            "shared_trunk_layers": self.a.freeze_layers if self.trunk is not None else 0,
+            "shared_trunk": self.trunk_reason,
             "lr": self.lr,
             "memory": self.memory.with_peak(),
             **({"weights_in_sync": in_sync} if self.world > 1 else {}),
