@@ -11,8 +11,8 @@ Printed: one Markdown table row per algorithm (CPU minutes, wall minutes, answer
 win rate with its 95% interval, mean score difference, KL to SFT, mean length, distinct-2, finished rate) and
 the SFT figures the rows are compared with.
 
-    .venv/bin/python bench/stage3_compare.py [--run runs/demo] [--algos ppo,grpo,rloo,best-of-n] \
-        [--eval-prompts examples/data/hh_prompts_test.jsonl] [--updates 20]
+    .venv/bin/python bench/stage3_compare.py [--run runs/demo] [--algos ppo,grpo,rloo,best-of-n,best-of-n-dpo] \
+        [--eval-prompts examples/data/hh_prompts_test.jsonl] [--updates 20] [--threads 1]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from common import BIN, ENV  # noqa: E402
 
 p = argparse.ArgumentParser()
 p.add_argument("--run", default=str(ROOT / "runs" / "demo"), help="run folder with finished sft and reward stages")
-p.add_argument("--algos", default="ppo,grpo,rloo,best-of-n")
+p.add_argument("--algos", default="ppo,grpo,rloo,best-of-n,best-of-n-dpo")
 p.add_argument("--prompts", default=str(ROOT / "examples" / "data" / "prompts.jsonl"), help="training prompts")
 p.add_argument("--eval-prompts", default=str(ROOT / "examples" / "data" / "hh_prompts_test.jsonl"))
 p.add_argument("--eval-samples", type=int, default=None, help="use at most this many held-out prompts")
@@ -61,6 +61,9 @@ COMMANDS = {
     "grpo": ["ppo", "--algo", "grpo", "--group-size", "4", "--lr", "1e-5", "--kl-coef", "0.05", *PPO_LIKE],
     "rloo": ["ppo", "--algo", "rloo", "--group-size", "4", "--lr", "1e-5", "--kl-coef", "0.05", *PPO_LIKE],
     "best-of-n": ["best-of-n", "--config", str(ROOT / "examples" / "configs" / "demo_best_of_n.yaml"), *COMMON],
+    # the same 160 answers (same seed and settings), then DPO on each prompt's best against its worst
+    "best-of-n-dpo": ["best-of-n", "--config", str(ROOT / "examples" / "configs" / "demo_best_of_n.yaml"),
+                      "--objective", "dpo", "--lr", "1e-5", "--epochs", "3", *COMMON],
 }
 
 

@@ -47,6 +47,11 @@ def build_tiny(dest: Path, layers: int = 2, hidden: int = 32, seed: int = 0) -> 
     return dest
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a JSONL file (blank lines skipped)."""
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
     return path

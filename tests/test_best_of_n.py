@@ -20,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import invoke, ok, one_error, stage, token_rm, write_jsonl
+from helpers import invoke, ok, one_error, read_jsonl, stage, token_rm, write_jsonl
 
 from rlhf_cli.core.manifest import MANIFEST
 from rlhf_cli.core.stages import STAGES, command_for, is_policy
@@ -34,10 +34,6 @@ FAST = ["-k", 4, "--max-new-tokens", 6, "--sample-batch-size", 4, "--temperature
 def build_rm(dest: Path, policy: Path) -> Path:
     """The hand-set reward model of the module docstring (it prefers answers ending in " !"), as a reward stage."""
     return token_rm(dest, policy, lambda tok: tok("well !", add_special_tokens=False)["input_ids"][-1])
-
-
-def rows_of(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
 
 
 def manifest(folder: Path) -> dict:
@@ -62,7 +58,7 @@ def w(tiny, tmp_path_factory):
 def test_keeps_the_highest_scored_answer_and_records_the_reward_models_scores(w):
     from rlhf_cli.core.reward_model import RewardModel
 
-    rows = rows_of(w.out / "samples.jsonl")
+    rows = read_jsonl(w.out / "samples.jsonl")
     assert len(rows) == 8
     for r in rows:
         assert len(r["responses"]) == len(r["scores"]) == len(r["finished"]) == 4
@@ -76,7 +72,7 @@ def test_keeps_the_highest_scored_answer_and_records_the_reward_models_scores(w)
         direct = rm.score_answers([r["prompt"]] * 4, r["responses"])
         assert direct == pytest.approx(r["scores"], abs=1e-5)
     # what was fine-tuned on: the best answer of every kept prompt
-    kept = rows_of(w.out / "kept.jsonl")
+    kept = read_jsonl(w.out / "kept.jsonl")
     assert [k["messages"] for k in kept] == [r["prompt"] + [{"role": "assistant", "content": r["response"]}]
                                              for r in rows]
 
@@ -87,7 +83,7 @@ def test_stage_folder_manifest_and_metrics(w):
     m = manifest(w.out)
     assert m["stage"] == "best-of-n" and is_policy("best-of-n") and STAGES["best-of-n"].kind == "policy"
     assert m["parents"] == [str(w.sft), str(w.rm)]
-    rows = rows_of(w.out / "samples.jsonl")
+    rows = read_jsonl(w.out / "samples.jsonl")
     mx = m["metrics"]
     assert (mx["prompts"], mx["k"], mx["kept"]) == (8, 4, 8)
     assert mx["mean_best_score"] == pytest.approx(sum(r["score"] for r in rows) / 8)
@@ -150,13 +146,13 @@ def test_interrupt_resume_and_min_score(w, tmp_path, monkeypatch):
     stopped = invoke(*base)
     assert stopped.exit_code == 130, (stopped.stdout, stopped.stderr)
     assert "stopped by SIGINT after 4 of 8 prompts" in stopped.stderr and "--resume" in stopped.stderr
-    assert len(rows_of(partial / "samples.jsonl")) == 4 and not out.exists()
+    assert len(read_jsonl(partial / "samples.jsonl")) == 4 and not out.exists()
 
     one_error(invoke(*base, "--resume", "--min-score", 100), 1,
               "no prompt kept, so nothing to fine-tune on: --min-score 100 (the highest best score is", "--resume")
     assert len(calls) == 2  # only the second batch was sampled and scored
     assert not out.exists() and not list(tmp_path.glob(f"**/{MANIFEST}"))
-    rows, seeded = rows_of(partial / "samples.jsonl"), rows_of(w.out / "samples.jsonl")
+    rows, seeded = read_jsonl(partial / "samples.jsonl"), read_jsonl(w.out / "samples.jsonl")
     assert [{k: r[k] for k in SAMPLED} for r in rows] == [{k: r[k] for k in SAMPLED} for r in seeded]
     assert not any(r["kept"] for r in rows) and {r["dropped"] for r in rows} == {"below --min-score"}
 
@@ -177,14 +173,14 @@ def test_interrupt_resume_and_min_score(w, tmp_path, monkeypatch):
     resumed = ok(invoke(*base, "--min-score", threshold, "--resume"))
     assert "resuming from" in resumed.stderr and "checkpoint-1" in resumed.stderr
     assert len(calls) == 2  # nothing sampled again
-    rows = rows_of(out / "samples.jsonl")
+    rows = read_jsonl(out / "samples.jsonl")
     assert [r["kept"] for r in rows] == [r["score"] >= threshold for r in rows] and sum(r["kept"] for r in rows) == 4
     # the same seed wrote the same file as the uninterrupted run, but for which prompts passed the threshold
     assert [{k: v for k, v in r.items() if k not in ("kept", "dropped")} for r in rows] == \
         [{k: v for k, v in r.items() if k not in ("kept", "dropped")} for r in seeded]
     mx = manifest(out)["metrics"]
     assert (mx["kept"], mx["dropped"], mx["resumed_prompts"], mx["sft_steps"]) == (4, {"below --min-score": 4}, 8, 2)
-    assert [k["messages"][-1]["content"] for k in rows_of(out / "kept.jsonl")] == \
+    assert [k["messages"][-1]["content"] for k in read_jsonl(out / "kept.jsonl")] == \
         [r["response"] for r in rows if r["kept"]]
 
 
@@ -249,8 +245,8 @@ def test_objective_dpo_trains_best_against_worst(w, tmp_path):
     out = tmp_path / "bon-dpo"
     ok(invoke("best-of-n", "--run", w.run, "--prompts", w.prompts, "--out", out, "--objective", "dpo", "--beta",
               "0.1", "--max-steps", 8, "--lr-scheduler", "constant", *[x if x != "1e-2" else "1e-3" for x in FAST]))
-    rows = rows_of(out / "samples.jsonl")
-    pairs = rows_of(out / "pairs.jsonl")
+    rows = read_jsonl(out / "samples.jsonl")
+    pairs = read_jsonl(out / "pairs.jsonl")
     kept = [r for r in rows if r["kept"]]
     assert len(pairs) == len(kept) >= 6
     for r, p in zip(kept, pairs, strict=True):

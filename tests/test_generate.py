@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import EXAMPLES, invoke, ok, one_error, write_jsonl
+from helpers import EXAMPLES, invoke, ok, one_error, read_jsonl, write_jsonl
 
 from rlhf_cli import GenerateArgs, run_generate
 from rlhf_cli.core.manifest import write_manifest
@@ -16,10 +16,6 @@ from rlhf_cli.data import load_prefs, load_prompts
 
 PROMPTS = EXAMPLES / "prompts.jsonl"
 FAST = ["--threads", "1", "--max-new-tokens", "6"]
-
-
-def rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -53,7 +49,7 @@ def test_k_answers_per_prompt_in_the_documented_shape(tiny, tmp_path):
                for line in result.stdout.splitlines() if line.count("│") == 3}
     assert (summary["prompts"], summary["written"], summary["skipped"], summary["answers"]) == ("5", "5", "0", "15")
 
-    got = rows(out)
+    got = read_jsonl(out)
     expected = [r["prompt"] for r in load_prompts(str(PROMPTS), 5).rows]
     assert [r["prompt"] for r in got] == expected  # input order, one line per prompt
     for r in got:
@@ -73,7 +69,7 @@ def test_the_same_seed_writes_the_same_file(tiny, tmp_path, full):
     assert a.read_bytes() == full
     ok(generate(tiny, b, "--seed", 7))
     assert b.read_bytes() != full
-    assert [r["prompt"] for r in rows(b)] == [json.loads(line)["prompt"] for line in full.decode().splitlines()]
+    assert [r["prompt"] for r in read_jsonl(b)] == [json.loads(line)["prompt"] for line in full.decode().splitlines()]
 
 
 def test_resume_after_a_crash_mid_line_rewrites_only_the_cut_line(tiny, tmp_path, full):
@@ -120,7 +116,7 @@ def test_prompts_from_a_preference_file(tiny, tmp_path):
     out = tmp_path / "samples.jsonl"
     prefs = EXAMPLES / "prefs_ranked.jsonl"
     ok(generate(tiny, out, "-k", 2, prompts=prefs, n=3))
-    got = rows(out)
+    got = read_jsonl(out)
     assert [r["prompt"] for r in got] == [r["prompt"] for r in load_prompts(str(prefs), 3).rows]
     assert all(len(r["responses"]) == 2 for r in got)
 
@@ -130,7 +126,7 @@ def test_chinese_prompts_round_trip(tiny, tmp_path):
     ok(generate(tiny, out, prompts=EXAMPLES / "zh_prefs.jsonl", n=2))
     text = out.read_text(encoding="utf-8")
     assert "怎样泡一杯好喝的绿茶？" in text  # written as UTF-8, not \\u escapes
-    assert rows(out)[0]["prompt"] == [{"role": "user", "content": "怎样泡一杯好喝的绿茶？"}]
+    assert read_jsonl(out)[0]["prompt"] == [{"role": "user", "content": "怎样泡一杯好喝的绿茶？"}]
 
 
 def test_overwrite_starts_afresh(tiny, tmp_path, full):

@@ -22,7 +22,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from helpers import ROOT, invoke, ok, one_error, write_jsonl
+from helpers import ROOT, invoke, ok, one_error, read_jsonl, write_jsonl
 
 from rlhf_cli.data import load_prefs
 from rlhf_cli.interact.args import LabelArgs
@@ -45,10 +45,6 @@ def samples(tmp_path: Path, n: int = 4, k: int = 4, name: str = "samples.jsonl")
             for i in range(1, n + 1)]
     write_jsonl(tmp_path / name, rows)
     return Path(name)
-
-
-def rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def pairs(path: Path) -> set[tuple[str, str]]:
@@ -99,7 +95,7 @@ def test_terminal_orders_ties_bad_input_undo_and_skip(tmp_path):
     assert "undone: " in result.stdout and "samples.jsonl:3; rank it again" in result.stdout
     assert "3 of 4 ranked (1 skipped: shown again next time)" in result.stdout
     assert f"next: rlhf reward --data {out}" in result.stdout
-    written = rows(out)
+    written = read_jsonl(out)
     assert [r.get("ranking", r.get("retract")) for r in written] == [
         [2, 0, 1, 3], [1, [0, 2], 3], [0, 1, 2, 3], written[2]["item"], [3, 2, 1, 0]]
     assert all(r["annotator"] == "ana" and r["time"].endswith("+00:00") for r in written)
@@ -122,14 +118,15 @@ def test_quit_then_resume_at_the_first_unranked_item_and_undo_across_sessions(tm
     assert "samples.jsonl:1" not in second.stdout  # it starts at item 2
     assert "1/4 ranked by ana · " in second.stdout and "samples.jsonl:2" in second.stdout
     assert "already ranked by ana; resuming" in second.stderr
-    assert [r["source"][-1] for r in rows(out)] == ["1", "2"]
+    assert [r["source"][-1] for r in read_jsonl(out)] == ["1", "2"]
     # another annotator starts from the beginning of the same file
     ok(label(s, "--out", out, "--annotator", "bo", input="4 3 2 1\nq\n"))
-    assert [(r["annotator"], r["source"][-1]) for r in rows(out)][-1] == ("bo", "1")
+    assert [(r["annotator"], r["source"][-1]) for r in read_jsonl(out)][-1] == ("bo", "1")
     # undo reaches back into an earlier session: ana's ranking of item 2 is retracted and item 2 is shown
     third = ok(label(s, "--out", out, "--annotator", "ana", input="u\nq\n"))
     assert "undone: " in third.stdout
-    assert rows(out)[-1] == {"retract": rows(out)[1]["item"], "annotator": "ana", "time": rows(out)[-1]["time"]}
+    written = read_jsonl(out)
+    assert written[-1] == {"retract": written[1]["item"], "annotator": "ana", "time": written[-1]["time"]}
     fourth = ok(label(s, "--out", out, "--annotator", "ana", input="q\n"))
     assert "1/4 ranked by ana" in fourth.stdout and "samples.jsonl:2" in fourth.stdout
 
@@ -160,7 +157,7 @@ def test_markup_and_control_sequences_in_answers_are_shown_as_text(tmp_path):
     result = ok(label(s, "--out", out, input="2 1\n"))
     assert "say [bold]hi[/bold]" in result.stdout and "[red]red[/red] ok" in result.stdout
     assert "\x1b]0;" not in result.stdout and "pwned" not in result.stdout
-    assert rows(out)[0]["responses"][0] == row["responses"][0]  # the file keeps the raw text
+    assert read_jsonl(out)[0]["responses"][0] == row["responses"][0]  # the file keeps the raw text
     shown = load_items(str(s))[0][0].shown()  # what the web page gets
     assert shown["responses"][0] == "[red]red[/red] ok" and shown["prompt"][0]["content"] == "say [bold]hi[/bold]"
 
@@ -194,13 +191,13 @@ def test_sigkill_after_a_ranking_loses_nothing_and_resumes(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL
-    assert [r["ranking"] for r in rows(out)] == [[1, 0, 2, 3]]
+    assert [r["ranking"] for r in read_jsonl(out)] == [[1, 0, 2, 3]]
     # a crash in the middle of a later write leaves half a line: the next session cuts it off and goes on
     with out.open("a") as f:
         f.write('{"prompt": [{"role": "user", "content": "question 2"}], "resp')
     result = ok(label(s, "--out", out, "--annotator", "ana", input="1 2 3 4\nq\n"))
     assert "the last line was cut off" in result.stderr
-    assert [(r["source"][-1], r["ranking"]) for r in rows(out)] == [("1", [1, 0, 2, 3]), ("2", [0, 1, 2, 3])]
+    assert [(r["source"][-1], r["ranking"]) for r in read_jsonl(out)] == [("1", [1, 0, 2, 3]), ("2", [0, 1, 2, 3])]
     assert len(load_prefs(str(out)).rows) == 12
 
 
@@ -227,7 +224,7 @@ def test_real_terminal_ctrl_c_at_the_prompt_keeps_what_was_ranked(tmp_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 130
-    assert [r["ranking"] for r in rows(tmp_path / out)] == [[1, 0, 2, 3]]
+    assert [r["ranking"] for r in read_jsonl(tmp_path / out)] == [[1, 0, 2, 3]]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -413,7 +410,7 @@ def test_web_keys_drag_undo_reload_token_and_paths(tmp_path):
         status, text = raw_get(host, port, "/api/rank", "POST", json.dumps({"item": state["item"]["id"],
                                "ranking": [[0, 1, 2]]}), {"X-Label-Token": token})
         assert status == 400 and "all answers tied" in text
-        assert not out.exists() or rows(out) == []
+        assert not out.exists() or read_jsonl(out) == []
 
         driver = chrome(tmp_path)
         wait = WebDriverWait(driver, 20)
@@ -450,7 +447,7 @@ def test_web_keys_drag_undo_reload_token_and_paths(tmp_path):
         stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
     assert "server stopped: 2 of 3 ranked" in stdout and "Traceback" not in stderr
-    written = rows(out)
+    written = read_jsonl(out)
     assert [r.get("ranking", "undo" if "retract" in r else None) for r in written] == [
         [2, [0, 1]], [1, 0, 2], "undo", [2, 0, 1]]
     assert pairs(out) == {("i1c", "i1a"), ("i1c", "i1b"), ("i2c", "i2a"), ("i2c", "i2b"), ("i2a", "i2b")}

@@ -28,7 +28,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import PLAIN_TEMPLATE, build_tiny, invoke, ok, one_error, stage, write_jsonl
+from helpers import PLAIN_TEMPLATE, build_tiny, invoke, ok, one_error, read_jsonl, stage, write_jsonl
 from typer.testing import CliRunner
 
 from rlhf_cli.cli import app
@@ -95,10 +95,6 @@ def w(tmp_path_factory):
                            prompts=write_jsonl(root / "prompts.jsonl", rows))
 
 
-def lines(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-
-
 def mean(xs) -> float:
     xs = list(xs)
     return sum(xs) / len(xs)
@@ -119,7 +115,7 @@ def test_ppo_raises_the_score_with_bounded_kl(w):
     result = ok(invoke("ppo", "--run", w.run, "--prompts", w.prompts, "--out", out, "--max-steps", 24,
                        "--batch-size", 16, "--num-minibatches", 2, "--grad-accum", 2, "--lr", "1e-3",
                        "--sample-every", 12, "--threads", 1, "--max-new-tokens", 4))
-    rows = lines(out / "metrics.jsonl")
+    rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 25))
     first, last = mean(r["score_mean"] for r in rows[:5]), mean(r["score_mean"] for r in rows[-5:])
     # random 4-token responses score about 0 (w . unit-RMS vector, std 1); the best token scores about 5
@@ -142,7 +138,7 @@ def test_ppo_raises_the_score_with_bounded_kl(w):
     assert m["args"]["max_length"] == 128  # inherited from the sft stage
     assert "inherited max_length=128" in result.stderr
     assert "ppo finished" in result.stdout and f"next: rlhf chat {out}" in result.stdout
-    samples = lines(out / "samples.jsonl")
+    samples = read_jsonl(out / "samples.jsonl")
     assert {s["step"] for s in samples} == {1, 12, 24} and all("response" in s for s in samples)
     # the same samples shown as a table while training (the first update's, then every --sample-every)
     assert "samples at update 1" in result.stderr and "samples at update 12" in result.stderr
@@ -168,7 +164,7 @@ def test_trl_algorithms_raise_the_score(w, algo):
     result = ok(invoke("ppo", "--algo", algo, "--policy", w.policy, "--reward", w.rm_plain, "--prompts", w.prompts,
                        "--out", out, "--max-steps", 12, "--batch-size", 16, "--lr", "1e-2", "--vf-coef", 0.5, *FAST))
     assert f"--algo {algo}: ignoring PPO-only settings --vf-coef" in result.stderr
-    rows = lines(out / "metrics.jsonl")
+    rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, 13))
     first, last = mean(r["score_mean"] for r in rows[:4]), mean(r["score_mean"] for r in rows[-4:])
     assert last > first + 0.4, (first, last)
@@ -199,7 +195,7 @@ def test_resume_reaches_the_uninterrupted_result(w):
     assert "stopped: checkpoint in" in stopped.stdout and "--resume" in stopped.stdout
     assert not cut.exists() and not (partial / MANIFEST).exists()
     assert json.loads((partial / "state" / "state.json").read_text())["step"] == 2
-    assert len(lines(partial / "metrics.jsonl")) == 2
+    assert len(read_jsonl(partial / "metrics.jsonl")) == 2
 
     # the settings that define the run must match the checkpoint's
     one_error(invoke("ppo", *common, "--out", cut, "--resume", "--seed", 7), 2,
@@ -208,7 +204,7 @@ def test_resume_reaches_the_uninterrupted_result(w):
     assert "resuming from update 2 of 4" in resumed.stderr
     assert not partial.exists() and (cut / MANIFEST).is_file()
 
-    a, b = lines(whole / "metrics.jsonl"), lines(cut / "metrics.jsonl")
+    a, b = read_jsonl(whole / "metrics.jsonl"), read_jsonl(cut / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3, 4]
     for ra, rb in zip(a, b, strict=True):
         for k, v in ra.items():
@@ -239,7 +235,7 @@ def test_reencoded_reward_and_lora(w):
                        "--value-init", "policy", "--lora", "--lora-r", 4, "--max-steps", 2, "--batch-size", 4,
                        "--num-minibatches", 2, "--target-kl", "1e-9", "--lr", "1e-3", *FAST))
     assert "re-encoded with its own chat template (the vocabularies differ)" in result.stderr
-    rows = lines(out / "metrics.jsonl")
+    rows = read_jsonl(out / "metrics.jsonl")
     assert len(rows) == 2 and max(r["check/first_logratio_max"] for r in rows) < 1e-5
     # --target-kl: the first minibatch starts at KL 0 and steps; the second has moved past 1e-9 and stops the update
     assert [(r["optimizer_steps"], r["early_stopped"]) for r in rows] == [(1, True), (1, True)]
@@ -409,7 +405,7 @@ def test_trl_algorithm_resumes_from_its_checkpoint(w):
     ok(invoke("ppo", *common, "--out", cut, "--stop-after", 1))
     assert not cut.exists() and list((w.root / "g_cut.partial" / "trainer").glob("checkpoint-1"))
     assert "resuming from step 1 of 3" in ok(invoke("ppo", *common, "--out", cut, "--resume")).stderr
-    a, b = lines(whole / "metrics.jsonl"), lines(cut / "metrics.jsonl")
+    a, b = read_jsonl(whole / "metrics.jsonl"), read_jsonl(cut / "metrics.jsonl")
     assert [r["step"] for r in b] == [1, 2, 3]
     for k in ("score_mean", "loss", "kl", "entropy"):
         assert [r[k] for r in b] == pytest.approx([r[k] for r in a], rel=1e-5, abs=1e-6), k

@@ -23,7 +23,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from helpers import EXAMPLES, invoke, ok, one_error, write_jsonl
+from helpers import EXAMPLES, invoke, ok, one_error, read_jsonl, write_jsonl
 
 from rlhf_cli.core.manifest import MANIFEST, write_manifest
 from rlhf_cli.core.progress import fmt
@@ -40,10 +40,6 @@ def png_size(data: bytes) -> tuple[int, int]:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", data[:8]
     assert data[12:16] == b"IHDR"
     return struct.unpack(">II", data[16:24])
-
-
-def lines(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +75,7 @@ def test_report_html_opens_in_chromium_with_every_plot(run, tmp_path):
     for name, s in by_name.items():
         m = json.loads((run.dir / name / MANIFEST).read_text(encoding="utf-8"))
         assert s["metrics"] == flat(m["metrics"]) and s["finished"] and s["metrics_source"] == "metrics.jsonl"
-        assert s["logged_steps"] == len(lines(run.dir / name / "metrics.jsonl"))
+        assert s["logged_steps"] == len(read_jsonl(run.dir / name / "metrics.jsonl"))
     ev = by_name["ppo"]["eval_policy"]
     assert ev["prompts"] == 8 and "per_prompt" not in ev
 

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import ROOT, invoke, ok, one_error, stage, token_rm, write_jsonl
+from helpers import ROOT, invoke, ok, one_error, read_jsonl, stage, token_rm, write_jsonl
 
 from rlhf_cli.core import vllm_engine
 from rlhf_cli.core.manifest import MANIFEST
@@ -81,10 +81,6 @@ def w(tiny, tmp_path_factory):
     token_rm(run / "reward", tiny, lambda tok: tok("well !", add_special_tokens=False)["input_ids"][-1])
     prompts = write_jsonl(root / "prompts.jsonl", [{"prompt": f"Tell me about topic {i}."} for i in range(8)])
     return SimpleNamespace(root=root, run=run, prompts=prompts, tiny=tiny)
-
-
-def lines(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
 
 
 def manifest(folder: Path) -> dict:
@@ -170,11 +166,11 @@ def test_ppo_samples_with_the_engine_and_syncs_after_every_update(w, stand_in, l
     assert all(s.max_new_tokens == 4 and s.temperature == 0.7 and s.n == 1 for _, s in engine.generated)
     assert len({s.seed for _, s in engine.generated}) == 2
     tok = AutoTokenizer.from_pretrained(w.run / "sft")
-    samples = lines(out / "samples.jsonl")
+    samples = read_jsonl(out / "samples.jsonl")
     patterns = {tok.decode(list(StandIn.TOKENS[:2]), skip_special_tokens=True),
                 tok.decode(list(StandIn.TOKENS), skip_special_tokens=True)}
     assert samples and {s["response"] for s in samples} <= patterns
-    rows = lines(out / "metrics.jsonl")
+    rows = read_jsonl(out / "metrics.jsonl")
     assert [r["eos_fraction"] for r in rows] == [0.5, 0.5]  # even prompts end with EOS, odd ones are cut
     assert max(r["check/first_logratio_max"] for r in rows) < 1e-5  # the policy's own log-probabilities
     # weights: once before the first rollout, then after each update; the last is the saved policy
@@ -213,7 +209,7 @@ def test_best_of_n_samples_with_the_engine(w, stand_in):
     assert [len(p) for p, _ in engine.generated] == [4, 4] and all(s.n == 3 for _, s in engine.generated)
     assert len({s.seed for _, s in engine.generated}) == 2
     tok = AutoTokenizer.from_pretrained(w.run / "sft")
-    rows = lines(out / "samples.jsonl")
+    rows = read_jsonl(out / "samples.jsonl")
     assert len(rows) == 8
     for i, row in enumerate(rows):
         ids = StandIn.TOKENS[:2] if i % 4 % 2 == 0 else StandIn.TOKENS
