@@ -1,6 +1,7 @@
-"""Stage 3 side by side: PPO, GRPO, RLOO and best-of-n (rejection sampling) from the same SFT model and reward
-model, on the same training prompts and about the same number of sampled answers, each then measured against the
-SFT model on held-out prompts that none of them trained on.
+"""Stage 3 side by side: PPO, GRPO, RLOO and best-of-n (rejection sampling, fine-tuned on the best answers with
+SFT, or with DPO on best against worst) from the same SFT model and reward model, on the same training prompts and
+about the same number of sampled answers, each then measured against the SFT model on held-out prompts that none
+of them trained on.
 
 InstructGPT's authors suggest rejection sampling as the simple alternative to RL; this answers "how much worse is
 it?" on the hardware at hand. Each algorithm runs as its own process (the kernel's account of its CPU seconds and

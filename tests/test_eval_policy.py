@@ -25,7 +25,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import A, U, build_tiny, invoke, learnable_prefs, ok, one_error, stage, token_rm, write_jsonl
+from helpers import A, U, build_tiny, invoke, learnable_prefs, ok, one_error, read_jsonl, stage, token_rm, write_jsonl
 
 from rlhf_cli.core.generation import cut_at_eos
 from rlhf_cli.core.manifest import MANIFEST, write_manifest
@@ -213,6 +213,40 @@ def test_policy_against_a_different_policy(w):
     table = ok(invoke("eval", "policy", "--model", w.other, "--baseline", w.sft, "--reward", w.rm, "--prompts",
                       w.prompts, "--max-samples", 2, *SAMPLE)).stdout
     assert "win_rate" in table and "ties count half; 95% CI" in table and "kl" in table
+
+
+def test_baseline_answers_are_kept_and_reused(w, tmp_path, monkeypatch):
+    """The baseline's answers are sampled once per (baseline files, prompts, sampling, seed, batch): a second
+    policy measured against it the same way reuses them, and they are the answers it would sample again."""
+    monkeypatch.setenv("RLHF_CLI_CACHE", str(tmp_path / "cache"))
+    answers = tmp_path / "cache" / "eval_answers"
+
+    def run(model, name, *extra):
+        result = ok(invoke("eval", "policy", "--model", model, "--baseline", w.sft, "--reward", w.rm, "--prompts",
+                           w.prompts, "--json", "--save", tmp_path / name, "--seed", 5, *SAMPLE, *extra))
+        rows = read_jsonl(tmp_path / name)
+        return result, [r["baseline_response"] for r in rows], json.loads(result.stdout)
+
+    first, base1, _ = run(w.other, "a.jsonl")
+    assert "reused from" not in first.stderr and len(list(answers.glob("*.json"))) == 1
+    second, base2, res2 = run(w.ppo, "b.jsonl", "--temperature", 0.2, "--top-p", 0.9)
+    assert "--baseline: its answers to these prompts with these settings and seed reused from" in second.stderr
+    fresh, base3, res3 = run(w.ppo, "c.jsonl", "--temperature", 0.2, "--top-p", 0.9, "--no-cache")
+    assert "reused from" not in fresh.stderr
+    assert base1 == base2 == base3  # the kept answers are the ones sampling gives again
+    assert res2["baseline_mean_score"] == pytest.approx(res3["baseline_mean_score"]) and res2 == res3 | {
+        "seconds": res2["seconds"], "save": res2["save"]}
+    other_seed = ok(invoke("eval", "policy", "--model", w.other, "--baseline", w.sft, "--reward", w.rm,
+                           "--prompts", w.prompts, "--json", "--seed", 6, *SAMPLE))
+    assert "reused from" not in other_seed.stderr and len(list(answers.glob("*.json"))) == 2
+    # an unreadable file is sampled again and rewritten, not an error
+    for f in answers.glob("*.json"):
+        f.write_text("{broken")
+    again, base4, _ = run(w.other, "d.jsonl")
+    assert "reused from" not in again.stderr and base4 == base1
+    texts = [f.read_text() for f in answers.glob("*.json")]
+    assert sorted(t == "{broken" for t in texts) == [False, True]  # seed 5's rewritten, seed 6's untouched
+    assert json.loads(next(t for t in texts if t != "{broken"))["answers"]
 
 
 def test_run_defaults_inherit_ppo_sampling_and_write_eval_file(w):

@@ -123,7 +123,8 @@ def test_ppo_with_the_trunk_trains_as_the_full_passes_do(tmp_path):
     m = json.loads((tmp_path / "shared" / MANIFEST).read_text())["metrics"]
     assert m["shared_trunk_layers"] == 2
 
-    ok(invoke("ppo", *common, "--out", tmp_path / "full", "--no-shared-trunk"))
+    full = ok(invoke("ppo", *common, "--out", tmp_path / "full", "--no-shared-trunk"))
+    assert "frozen layers run in every pass (--no-shared-trunk)" in full.stderr
     m = json.loads((tmp_path / "full" / MANIFEST).read_text())["metrics"]
     assert m["shared_trunk_layers"] == 0 and m["shared_trunk"] == "--no-shared-trunk"
 

@@ -41,6 +41,8 @@ draws BASE's answers independently of MODEL's.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -68,7 +70,7 @@ from rlhf_cli.core.generation import (
     sampling_layers,
 )
 from rlhf_cli.core.manifest import Manifest, manifest_if_stage, read_manifest, require_stage
-from rlhf_cli.core.models import LoadOptions, resolve_model
+from rlhf_cli.core.models import LoadOptions, cache_dir, resolve_model
 from rlhf_cli.core.progress import Reporter
 from rlhf_cli.core.reward_model import RewardModel
 from rlhf_cli.core.stages import EVAL_FILE, ORDER, POLICY_STAGES
@@ -274,10 +276,52 @@ def _load_contest(args: EvalPolicyArgs, model_spec: str, base_spec: str, prompts
     return Contest(model, base, model_prompts, base_prompts, same_vocab, [], [], []), max(cut, base_cut)
 
 
+CACHED_BASELINES = 64  # answer files kept in RLHF_CLI_CACHE/eval_answers (the newest)
+
+
+def baseline_key(c: Contest, args: EvalPolicyArgs, sampling: Sampling) -> str:
+    """What BASE's answers depend on: its files (names, sizes, modification times), the encoded prompts, the
+    sampling settings, seed and batch size, and the numerics (precision, threads, library versions). The same key
+    means the same answers: sampling is seeded per batch and deterministic on a given machine."""
+    import transformers
+
+    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(c.base.path).iterdir()
+                   if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".model"))
+    what = {"v": 1, "base": str(Path(c.base.path).resolve()), "files": files, "prompts": c.base_prompts,
+            "sampling": dataclasses.asdict(sampling), "batch_size": args.batch_size,
+            "seed": args.seed if args.baseline_seed is None else args.baseline_seed,
+            "precision": str(next(c.base.model.parameters()).dtype), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "transformers": transformers.__version__}
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def baseline_cache(c: Contest, args: EvalPolicyArgs, sampling: Sampling) -> Path | None:
+    """Where BASE's answers to these prompts are kept for the next evaluation against the same baseline (several
+    policies are usually measured against one SFT model): RLHF_CLI_CACHE/eval_answers. None with --no-cache."""
+    if not args.cache:
+        return None
+    return cache_dir() / "eval_answers" / f"{baseline_key(c, args, sampling)}.json"
+
+
+def read_cached(path: Path | None, n: int) -> list[list[int]] | None:
+    try:
+        answers = json.loads(path.read_text(encoding="utf-8"))["answers"] if path else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # none yet, or unreadable: sample again (and write it anew)
+    ok = isinstance(answers, list) and len(answers) == n and all(isinstance(a, list) for a in answers)
+    return answers if ok else None
+
+
 def _sample_both(c: Contest, args: EvalPolicyArgs, sampling: Sampling, reporter: Reporter) -> None:
-    """One answer per prompt from each model, batch by batch, with MODEL's KL to BASE on its own answers."""
+    """One answer per prompt from each model, batch by batch, with MODEL's KL to BASE on its own answers. BASE's
+    answers come from the cache when it holds them (`baseline_cache`)."""
     n, bs = len(c.model_prompts), args.batch_size
     temp = sampling.temperature or 1.0
+    cache = baseline_cache(c, args, sampling)
+    cached = read_cached(cache, n)
+    if cached is not None:
+        reporter.info(f"--baseline: its answers to these prompts with these settings and seed reused from {cache} "
+                      f"(--no-cache samples them again)")
     reporter.start(n)
     t1 = time.time()
     new_tokens = 0
@@ -287,8 +331,11 @@ def _sample_both(c: Contest, args: EvalPolicyArgs, sampling: Sampling, reporter:
             # the same seed per batch for both models: identical models sample identical answers
             runtime.seed_all(args.seed * 100_003 + b)
             a = sample_ids(c.model, [c.model_prompts[i] for i in idx], sampling)
-            runtime.seed_all((args.seed if args.baseline_seed is None else args.baseline_seed) * 100_003 + b)
-            ba = sample_ids(c.base, [c.base_prompts[i] for i in idx], sampling)
+            if cached is not None:
+                ba = [list(x) for x in cached[idx.start:idx.stop]]
+            else:
+                runtime.seed_all((args.seed if args.baseline_seed is None else args.baseline_seed) * 100_003 + b)
+                ba = sample_ids(c.base, [c.base_prompts[i] for i in idx], sampling)
             if c.same_vocab:
                 lp = answer_logprob(c.model.model, [c.model_prompts[i] for i in idx], a, temp,
                                     c.model.tok.pad_token_id)
@@ -303,6 +350,15 @@ def _sample_both(c: Contest, args: EvalPolicyArgs, sampling: Sampling, reporter:
             reporter.update(len(c.answers), n, {"tokens/s": new_tokens / max(elapsed, 1e-9)}, elapsed)
     finally:
         reporter.finish()
+    if cache is not None and cached is None and len(c.base_answers) == n:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(cache, json.dumps({"baseline": str(c.base.path), "answers": c.base_answers}))
+            kept = sorted(cache.parent.glob("*.json"), key=lambda f: f.stat().st_mtime, reverse=True)
+            for old in kept[CACHED_BASELINES:]:  # the newest ones only: the cache stays small
+                old.unlink(missing_ok=True)
+        except OSError as e:  # a read-only cache costs the next run time, not this one its result
+            reporter.info(f"could not keep the baseline's answers in {cache}: {e}")
 
 
 # ---------------------------------------------------------------------------------------------------------

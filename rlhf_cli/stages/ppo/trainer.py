@@ -362,7 +362,8 @@ class PPOTrainer:
                 f"thread{'s' if self.threads != 1 else ''}, lr {self.lr:g}, {self.total} updates x "
                 f"{self.global_batch} rollouts{procs}, "
                 f"{self.epochs} PPO epochs x {a.batch_size // self.minibatch} minibatches"
-                + (f"; frozen layers: {self.trunk_reason}" if self.trunk is not None else ""))
+                + (f"; frozen layers: {self.trunk_reason}" if self.trunk is not None else
+                   f"; frozen layers run in every pass ({self.trunk_reason})" if a.freeze_layers else ""))
 
     # ------------------------------------------------------------------------------------------- the loop
 
