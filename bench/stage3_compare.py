@@ -6,7 +6,9 @@ of them trained on.
 InstructGPT's authors suggest rejection sampling as the simple alternative to RL; this answers "how much worse is
 it?" on the hardware at hand. Each algorithm runs as its own process (the kernel's account of its CPU seconds and
 peak memory), then `rlhf eval policy --json` judges it against the SFT model with the same reward model and the
-same seeds, so every row is measured on the same prompts.
+same seeds and the same sampling (temperature 0.7, no top-p or top-k, as the PPO-like stages sample), so every row
+is measured on the same prompts the same way; the SFT model's answers are sampled once and reused from the cache
+(`rlhf eval policy` keeps them).
 
 Printed: one Markdown table row per algorithm (CPU minutes, wall minutes, answers sampled, peak memory, held-out
 win rate with its 95% interval, mean score difference, KL to SFT, mean length, distinct-2, finished rate) and
@@ -105,8 +107,8 @@ for algo in a.algos.split(","):
         rows[algo]["episodes"] = episodes(dest)
         continue
     cmd = [str(BIN / "rlhf"), "eval", "policy", "--model", str(dest), "--baseline", str(run / "sft"), "--reward",
-           str(run / "reward"), "--prompts", a.eval_prompts, "--max-new-tokens", str(a.max_new_tokens), "--json",
-           "--threads", str(a.threads)]
+           str(run / "reward"), "--prompts", a.eval_prompts, "--max-new-tokens", str(a.max_new_tokens),
+           "--temperature", "0.7", "--top-p", "1.0", "--top-k", "0", "--json", "--threads", str(a.threads)]
     if a.eval_samples:
         cmd += ["--max-samples", str(a.eval_samples)]
     print(f"{algo}: eval policy on {a.eval_prompts}", file=sys.stderr, flush=True)

@@ -23,8 +23,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import invoke, ok, one_error, write_jsonl
-from test_ppo import build_rm, lines, peaky_sft
+from helpers import invoke, ok, one_error, read_jsonl, write_jsonl
+from test_ppo import build_rm, peaky_sft
 from test_scale import manifest, manifests_under, rlhf, run
 
 from rlhf_cli.core import launch
@@ -162,11 +162,11 @@ def test_two_processes_learn_like_one(w, two):
     assert manifests_under(w.root / "two") == [two.out / MANIFEST]
     assert sorted(p.name for p in (w.root / "two").iterdir()) == ["ppo"]  # no .partial left
 
-    r2, r1 = lines(two.out / "metrics.jsonl"), lines(one / "metrics.jsonl")
+    r2, r1 = read_jsonl(two.out / "metrics.jsonl"), read_jsonl(one / "metrics.jsonl")
     assert [r["step"] for r in r2] == list(range(1, STEPS + 1))
     assert [r["episodes"] for r in r2] == [r["episodes"] for r in r1]
     # the same prompts each update: rank 0 takes the first half of the one-process batch (samples: its first 3)
-    s2, s1 = lines(two.out / "samples.jsonl"), lines(one / "samples.jsonl")
+    s2, s1 = read_jsonl(two.out / "samples.jsonl"), read_jsonl(one / "samples.jsonl")
     assert [(s["step"], s["prompt"]) for s in s2] == [(s["step"], s["prompt"]) for s in s1]
     # both learn the known preference (different samples: not equal, update by update)
     for rows in (r1, r2):
@@ -186,11 +186,11 @@ def test_two_processes_stop_and_resume(w, two):
     run(*common, "--num-processes", 2, "--stop-after", 2)
     partial = cut.with_name("ppo.partial")
     assert json.loads((partial / "state" / "state.json").read_text())["processes"] == 2
-    assert len(lines(partial / "metrics.jsonl")) == 2
+    assert len(read_jsonl(partial / "metrics.jsonl")) == 2
     one_error(invoke(*common, "--resume"), 2, "made by 2 processes, not 1", "--num-processes 2")
     run(*common, "--num-processes", 2, "--resume")
     assert manifest(cut)["processes"] == 2 and not partial.exists()
-    rc, r2 = lines(cut / "metrics.jsonl"), lines(two.out / "metrics.jsonl")[:4]
+    rc, r2 = read_jsonl(cut / "metrics.jsonl"), read_jsonl(two.out / "metrics.jsonl")[:4]
     assert [r["step"] for r in rc] == [1, 2, 3, 4]
     for a, b in zip(r2, rc, strict=True):
         for k, v in a.items():
@@ -220,5 +220,5 @@ def test_sigterm_stops_both_processes_after_the_same_update(w):
     assert "stopped by SIGTERM after update" in line and "--num-processes 2 --resume" in line, stderr[-3000:]
     state = json.loads(ready.read_text())
     assert 2 < state["step"] < 200 and state["processes"] == 2  # the stop's own checkpoint
-    assert len(lines(out.with_name("ppo.partial") / "metrics.jsonl")) == state["step"]  # rank 0 logged each once
+    assert len(read_jsonl(out.with_name("ppo.partial") / "metrics.jsonl")) == state["step"]  # rank 0 logged each once
     assert not out.exists()

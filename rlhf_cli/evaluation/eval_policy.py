@@ -287,7 +287,7 @@ def baseline_key(c: Contest, args: EvalPolicyArgs, sampling: Sampling) -> str:
 
     files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(c.base.path).iterdir()
                    if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".model"))
-    what = {"v": 1, "base": str(Path(c.base.path).resolve()), "files": files, "prompts": c.base_prompts,
+    what = {"v": 2, "base": str(Path(c.base.path).resolve()), "files": files, "prompts": c.base_prompts,
             "sampling": dataclasses.asdict(sampling), "batch_size": args.batch_size,
             "seed": args.seed if args.baseline_seed is None else args.baseline_seed,
             "precision": str(next(c.base.model.parameters()).dtype), "threads": torch.get_num_threads(),
@@ -312,9 +312,18 @@ def read_cached(path: Path | None, n: int) -> list[list[int]] | None:
     return answers if ok else None
 
 
+def batches_by_length(prompts: list[list[int]], size: int) -> list[list[int]]:
+    """Prompt indices in batches of `size`, shortest prompts first: a batch pads every prompt to its longest, so
+    batching prompts of similar length saves most of the padding (on multi-turn prompts of mixed lengths, most of
+    the work). The order depends on the prompts alone, so both models and every run get the same batches."""
+    order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
 def _sample_both(c: Contest, args: EvalPolicyArgs, sampling: Sampling, reporter: Reporter) -> None:
-    """One answer per prompt from each model, batch by batch, with MODEL's KL to BASE on its own answers. BASE's
-    answers come from the cache when it holds them (`baseline_cache`)."""
+    """One answer per prompt from each model, batch by batch (prompts of similar length together), with MODEL's
+    KL to BASE on its own answers. BASE's answers come from the cache when it holds them (`baseline_cache`).
+    The answers end up in the prompts' order."""
     n, bs = len(c.model_prompts), args.batch_size
     temp = sampling.temperature or 1.0
     cache = baseline_cache(c, args, sampling)
@@ -322,17 +331,19 @@ def _sample_both(c: Contest, args: EvalPolicyArgs, sampling: Sampling, reporter:
     if cached is not None:
         reporter.info(f"--baseline: its answers to these prompts with these settings and seed reused from {cache} "
                       f"(--no-cache samples them again)")
+    answers: list[list[int] | None] = [None] * n
+    base_answers: list[list[int] | None] = [None] * n
+    kls: list[float | None] = [None] * n
     reporter.start(n)
     t1 = time.time()
-    new_tokens = 0
+    new_tokens, done = 0, 0
     try:
-        for b, start in enumerate(range(0, n, bs)):
-            idx = range(start, min(start + bs, n))
+        for b, idx in enumerate(batches_by_length(c.model_prompts, bs)):
             # the same seed per batch for both models: identical models sample identical answers
             runtime.seed_all(args.seed * 100_003 + b)
             a = sample_ids(c.model, [c.model_prompts[i] for i in idx], sampling)
             if cached is not None:
-                ba = [list(x) for x in cached[idx.start:idx.stop]]
+                ba = [list(cached[i]) for i in idx]
             else:
                 runtime.seed_all((args.seed if args.baseline_seed is None else args.baseline_seed) * 100_003 + b)
                 ba = sample_ids(c.base, [c.base_prompts[i] for i in idx], sampling)
@@ -340,16 +351,17 @@ def _sample_both(c: Contest, args: EvalPolicyArgs, sampling: Sampling, reporter:
                 lp = answer_logprob(c.model.model, [c.model_prompts[i] for i in idx], a, temp,
                                     c.model.tok.pad_token_id)
                 lq = answer_logprob(c.base.model, [c.base_prompts[i] for i in idx], a, temp, c.base.tok.pad_token_id)
-                c.kls.extend(x - y for x, y in zip(lp, lq, strict=True))
-            else:
-                c.kls.extend([None] * len(a))
-            c.answers.extend(a)
-            c.base_answers.extend(ba)
+                for i, x, y in zip(idx, lp, lq, strict=True):
+                    kls[i] = x - y
+            for i, x, y in zip(idx, a, ba, strict=True):
+                answers[i], base_answers[i] = x, y
+            done += len(idx)
             new_tokens += sum(map(len, a)) + sum(map(len, ba))
             elapsed = time.time() - t1
-            reporter.update(len(c.answers), n, {"tokens/s": new_tokens / max(elapsed, 1e-9)}, elapsed)
+            reporter.update(done, n, {"tokens/s": new_tokens / max(elapsed, 1e-9)}, elapsed)
     finally:
         reporter.finish()
+    c.answers, c.base_answers, c.kls = answers, base_answers, kls  # type: ignore[assignment]
     if cache is not None and cached is None and len(c.base_answers) == n:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
