@@ -279,18 +279,23 @@ def _load_contest(args: EvalPolicyArgs, model_spec: str, base_spec: str, prompts
 CACHED_BASELINES = 64  # answer files kept in RLHF_CLI_CACHE/eval_answers (the newest)
 
 
+def baseline_seed(args: EvalPolicyArgs) -> int:
+    """The seed BASE's answers are drawn with: --baseline-seed, else --seed (the same random numbers as MODEL)."""
+    return args.seed if args.baseline_seed is None else args.baseline_seed
+
+
 def baseline_key(c: Contest, args: EvalPolicyArgs, sampling: Sampling) -> str:
     """What BASE's answers depend on: its files (names, sizes, modification times), the encoded prompts, the
     sampling settings, seed and batch size, and the numerics (precision, threads, library versions). The same key
     means the same answers: sampling is seeded per batch and deterministic on a given machine."""
     import transformers
 
-    files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in Path(c.base.path).iterdir()
-                   if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".model"))
+    files = sorted((f.name, st.st_size, st.st_mtime_ns) for f in Path(c.base.path).iterdir()
+                   if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".model") for st in [f.stat()])
     what = {"v": 2, "base": str(Path(c.base.path).resolve()), "files": files, "prompts": c.base_prompts,
             "sampling": dataclasses.asdict(sampling), "batch_size": args.batch_size,
-            "seed": args.seed if args.baseline_seed is None else args.baseline_seed,
-            "precision": str(next(c.base.model.parameters()).dtype), "threads": torch.get_num_threads(),
+            "seed": baseline_seed(args), "precision": str(next(c.base.model.parameters()).dtype),
+            "threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -345,7 +350,7 @@ def _sample_both(c: Contest, args: EvalPolicyArgs, sampling: Sampling, reporter:
             if cached is not None:
                 ba = [list(cached[i]) for i in idx]
             else:
-                runtime.seed_all((args.seed if args.baseline_seed is None else args.baseline_seed) * 100_003 + b)
+                runtime.seed_all(baseline_seed(args) * 100_003 + b)
                 ba = sample_ids(c.base, [c.base_prompts[i] for i in idx], sampling)
             if c.same_vocab:
                 lp = answer_logprob(c.model.model, [c.model_prompts[i] for i in idx], a, temp,
@@ -362,7 +367,7 @@ def _sample_both(c: Contest, args: EvalPolicyArgs, sampling: Sampling, reporter:
     finally:
         reporter.finish()
     c.answers, c.base_answers, c.kls = answers, base_answers, kls  # type: ignore[assignment]
-    if cache is not None and cached is None and len(c.base_answers) == n:
+    if cache is not None and cached is None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_text(cache, json.dumps({"baseline": str(c.base.path), "answers": c.base_answers}))
@@ -426,7 +431,7 @@ def eval_policy(args: EvalPolicyArgs, reporter: Reporter | None = None) -> dict[
     res |= {"tie_margin": args.tie_margin, "temperature": sampling.temperature, "top_p": sampling.top_p,
             "top_k": sampling.top_k, "repetition_penalty": sampling.repetition_penalty,
             "max_new_tokens": sampling.max_new_tokens, "seed": args.seed,
-            "baseline_seed": args.seed if args.baseline_seed is None else args.baseline_seed,
+            "baseline_seed": baseline_seed(args),
             "truncated_prompts": cut, "seconds": round(time.time() - t0, 2)}
     _write(args, res, per_prompt, model_manifest, say)
     return res

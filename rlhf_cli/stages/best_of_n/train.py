@@ -351,14 +351,14 @@ def dpo_args(args: BestOfNArgs, dest: Path) -> DPOArgs:
 def write_kept(dest: Path, rows: list[dict], fine_tune_started: bool, objective: str = "sft") -> None:
     """The kept rows as the fine-tune reads them: SFT messages (`kept.jsonl`), or for --objective dpo explicit
     preference pairs (`pairs.jsonl`)."""
-    if objective == "dpo":
-        text = "".join(json.dumps({"prompt": r["prompt"], "chosen": r["response"], "rejected": r["rejected"]},
-                                  ensure_ascii=False) + "\n" for r in rows if r["kept"])
-        path = dest / PAIRS
-    else:
-        text = "".join(json.dumps({"messages": r["prompt"] + [{"role": "assistant", "content": r["response"]}]},
-                                  ensure_ascii=False) + "\n" for r in rows if r["kept"])
-        path = dest / KEPT
+    def pair(r: dict) -> dict:
+        return {"prompt": r["prompt"], "chosen": r["response"], "rejected": r["rejected"]}
+
+    def messages(r: dict) -> dict:
+        return {"messages": r["prompt"] + [{"role": "assistant", "content": r["response"]}]}
+
+    as_row, path = (pair, dest / PAIRS) if objective == "dpo" else (messages, dest / KEPT)
+    text = "".join(json.dumps(as_row(r), ensure_ascii=False) + "\n" for r in rows if r["kept"])
     if fine_tune_started and path.is_file() and path.read_text(encoding="utf-8") != text:
         raise ConfigError("--min-score/--min-margin: they keep other answers than the interrupted fine-tune was "
                           "training on; resume with the same thresholds, or start again without --resume")

@@ -115,6 +115,18 @@ def minibatches(ro: Rollout, size: int, group_by_length: bool) -> list[torch.Ten
     return [groups[i] for i in torch.randperm(len(groups)).tolist()]
 
 
+def chunk_passes(trunk: SharedTrunk | None, seq: torch.Tensor, attn: torch.Tensor, prompt_len: int,
+                 temperature: float) -> tuple[Callable, Callable, torch.Tensor | None]:
+    """For one chunk of rows: a model's response logits and its values (the head on every hidden state), through
+    the full forward pass, or with a shared trunk from the trunk's output (also returned)."""
+    if trunk is None:
+        return (lambda m: response_logits(m, seq, attn, prompt_len, temperature),
+                lambda m: token_scores(m, seq, attn), None)
+    h = trunk.states(seq, attn)
+    return (lambda m: trunk.response_logits(m, h, attn, prompt_len, temperature),
+            lambda m: trunk.token_scores(m, h, attn), h)
+
+
 def rollout_forward(policy: PreTrainedModel, ref: PreTrainedModel, value: PreTrainedModel, ro: Rollout,
                     temperature: float, size: int, lora: bool, trunk: SharedTrunk | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -131,27 +143,21 @@ def rollout_forward(policy: PreTrainedModel, ref: PreTrainedModel, value: PreTra
             rows = order[s]
             seq, attn, pl, r = trimmed(ro, rows)
             resp = ro.response[rows][:, :r]
-            if trunk is not None:
-                h = trunk.states(seq, attn)
+            logits_of, values_of, h = chunk_passes(trunk, seq, attn, pl, temperature)
+            if h is not None:  # kept for the training passes
                 if states is None:
                     states = h.new_zeros(n, ro.seq.shape[1], h.shape[-1])
                 k = ro.prompt_len - pl
                 states[rows, k:k + h.shape[1]] = h
-                logits = trunk.response_logits(policy, h, attn, pl, temperature)
-            else:
-                logits = response_logits(policy, seq, attn, pl, temperature)
+            logits = logits_of(policy)
             logps[rows, :r] = logprobs_from_logits(logits, resp)
             ents[rows, :r] = entropy_from_logits(logits)
             del logits
-            if trunk is not None:
-                ref_logits = trunk.response_logits(ref, h, attn, pl, temperature)
-            else:
-                with policy.disable_adapter() if lora else contextlib.nullcontext():
-                    ref_logits = response_logits(ref, seq, attn, pl, temperature)
+            with policy.disable_adapter() if lora else contextlib.nullcontext():
+                ref_logits = logits_of(ref)
             refs[rows, :r] = logprobs_from_logits(ref_logits, resp)
             del ref_logits
-            scores = trunk.token_scores(value, h, attn) if trunk is not None else token_scores(value, seq, attn)
-            values[rows, :r] = scores[:, pl - 1:-1]
+            values[rows, :r] = values_of(value)[:, pl - 1:-1]
     return logps, refs, values, ents, states
 
 
@@ -163,9 +169,8 @@ def check_trunk(trunk: SharedTrunk, policy: PreTrainedModel, ro: Rollout, temper
     resp = ro.response[rows][:, :r]
     mask = ro.mask[rows][:, :r]
     with torch.no_grad():
-        full = logprobs_from_logits(response_logits(policy, seq, attn, pl, temperature), resp)
-        short = logprobs_from_logits(trunk.response_logits(policy, trunk.states(seq, attn), attn, pl, temperature),
-                                     resp)
+        full, short = (logprobs_from_logits(chunk_passes(t, seq, attn, pl, temperature)[0](policy), resp)
+                       for t in (None, trunk))
     return float(((full - short).abs() * mask).max()) if mask.any() else 0.0
 
 
