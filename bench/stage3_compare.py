@@ -14,7 +14,7 @@ Printed: one Markdown table row per algorithm (CPU minutes, wall minutes, answer
 win rate with its 95% interval, mean score difference, KL to SFT, mean length, distinct-2, finished rate) and
 the SFT figures the rows are compared with.
 
-    .venv/bin/python bench/stage3_compare.py [--run runs/demo] [--algos ppo,grpo,rloo,best-of-n,best-of-n-dpo] \
+    .venv/bin/python bench/stage3_compare.py [--run runs/demo] [--algos ppo,grpo,rloo,best-of-n,best-of-n-dpo,...] \
         [--eval-prompts examples/data/hh_prompts_test.jsonl] [--updates 20] [--threads 1]
 """
 
@@ -44,6 +44,8 @@ p.add_argument("--out", default=str(ROOT / "bench" / "results" / "stage3"))
 p.add_argument("--skip-train", action="store_true", help="only evaluate the folders already in --out")
 p.add_argument("--threads", type=int, default=2, help="torch threads per command (1: two copies of this script "
                "with different --algos can share 2 cores)")
+p.add_argument("--eval-threads", type=int, default=None, help="torch threads for the evaluations (default: "
+               "--threads); the SFT answers are reused from the cache only when this matches the earlier runs")
 a = p.parse_args()
 
 run, out = Path(a.run), Path(a.out)
@@ -67,6 +69,16 @@ COMMANDS = {
     # the same 160 answers (same seed and settings), then DPO on each prompt's best against its worst
     "best-of-n-dpo": ["best-of-n", "--config", str(ROOT / "examples" / "configs" / "demo_best_of_n.yaml"),
                       "--objective", "dpo", "--lr", "1e-5", "--epochs", "3", *COMMON],
+    # five times the step: the policy moves (KL ~0.8) and wins, but learns the RM's taste for long, cut-off answers
+    "best-of-n-dpo-5e-5": ["best-of-n", "--config", str(ROOT / "examples" / "configs" / "demo_best_of_n.yaml"),
+                           "--objective", "dpo", "--lr", "5e-5", "--epochs", "3", *COMMON],
+    # the same with answers that ran out of tokens ranked 1.0 lower, as PPO's --missing-eos-penalty does
+    "best-of-n-dpo-eos": ["best-of-n", "--config", str(ROOT / "examples" / "configs" / "demo_best_of_n.yaml"),
+                          "--objective", "dpo", "--lr", "5e-5", "--epochs", "3", "--missing-eos-penalty", "1.0",
+                          *COMMON],
+    "best-of-n-dpo-eos-3e-5": ["best-of-n", "--config", str(ROOT / "examples" / "configs" / "demo_best_of_n.yaml"),
+                               "--objective", "dpo", "--lr", "3e-5", "--epochs", "3", "--missing-eos-penalty",
+                               "1.0", *COMMON],
 }
 
 
@@ -108,7 +120,8 @@ for algo in a.algos.split(","):
         continue
     cmd = [str(BIN / "rlhf"), "eval", "policy", "--model", str(dest), "--baseline", str(run / "sft"), "--reward",
            str(run / "reward"), "--prompts", a.eval_prompts, "--max-new-tokens", str(a.max_new_tokens),
-           "--temperature", "0.7", "--top-p", "1.0", "--top-k", "0", "--json", "--threads", str(a.threads)]
+           "--temperature", "0.7", "--top-p", "1.0", "--top-k", "0", "--json",
+           "--threads", str(a.eval_threads or a.threads)]
     if a.eval_samples:
         cmd += ["--max-samples", str(a.eval_samples)]
     print(f"{algo}: eval policy on {a.eval_prompts}", file=sys.stderr, flush=True)

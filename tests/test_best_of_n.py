@@ -24,7 +24,7 @@ from helpers import invoke, ok, one_error, read_jsonl, stage, token_rm, write_js
 
 from rlhf_cli.core.manifest import MANIFEST
 from rlhf_cli.core.stages import STAGES, command_for, is_policy
-from rlhf_cli.stages.best_of_n.train import select
+from rlhf_cli.stages.best_of_n.train import select, select_all
 
 # Short random answers, a few fast fine-tune steps with a large learning rate (the tiny model memorises them).
 FAST = ["-k", 4, "--max-new-tokens", 6, "--sample-batch-size", 4, "--temperature", 1.0, "--threads", 1,
@@ -212,6 +212,27 @@ def test_select_rules():
     assert select([0.4, 0.5], ["a", "b"], None, 0.1) == (1, "below --min-margin")  # 0.05 over the mean
     assert select([0.2, 0.5], ["a", "b"], None, 0.1) == (1, None)
     assert select([0.3, 0.5], ["a", "  "], None, None) == (1, "empty best answer")
+
+
+def test_missing_eos_penalty_ranks_cut_off_answers_lower():
+    """--missing-eos-penalty: an answer that ran out of tokens loses its lead, for best and for worst; the RM's
+    scores are kept as they are."""
+    from rlhf_cli.stages.best_of_n.args import BestOfNArgs
+
+    def rows():
+        return [{"scores": [0.9, 0.5, -0.2, -0.3], "finished": [False, True, True, False],
+                 "responses": ["long and cut", "short", "meh", "bad"]}]
+
+    plain, penal = rows(), rows()
+    select_all(plain, BestOfNArgs(prompts="p", objective="dpo"))
+    figures = select_all(penal, BestOfNArgs(prompts="p", objective="dpo", missing_eos_penalty=1.0))
+    assert (plain[0]["best"], plain[0]["worst"]) == (0, 3)
+    assert (penal[0]["best"], penal[0]["worst"]) == (1, 3)  # 0.9 - 1 = -0.1 < 0.5; -0.3 - 1 stays the worst
+    assert penal[0]["score"] == 0.5 and penal[0]["scores"] == [0.9, 0.5, -0.2, -0.3]
+    assert figures["kept_finished"] == 1.0
+    pushed = [{"scores": [0.9, 0.5, -0.2], "finished": [True, False, True], "responses": ["a", "b", "c"]}]
+    select_all(pushed, BestOfNArgs(prompts="p", objective="dpo", k=3, missing_eos_penalty=1.0))
+    assert (pushed[0]["best"], pushed[0]["worst"]) == (0, 1)  # the cut-off answer becomes the rejected one
 
 
 def test_library_api():

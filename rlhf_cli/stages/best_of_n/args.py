@@ -75,6 +75,12 @@ class BestOfNArgs:
                                         "keep every prompt).")
     min_margin: float | None = opt(None, "Keep a prompt only when its best score beats the mean of its K scores "
                                          "by at least this (default: keep every prompt).", min=0)
+    missing_eos_penalty: float | None = opt(None, "Subtract this from the reward model's score of an answer "
+                                                  "that did not finish (no end-of-sequence token within "
+                                                  "--max-new-tokens) when choosing the best and the worst answers "
+                                                  "(and for --min-score/--min-margin): a cut-off answer is not "
+                                                  "preferred for running on. samples.jsonl keeps the RM's scores.",
+                                            min=0)
     temperature: float | None = temperature_field(GENERATE_SAMPLING)
     top_p: float | None = top_p_field(GENERATE_SAMPLING)
     top_k: int | None = top_k_field(GENERATE_SAMPLING)

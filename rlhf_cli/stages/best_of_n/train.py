@@ -286,12 +286,21 @@ def select(scores: list[float], responses: list[str], min_score: float | None, m
     return best, None
 
 
+def selection_scores(row: dict, missing_eos_penalty: float | None) -> list[float]:
+    """The scores the choice of best and worst uses: the RM's, less --missing-eos-penalty for an answer that did
+    not finish."""
+    if not missing_eos_penalty:
+        return list(row["scores"])
+    return [s if done else s - missing_eos_penalty for s, done in zip(row["scores"], row["finished"], strict=True)]
+
+
 def select_all(rows: list[dict], args: BestOfNArgs) -> dict[str, Any]:
     """Mark each row's best answer and whether it is kept; returns the selection's figures."""
     dropped: dict[str, int] = {}
     for row in rows:
-        best, why = select(row["scores"], row["responses"], args.min_score, args.min_margin)
-        worst = min(range(len(row["scores"])), key=lambda j: (row["scores"][j], j))
+        ranked = selection_scores(row, args.missing_eos_penalty)
+        best, why = select(ranked, row["responses"], args.min_score, args.min_margin)
+        worst = min(range(len(ranked)), key=lambda j: (ranked[j], j))
         if why is None and args.objective == "dpo" and \
                 row["responses"][worst].strip() == row["responses"][best].strip():
             why = "best and worst answers the same"
@@ -308,7 +317,8 @@ def select_all(rows: list[dict], args: BestOfNArgs) -> dict[str, Any]:
     return {"prompts": n, "k": args.k, "kept": len(kept), "dropped": dropped or None,
             "mean_score": mean_all, "mean_best_score": mean_best, "selection_gain": mean_best - mean_all,
             "mean_kept_score": sum(r["score"] for r in kept) / len(kept) if kept else None,
-            "reached_eos": sum(sum(r["finished"]) for r in rows) / (n * args.k)}
+            "reached_eos": sum(sum(r["finished"]) for r in rows) / (n * args.k),
+            "kept_finished": sum(r["finished"][r["best"]] for r in kept) / len(kept) if kept else None}
 
 
 def no_kept_error(rows: list[dict], args: BestOfNArgs, samples: Path) -> DataError:
@@ -360,8 +370,9 @@ def write_kept(dest: Path, rows: list[dict], fine_tune_started: bool, objective:
     as_row, path = (pair, dest / PAIRS) if objective == "dpo" else (messages, dest / KEPT)
     text = "".join(json.dumps(as_row(r), ensure_ascii=False) + "\n" for r in rows if r["kept"])
     if fine_tune_started and path.is_file() and path.read_text(encoding="utf-8") != text:
-        raise ConfigError("--min-score/--min-margin: they keep other answers than the interrupted fine-tune was "
-                          "training on; resume with the same thresholds, or start again without --resume")
+        raise ConfigError("--min-score/--min-margin/--missing-eos-penalty: they keep other answers than the "
+                          "interrupted fine-tune was training on; resume with the same settings, or start again "
+                          "without --resume")
     atomic_write_text(path, text)
 
 
@@ -464,6 +475,10 @@ def run_best_of_n(args: BestOfNArgs, reporter: Reporter | None = None) -> Path:
         say(f"kept {picked['kept']} of {picked['prompts']} prompts; mean best score {picked['mean_best_score']:.4g}, "
             f"mean score of all {args.k * picked['prompts']} answers {picked['mean_score']:.4g} (selection gain "
             f"{picked['selection_gain']:.4g})")
+        if args.missing_eos_penalty:
+            say(f"--missing-eos-penalty {args.missing_eos_penalty:g}: answers that did not finish ranked that much "
+                f"lower; {picked['kept_finished']:.0%} of the kept best answers finished ({picked['reached_eos']:.0%} "
+                f"of all answers)")
 
         dpo = args.objective == "dpo"
         fine_tune = dpo_args(args, dest) if dpo else sft_args(args, dest)
