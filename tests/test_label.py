@@ -206,8 +206,11 @@ def test_real_terminal_ctrl_c_at_the_prompt_keeps_what_was_ranked(tmp_path):
 
     s, out = samples(tmp_path), Path("rankings.jsonl")
     env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", COLUMNS="100")
+    # As at a terminal, Ctrl-C has its default effect: a test run started in the background by a shell without job
+    # control inherits SIGINT ignored, and the ignoring would pass on to rlhf label.
     child = pexpect.spawn(sys.executable, ["-m", "rlhf_cli", "label", str(s), "--out", str(out)], cwd=tmp_path,
-                          env=env, encoding="utf-8", timeout=60)
+                          env=env, encoding="utf-8", timeout=60,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     child.expect_exact("q quit, ? help)> ")
     child.sendline("2 1 3 4")
     child.expect_exact("saved: 2 1 3 4")
