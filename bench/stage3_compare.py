@@ -61,24 +61,21 @@ COMMON = ["--prompts", a.prompts, "--max-new-tokens", str(a.max_new_tokens), "--
           "--threads", str(a.threads)]
 PPO_LIKE = COMMON + ["--max-steps", str(a.updates), "--batch-size", "8", "--temperature", "0.7",
                      "--freeze-layers", "20", "--missing-eos-penalty", "1.0"]
+# best-of-n with the demo's config; BON_DPO: the same 160 answers (same seed and settings), then 3 epochs of DPO on
+# each prompt's best against its worst
+BON = ["best-of-n", "--config", str(ROOT / "examples" / "configs" / "demo_best_of_n.yaml"), *COMMON]
+BON_DPO = BON + ["--objective", "dpo", "--epochs", "3"]
+EOS = ["--missing-eos-penalty", "1.0"]  # answers that ran out of tokens ranked 1.0 lower, as PPO's flag does
 COMMANDS = {
     "ppo": ["ppo", "--config", str(ROOT / "examples" / "configs" / "demo_ppo.yaml"), *PPO_LIKE],
     "grpo": ["ppo", "--algo", "grpo", "--group-size", "4", "--lr", "1e-5", "--kl-coef", "0.05", *PPO_LIKE],
     "rloo": ["ppo", "--algo", "rloo", "--group-size", "4", "--lr", "1e-5", "--kl-coef", "0.05", *PPO_LIKE],
-    "best-of-n": ["best-of-n", "--config", str(ROOT / "examples" / "configs" / "demo_best_of_n.yaml"), *COMMON],
-    # the same 160 answers (same seed and settings), then DPO on each prompt's best against its worst
-    "best-of-n-dpo": ["best-of-n", "--config", str(ROOT / "examples" / "configs" / "demo_best_of_n.yaml"),
-                      "--objective", "dpo", "--lr", "1e-5", "--epochs", "3", *COMMON],
+    "best-of-n": BON,
+    "best-of-n-dpo": BON_DPO + ["--lr", "1e-5"],
     # five times the step: the policy moves (KL ~0.8) and wins, but learns the RM's taste for long, cut-off answers
-    "best-of-n-dpo-5e-5": ["best-of-n", "--config", str(ROOT / "examples" / "configs" / "demo_best_of_n.yaml"),
-                           "--objective", "dpo", "--lr", "5e-5", "--epochs", "3", *COMMON],
-    # the same with answers that ran out of tokens ranked 1.0 lower, as PPO's --missing-eos-penalty does
-    "best-of-n-dpo-eos": ["best-of-n", "--config", str(ROOT / "examples" / "configs" / "demo_best_of_n.yaml"),
-                          "--objective", "dpo", "--lr", "5e-5", "--epochs", "3", "--missing-eos-penalty", "1.0",
-                          *COMMON],
-    "best-of-n-dpo-eos-3e-5": ["best-of-n", "--config", str(ROOT / "examples" / "configs" / "demo_best_of_n.yaml"),
-                               "--objective", "dpo", "--lr", "3e-5", "--epochs", "3", "--missing-eos-penalty",
-                               "1.0", *COMMON],
+    "best-of-n-dpo-5e-5": BON_DPO + ["--lr", "5e-5"],
+    "best-of-n-dpo-eos": BON_DPO + ["--lr", "5e-5", *EOS],
+    "best-of-n-dpo-eos-3e-5": BON_DPO + ["--lr", "3e-5", *EOS],
 }
 
 

@@ -322,8 +322,10 @@ def select_all(rows: list[dict], args: BestOfNArgs) -> dict[str, Any]:
 
 
 def no_kept_error(rows: list[dict], args: BestOfNArgs, samples: Path) -> DataError:
-    top = max(r["score"] for r in rows)
-    margin = max(r["score"] - r["mean_score"] for r in rows)
+    # the thresholds saw the selection's scores (less --missing-eos-penalty), so the message quotes those
+    ranked = [selection_scores(r, args.missing_eos_penalty) for r in rows]
+    top = max(max(s) for s in ranked)
+    margin = max(max(s) - sum(s) / len(s) for s in ranked)
     why = []
     if args.min_score is not None:
         why.append(f"--min-score {args.min_score:g} (the highest best score is {top:.4g})")
