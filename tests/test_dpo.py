@@ -72,7 +72,8 @@ def test_dpo_raises_the_implicit_reward_margin_on_held_out_pairs(w):
     m = manifest(w.out)
     assert m["stage"] == "dpo" and m["parents"] == [str(w.tiny)]
     assert (m["args"]["method"], m["args"]["loss"], m["args"]["beta"]) == ("dpo", "sigmoid", 0.1)
-    assert m["args"]["trainer"] == "trl.DPOTrainer" and m["args"]["reference"] == "reference: the start model"
+    assert m["args"]["trainer"] == "trl.DPOTrainer"
+    assert m["args"]["reference"] == "reference: the start model, its log-probabilities computed once before training"
     got = m["metrics"]
     assert (got["pairs"], got["eval_pairs"], got["steps"]) == (32, 8, 6)
     # before training the policy is its reference: every implicit reward is 0
@@ -86,7 +87,6 @@ def test_dpo_raises_the_implicit_reward_margin_on_held_out_pairs(w):
     gap_after = got["eval_logps_chosen"] - got["eval_logps_rejected"]
     assert gap_after - gap_before == pytest.approx(got["eval_reward_margin"] / 0.1, rel=0.05)
     assert "eval implicit reward margin 0.000 -> " in w.result.stderr
-    # the reference (a second copy of the weights) is in the memory estimate
     assert got["memory"]["parts_gb"]["weights"] > 0
     lines = [json.loads(x) for x in (w.out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines if "loss" in r] == list(range(1, 7))
@@ -104,6 +104,38 @@ def test_dpo_policy_beats_its_start_model_judged_by_a_reward_model(w):
                                "--threads", 1)).stdout)
     assert res["prompts"] == 8
     assert res["win_rate"] >= 0.75 and res["win_rate_ci"][0] > 0.5, res
+
+
+def test_reference_computed_once_trains_as_the_reference_every_step(w, monkeypatch):
+    """--precompute-ref (the default): the reference's log-probabilities come from one pass before training (TRL's
+    compute_ref_log_probs, once per micro-batch of one epoch) and the policy takes the same steps as with the
+    reference run beside it in every step."""
+    import trl
+
+    from rlhf_cli.stages.dpo.train import run_dpo
+
+    calls = []
+    real = trl.DPOTrainer.compute_ref_log_probs
+    monkeypatch.setattr(trl.DPOTrainer, "compute_ref_log_probs",
+                        lambda self, model, inputs: calls.append(len(inputs["input_ids"])) or real(self, model, inputs))
+    losses, seen, weights = {}, {}, {}
+    for once in (True, False):
+        out = w.root / f"once-{once}"
+        calls.clear()
+        run_dpo(DPOArgs(model=str(w.tiny), data=str(w.data), max_samples=8, out=str(out), epochs=3, batch_size=4,
+                        micro_batch_size=2, lr=1e-2, threads=1, max_length=64, precompute_ref=once), Reporter())
+        losses[once] = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()
+                        if "loss" in json.loads(x)]
+        seen[once] = list(calls)
+        weights[once] = manifest(out)["metrics"]["memory"]["parts_gb"]["weights"]
+        assert manifest(out)["args"]["reference"] == "reference: the start model" + (
+            ", its log-probabilities computed once before training" if once else "")
+    # 8 pairs in micro-batches of 2 pairs (4 sequences each): 4 reference passes for all 3 epochs, none per step
+    assert seen == {True: [4, 4, 4, 4], False: []}
+    assert len(losses[True]) == 6 and losses[True][0] == pytest.approx(0.6931, abs=1e-3)
+    assert losses[True] == pytest.approx(losses[False], abs=2e-3)
+    # the memory estimate holds a second copy of the weights only for the reference run beside the policy
+    assert weights[False] > weights[True] > 0
 
 
 def test_dpo_folder_is_a_normal_causal_lm_that_chat_answers_with(w):
@@ -157,13 +189,14 @@ def test_ranked_lists_with_lora_merge_into_a_full_model(w):
     m = manifest(out)
     # three ranked lists of 4 answers: 6 pairs each, one list held out by prompt
     assert (m["metrics"]["pairs"], m["metrics"]["prompts"], m["metrics"]["eval_pairs"]) == (12, 2, 6)
-    assert m["args"]["reference"] == "reference: the start model (LoRA adapters off)"
+    assert m["args"]["reference"] == ("reference: the start model (LoRA adapters off), its log-probabilities "
+                                      "computed once before training")
     # fresh adapters add nothing, so before training the policy is exactly its reference: every margin is 0
     assert m["metrics"]["eval_reward_margin_before"] == pytest.approx(0.0, abs=1e-6)
     assert m["metrics"]["eval_reward_margin"] != 0.0
-    # one copy of the weights in memory: the reference is the same weights with the adapters off
+    # one copy of the weights in memory, as for the full fine-tune whose reference is computed once
     full = manifest(w.out)["metrics"]["memory"]["parts_gb"]["weights"]
-    assert m["metrics"]["memory"]["parts_gb"]["weights"] == pytest.approx(full / 2, abs=0.001)
+    assert m["metrics"]["memory"]["parts_gb"]["weights"] == pytest.approx(full, abs=0.001)
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
 

@@ -256,12 +256,14 @@ def trainer_stage(args: Any, reporter: Any, stage: str, out: Path, model_path: P
                   *, example_tokens: list[int], unit: str, data: dict[str, Any], causal: bool = True,
                   padded: int | None = None,
                   eval_tokens: int = 0, eval_passes: int = 2, steps_per_epoch: int | None = None,
-                  forward_per_token: float = 0.0, resolved: dict[str, Any] | None = None) -> Path:
+                  forward_per_token: float = 0.0, forward_once: bool = False,
+                  resolved: dict[str, Any] | None = None) -> Path:
     """The dry run of a Trainer stage (sft, reward, dpo, ...): `example_tokens` are the tokens of each training
     example (all its sequences), `unit` what an example is ("rows", "pairs"), `data` the rows shown about the
     data, `causal` whether the loss is over the vocabulary (False for a scoring model), `padded` the tokens one
     epoch computes with padding (default: `padded_tokens` of `example_tokens`); `forward_per_token`:
-    extra forward-only FLOPs per trained token (a frozen reference model)."""
+    extra forward-only FLOPs per trained token (a frozen reference model), or with `forward_once` per token of one
+    epoch (the reference's log-probabilities computed once before training)."""
     shape = memory.ModelShape.of(model_path)
     steps, per_epoch = trainer_steps(args, len(example_tokens), steps_per_epoch)
     per_epoch_tokens = sum(example_tokens)
@@ -273,7 +275,7 @@ def trainer_stage(args: Any, reporter: Any, stage: str, out: Path, model_path: P
                             lora_r=getattr(args, "lora_r", 16), freeze_layers=getattr(args, "freeze_layers", 0) or 0)
     compute = Compute(train_flops=trained * train_fpt,
                       forward_flops=(eval_tokens * eval_passes * forward_flops(shape, head)
-                                     + trained * forward_per_token))
+                                     + (padded if forward_once else trained) * forward_per_token))
     mean = per_epoch_tokens / max(len(example_tokens), 1)
     from rlhf_cli.core import runtime  # the choice the stage made: the probe's cached measurement
 

@@ -253,6 +253,7 @@ def quiet_libraries() -> None:
     import transformers
 
     datasets.disable_progress_bars()
+    os.environ.setdefault("TQDM_DISABLE", "1")  # trl's own bars (DPO's reference pass) read this at each use
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     logging.getLogger("trl").setLevel(logging.ERROR)

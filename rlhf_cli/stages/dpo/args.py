@@ -52,5 +52,8 @@ class DPOArgs(TrainArgs):
                                    "SimPO's reward scale) (default: 0.1, 2.0 for simpo).", above=0,
                              expect="a positive number such as 0.1")
     simpo_gamma: float = opt(0.5, "SimPO's target reward margin (--method simpo, or cpo with --loss simpo).", min=0)
+    precompute_ref: bool = opt(True, "--method dpo: compute the reference model's log-probabilities of every pair "
+                                     "once, before training, instead of in every step (one reference pass in all "
+                                     "instead of one per epoch, and no second copy of the weights; the same loss).")
     group_by_prompt: bool = opt(True, "Put all pairs of one prompt in the same batch, as `rlhf reward` does (not "
                                       "for kto, whose KL estimate needs a fixed batch order).")

@@ -21,11 +21,15 @@ answers gives all K-choose-2 pairs.
 KTO learns from unpaired thumbs up/down (`rlhf_cli.data.feedback`); pairs are split into their desirable and
 undesirable answers.
 
-The reference model, where the method has one: for a full fine-tune a second copy of the start weights, loaded
-here under the same safety rules as the policy (safetensors only, no folder code unless allowed) rather than by
-TRL from the config's name. With `--lora` there is no second copy: TRL computes the reference log-probabilities
-with the adapters switched off, which is exactly the start model (checked in trl 1.16's DPOTrainer and
-KTOTrainer: a peft model with `ref_model=None` keeps `self.ref_model = None` and wraps the reference forward in
+The reference model, where the method has one. For dpo (`--precompute-ref`, the default) its log-probabilities
+of every pair are computed once, before training, by the policy itself, which is still the start model then
+(TRL's `precompute_ref_log_probs`): one reference pass in all instead of one per epoch, and no second copy of
+the weights. A resume computes them again the same way, from the start model, before its checkpoint is loaded.
+Otherwise (kto, or `--no-precompute-ref`), for a full fine-tune, a second copy of the start weights, loaded here
+under the same safety rules as the policy (safetensors only, no folder code unless allowed) rather than by TRL
+from the config's name. With `--lora` there is no second copy: TRL computes the reference log-probabilities with
+the adapters switched off, which is exactly the start model (checked in trl 1.16's DPOTrainer and KTOTrainer: a
+peft model with `ref_model=None` keeps `self.ref_model = None` and wraps the reference forward in
 `use_adapter(model, None)`).
 
 Batches: as in `rlhf reward`, all pairs of one prompt share a batch (`GroupBatchSampler`) for dpo, orpo, cpo and
@@ -35,9 +39,9 @@ neighbour in a fixed-order batch, so its TRL config requires sequential batches:
 the seed, and read in that order.
 
 Memory: the planner counts the trained policy, two sequences per example (chosen and rejected; for KTO the answer
-and its mismatched KL answer), and, for a full fine-tune of dpo or kto, the frozen reference weights. The
-reference's forward pass runs without gradients, so its activations are freed layer by layer and are not counted:
-a rough but honest estimate.
+and its mismatched KL answer), and, for a full fine-tune of kto (or dpo with `--no-precompute-ref`), the frozen
+reference weights. The reference's forward pass runs without gradients, so its activations are freed layer by
+layer and are not counted: a rough but honest estimate.
 
 Metrics: before and after training, on the eval data, TRL's own eval loss and implicit-reward figures
 (`rewards/margins`, `rewards/accuracies` as TRL logs them; KTO logs no accuracy, and the reference-free methods'
@@ -139,10 +143,16 @@ def trl_classes(method: str) -> tuple[type, type]:
         return CPOTrainer, CPOConfig
 
 
-def method_config(args: DPOArgs) -> dict[str, Any]:
+def precomputed(args: DPOArgs) -> bool:
+    """Whether the reference's log-probabilities are computed once before training (dpo only)."""
+    return args.method == "dpo" and args.precompute_ref
+
+
+def method_config(args: DPOArgs, micro_batch: int = 1) -> dict[str, Any]:
     """The method's own config fields (beside the Trainer's and max_length)."""
     if args.method == "dpo":
-        return {"beta": args.beta, "loss_type": [args.loss], "dataset_num_proc": None}
+        once = {"precompute_ref_log_probs": True, "precompute_ref_batch_size": micro_batch} if precomputed(args) else {}
+        return {"beta": args.beta, "loss_type": [args.loss], "dataset_num_proc": None} | once
     if args.method == "kto":
         return {"beta": args.beta, "loss_type": args.loss, "train_sampling_strategy": "sequential"}
     if args.method == "orpo":
@@ -211,19 +221,17 @@ def eval_figures(trainer: Any, suffix: str) -> dict[str, float]:
 
 
 def dry_run(args: DPOArgs, reporter: Reporter, out: Path, model_path: Path, plan: Any, train: Any, evalset: Any,
-            train_lengths: list[int], eval_lengths: list[int], truncated: int, parent: Any, reference: bool,
+            train_lengths: list[int], eval_lengths: list[int], truncated: int, parent: Any, how: str,
             resolved: dict[str, Any]) -> Path:
     """`--dry-run`: the plan of this run (see `rlhf_cli.core.dry_run`). A pair is two sequences (KTO: one row, one
-    sequence); a frozen reference model adds one forward pass per trained token."""
+    sequence); a reference model adds one forward pass per trained token, or per token of one epoch when its
+    log-probabilities are computed once (`how` says which reference)."""
     kto = args.method == "kto"
     per_example = 1 if kto else 2
     shape = dry.memory.ModelShape.of(model_path)
     data = {"model": f"{args.model} ({model_path})",
             "parent stage": str(parent.path) if parent else "none (not an sft stage)",
-            "method": f"{args.method} (loss {args.loss}, beta {args.beta:g}); "
-                      + ("reference: the start model" if reference else
-                         "reference: the start model with LoRA adapters off" if args.method in WITH_REFERENCE
-                         else "no reference model"),
+            "method": f"{args.method} (loss {args.loss}, beta {args.beta:g}); " + how,
             "data": train.describe(), "eval data": evalset.describe() if evalset else "none",
             "token lengths": dry.length_stats(train_lengths),
             "truncated to --max-length": f"{truncated} rows longer than {args.max_length}"}
@@ -231,7 +239,8 @@ def dry_run(args: DPOArgs, reporter: Reporter, out: Path, model_path: Path, plan
         args, reporter, "dpo", out, model_path, plan, unit="rows" if kto else "pairs", data=data,
         example_tokens=[n * per_example for n in train_lengths],
         eval_tokens=sum(n * per_example for n in eval_lengths),
-        forward_per_token=dry.forward_flops(shape, 1.0) if reference else 0.0, resolved=resolved)
+        forward_per_token=dry.forward_flops(shape, 1.0) if args.method in WITH_REFERENCE else 0.0,
+        forward_once=precomputed(args), resolved=resolved)
 
 
 def run_dpo(args: DPOArgs, reporter: Reporter | None = None) -> Path:
@@ -269,7 +278,10 @@ def run_dpo(args: DPOArgs, reporter: Reporter | None = None) -> Path:
         train_rows = train_rows[:]
         random.Random(args.seed).shuffle(train_rows)
 
-    reference = args.method in WITH_REFERENCE and not args.lora
+    reference = args.method in WITH_REFERENCE and not args.lora and not precomputed(args)  # a second copy held
+    how = ("reference: the start model" + (" (LoRA adapters off)" if args.lora else "")
+           + (", its log-probabilities computed once before training" if precomputed(args) else "")
+           if args.method in WITH_REFERENCE else "no reference model")
     plan = training.plan_memory(args, model_path, causal=True, lengths=lengths, seqs_per_example=2,
                                 precision=precision, say=say, saved=saved, reference=reference)
     if kto and args.loss == "kto" and plan.micro_batch < 2:
@@ -278,7 +290,7 @@ def run_dpo(args: DPOArgs, reporter: Reporter | None = None) -> Path:
                           f"expected --batch-size 2 or more (or --micro-batch-size 2)")
     if args.dry_run:
         return dry_run(args, reporter, staged.out, model_path, plan, train, evalset, lengths[:len(train_rows)],
-                       lengths[len(train_rows):], cut + ecut, parent, reference,
+                       lengths[len(train_rows):], cut + ecut, parent, how,
                        {"lr (used)": lr, "precision (used)": str(choice), "threads (used)": threads})
 
     # the reference loads as the policy does (fp32 under autocast on the CPU): both compute alike at step 0
@@ -291,8 +303,6 @@ def run_dpo(args: DPOArgs, reporter: Reporter | None = None) -> Path:
         set_distinct_pad(tok, ref_model)
         ref_model.requires_grad_(False).eval()
     trainable = training.freeze_lower_layers(model, args.freeze_layers)
-    how = ("reference: the start model" + (" (LoRA adapters off)" if args.lora else "")
-           if args.method in WITH_REFERENCE else "no reference model")
     say(training.describe_setup(f"{args.method} (loss {args.loss}, beta {args.beta:g}) from {args.model}", model,
                                 args, str(choice), threads, lr, trainable)
         + f", {how}, " + ("rows in a seeded fixed order" if kto else
@@ -307,7 +317,7 @@ def run_dpo(args: DPOArgs, reporter: Reporter | None = None) -> Path:
         hf = training.hf_training_kwargs(args, dest, lr, precision, plan)
         if args.method not in WITH_REFERENCE:  # their batches have no input_ids to count tokens from
             hf["include_num_input_tokens_seen"] = "no"
-        cfg = config_cls(**hf, max_length=max_length, **method_config(args))
+        cfg = config_cls(**hf, max_length=max_length, **method_config(args, plan.micro_batch))
         extra = {"ref_model": ref_model} if args.method in WITH_REFERENCE else {}
         trainer = trainer_cls(
             model=model, args=cfg, processing_class=tok, train_dataset=as_dataset(train_rows, args.method),
