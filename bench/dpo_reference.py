@@ -2,10 +2,10 @@
 default) against the reference run beside the policy in every step (`--no-precompute-ref`): the same pairs,
 seed and steps, the two variants in turn (A B A B ...) so a drifting machine affects both alike.
 
-Printed: per variant the median whole-process seconds and training seconds (the manifest's train_seconds, which
-for the precomputed variant includes the reference pass), peak memory, the ratios, and the largest difference
-in a step's loss between the variants (they train on the same reference log-probabilities, so the losses
-should agree to rounding).
+Printed: per variant the median whole-process seconds (the fair comparison) and training seconds (the manifest's
+train_seconds, the Trainer's loop only: the precomputed variant's reference pass runs before it, when the trainer
+is built), peak memory, the ratios, and the largest difference in a step's loss between the variants (they train
+on the same reference log-probabilities, so the losses should agree to rounding).
 
     .venv/bin/python bench/dpo_reference.py [--run runs/demo] [--data examples/data/hh_prefs_train.jsonl]
         [--pairs-per-run 16] [--epochs 3] [--runs 2] [--threads N]

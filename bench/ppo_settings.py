@@ -7,7 +7,7 @@ import argparse
 
 SETTINGS = (("updates", int, 10), ("batch_size", int, 8), ("ppo_epochs", int, 2), ("num_minibatches", int, 2),
             ("response_length", int, 32), ("lr", float, 1e-3), ("kl_coef", float, 0.05),
-            ("temperature", float, 0.7), ("missing_eos_penalty", float, 1.0))
+            ("temperature", float, 0.7), ("missing_eos_penalty", float, 1.0), ("freeze_layers", int, 0))
 
 
 def add_settings(p: argparse.ArgumentParser) -> None:

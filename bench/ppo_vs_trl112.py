@@ -38,6 +38,13 @@ runs/demo/reward; the same prompts are used). TRL 1.12 takes minutes per update 
     .venv/bin/python bench/ppo_vs_trl112.py --policy runs/demo/sft --reward runs/demo/reward -n 1 --warmup 0 \
         --updates 3 --lr 3e-6
 
+With --freeze-layers N both sides train only the layers above N (ours: `rlhf ppo --freeze-layers N`, which also
+runs the frozen layers once per rollout for policy, reference and value model when they share them; TRL 1.12:
+the same parameters set to need no gradient, see bench/trl112_ppo.py), as the demo's stage 3 does with 20 of 30:
+
+    .venv/bin/python bench/ppo_vs_trl112.py --policy runs/demo/sft --reward runs/demo/reward -n 2 --warmup 0 \
+        --updates 3 --lr 1e-5 --freeze-layers 20
+
 Each run's peak resident memory is read from the kernel's accounting of that child process (wait4).
 """
 
@@ -166,7 +173,7 @@ def ours_cmd(out: Path, seed: int) -> list[str]:
             "--max-new-tokens", str(a.response_length), "--lr", str(a.lr), "--kl-coef", str(a.kl_coef),
             "--temperature", str(a.temperature), "--missing-eos-penalty", str(a.missing_eos_penalty),
             "--seed", str(seed), "--threads", "2", "--precision", "fp32", "--sample-every", "0",
-            "--max-grad-norm", "1e6", "--value-init", "reward"]
+            "--max-grad-norm", "1e6", "--value-init", "reward", "--freeze-layers", str(a.freeze_layers)]
 
 
 def theirs_cmd(out: Path, seed: int) -> list[str]:
@@ -295,7 +302,8 @@ def ratio(key: str) -> tuple[float, float, float]:
 
 
 print(f"\n== medians over {a.n} pairs ({a.updates} updates x {a.batch_size} episodes, {a.response_length} tokens, "
-      f"{a.ppo_epochs} PPO epochs x {a.num_minibatches} minibatches, lr {a.lr:g}) ==")
+      f"{a.ppo_epochs} PPO epochs x {a.num_minibatches} minibatches, lr {a.lr:g}, lowest {a.freeze_layers} layers "
+      f"frozen on both sides) ==")
 for key, label in (("wall_s", "whole-process wall s"), ("eps_wall", "episodes/s (whole process)"),
                    ("eps_steady", "episodes/s (steady, updates 2..N)"), ("first_update_s", "first update s"),
                    ("outside_updates_s", "s outside the updates (start, save)"),

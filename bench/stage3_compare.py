@@ -46,6 +46,8 @@ p.add_argument("--threads", type=int, default=2, help="torch threads per command
                "with different --algos can share 2 cores)")
 p.add_argument("--eval-threads", type=int, default=None, help="torch threads for the evaluations (default: "
                "--threads); the SFT answers are reused from the cache only when this matches the earlier runs")
+p.add_argument("--judge", action="append", default=[], help="another reward model that judges every row too "
+               "(repeatable), such as one trained on other preferences; its win rate gets a column")
 a = p.parse_args()
 
 run, out = Path(a.run), Path(a.out)
@@ -65,6 +67,7 @@ PPO_LIKE = COMMON + ["--max-steps", str(a.updates), "--batch-size", "8", "--temp
 # each prompt's best against its worst
 BON = ["best-of-n", "--config", str(ROOT / "examples" / "configs" / "demo_best_of_n.yaml"), *COMMON]
 BON_DPO = BON + ["--objective", "dpo", "--epochs", "3"]
+HH_TRAIN = str(ROOT / "examples" / "data" / "hh_prompts_train.jsonl")
 EOS = ["--missing-eos-penalty", "1.0"]  # answers that ran out of tokens ranked 1.0 lower, as PPO's flag does
 COMMANDS = {
     "ppo": ["ppo", "--config", str(ROOT / "examples" / "configs" / "demo_ppo.yaml"), *PPO_LIKE],
@@ -76,6 +79,11 @@ COMMANDS = {
     "best-of-n-dpo-5e-5": BON_DPO + ["--lr", "5e-5"],
     "best-of-n-dpo-eos": BON_DPO + ["--lr", "5e-5", *EOS],
     "best-of-n-dpo-eos-3e-5": BON_DPO + ["--lr", "3e-5", *EOS],
+    # the same on 40 HH training prompts (the held-out set's distribution; none of them in it)
+    "best-of-n-dpo-hh": BON_DPO + ["--lr", "3e-5", *EOS, "--prompts", HH_TRAIN, "--max-samples", "40"],
+    # best against worst of 8 answers per demo prompt (320 sampled), at two steps
+    "best-of-n-dpo-k8": BON_DPO + ["-k", "8", "--lr", "3e-5", *EOS],
+    "best-of-n-dpo-k8-1e-4": BON_DPO + ["-k", "8", "--lr", "1e-4", *EOS],
 }
 
 
@@ -121,6 +129,8 @@ for algo in a.algos.split(","):
            "--threads", str(a.eval_threads or a.threads)]
     if a.eval_samples:
         cmd += ["--max-samples", str(a.eval_samples)]
+    for judge in a.judge:
+        cmd += ["--judge", judge]
     print(f"{algo}: eval policy on {a.eval_prompts}", file=sys.stderr, flush=True)
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
     if r.returncode != 0:
@@ -134,14 +144,27 @@ def f(x, fmt=".3f") -> str:
     return "-" if x is None else format(x, fmt)
 
 
-print(f"\nheld-out prompts: {a.eval_prompts}; judge: {run / 'reward'}; baseline: {run / 'sft'}\n")
-print("| stage 3 | CPU min | wall min | answers sampled | peak GiB | win rate (95% CI) | score diff | KL nats | "
-      "length (SFT) | distinct-2 (SFT) | finished (SFT) |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+def other_judges(r: dict) -> str:
+    """The win rate (95% CI) under each --judge, in the order given ("-" where a row was judged without it)."""
+    by = {j["reward"]: j for j in r.get("judges", [])}
+    cells = []
+    for judge in a.judge:
+        j = by.get(judge)
+        cells.append(f"{j['win_rate']:.2f} ({j['win_rate_ci'][0]:.2f}-{j['win_rate_ci'][1]:.2f})" if j else "-")
+    return "".join(f" {c} |" for c in cells)
+
+
+print(f"\nheld-out prompts: {a.eval_prompts}; judge: {run / 'reward'}"
+      + "".join(f", also {j}" for j in a.judge) + f"; baseline: {run / 'sft'}\n")
+print("| stage 3 | CPU min | wall min | answers sampled | peak GiB | win rate (95% CI) |"
+      + "".join(f" win rate under {Path(j).name} |" for j in a.judge)
+      + " score diff | KL nats | length (SFT) | distinct-2 (SFT) | finished (SFT) |")
+print("|---|---|---|---|---|---|" + "---|" * len(a.judge) + "---|---|---|---|---|")
 for algo, r in rows.items():
     lo, hi = r["win_rate_ci"]
     print(f"| {algo} | {r['cpu_s'] / 60:.1f} | {r['wall_s'] / 60:.1f} | {r['episodes'] or '-'} | {r['peak_gib']:.1f} "
-          f"| {r['win_rate']:.2f} ({lo:.2f}-{hi:.2f}) | {f(r['mean_score_diff'], '+.3f')} | {f(r['kl'], '.2f')} | "
+          f"| {r['win_rate']:.2f} ({lo:.2f}-{hi:.2f}) |{other_judges(r)} {f(r['mean_score_diff'], '+.3f')} | "
+          f"{f(r['kl'], '.2f')} | "
           f"{f(r['mean_length'], '.1f')} ({f(r['baseline_mean_length'], '.1f')}) | {f(r['distinct_2'], '.2f')} "
           f"({f(r['baseline_distinct_2'], '.2f')}) | {f(r['finished_rate'], '.2f')} "
           f"({f(r['baseline_finished_rate'], '.2f')}) |")

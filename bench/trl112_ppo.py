@@ -5,11 +5,14 @@ bench/.venv-trl112 (trl==1.12.0, never a project dependency); it does not import
     bench/.venv-trl112/bin/python bench/trl112_ppo.py --policy P --reward RM --prompts prompts.jsonl --out OUT \
         --updates 10 --batch-size 8 --ppo-epochs 2 --num-minibatches 2 --response-length 32 --lr 1e-3
 
-Policy, reference (a second copy of the policy folder), value model (started from the reward model, as TRL's own
-PPO example does and as `rlhf ppo --value-init reward` does) and reward model are loaded in fp32. Prompts are
-rendered with the tokenizer's chat template plus the generation prompt, exactly as `rlhf ppo` renders them.
-Writes OUT/log_history.jsonl: one line per update with TRL's logged metrics plus `time/update` (seconds since the
-previous update's log, the first from the start of training) and `time/since_start` (since this process began).
+`--freeze-layers N` freezes the input embeddings and lowest N layers of policy and value model, as `rlhf ppo
+--freeze-layers N` does (TRL 1.12's PPOTrainer has no such option; its optimiser skips parameters without
+gradients). Policy, reference (a second copy of the policy folder), value model (started from the reward model,
+as TRL's own PPO example does and as `rlhf ppo --value-init reward` does) and reward model are loaded in fp32.
+Prompts are rendered with the tokenizer's chat template plus the generation prompt, exactly as `rlhf ppo` renders
+them. Writes OUT/log_history.jsonl: one line per update with TRL's logged metrics plus `time/update` (seconds
+since the previous update's log, the first from the start of training) and `time/since_start` (since this process
+began).
 """
 
 from __future__ import annotations
@@ -67,6 +70,13 @@ rm = AutoModelForSequenceClassification.from_pretrained(a.reward, num_labels=1, 
 value = AutoModelForSequenceClassification.from_pretrained(a.reward, num_labels=1, dtype=f32)
 for m in (policy, ref, rm, value):
     m.config.pad_token_id = tok.pad_token_id
+# --freeze-layers N: as `rlhf ppo --freeze-layers N` does to the models it trains, the input embeddings (with
+# SmolLM2's tied embeddings, the LM head too) and the lowest N decoder layers of policy and value model get no
+# gradients, so no backward pass runs below layer N
+for m in (policy, value) if a.freeze_layers else ():
+    m.get_input_embeddings().requires_grad_(False)
+    for layer in m.model.layers[:a.freeze_layers]:
+        layer.requires_grad_(False)
 
 cfg = PPOConfig(
     output_dir=os.path.join(a.out, "trainer"), seed=a.seed, data_seed=a.seed,
