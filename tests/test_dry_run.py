@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -162,6 +163,23 @@ def test_dpo_dry_run(run, tmp_path, no_weights, method, unit):
                               "--batch-size", "4", "--threads", "1", "--dry-run"), steps="")
     assert plan["method"].startswith(method) and f"effective batch 4 {unit}" in plan["optimisation steps"]
     assert no_weights == [] and not out.exists() and not out.with_name("dpo.partial").exists()
+
+
+def test_dpo_dry_run_counts_the_reference_once_when_precomputed(run, tmp_path, no_weights):
+    """3 epochs: the reference's forward FLOPs are one epoch's with --precompute-ref (the default) and three
+    epochs' with --no-precompute-ref; the training FLOPs are the same."""
+    def flops(*flag: str) -> tuple[float, float]:
+        plan = assert_plan(invoke("dpo", "--model", run / "sft", "--data", PREFS, "--out", tmp_path / "o",
+                                  "--epochs", "3", "--batch-size", "4", "--threads", "1", "--dry-run", *flag), steps="")
+        scale = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15}
+        found = re.findall(r"([\d.]+) ([kMGTP]?)FLOP (of training|forward-only)", plan["estimated time"])
+        return tuple(float(x) * scale[unit] for x, unit, _ in found)  # (training, forward-only)
+
+    train_once, forward_once = flops()
+    train_every, forward_every = flops("--no-precompute-ref")
+    assert train_once == train_every
+    assert forward_every == pytest.approx(3 * forward_once, rel=0.02)
+    assert no_weights == []
 
 
 def test_best_of_n_dry_run(run, tmp_path, no_weights):
