@@ -54,6 +54,7 @@ class DPOArgs(TrainArgs):
     simpo_gamma: float = opt(0.5, "SimPO's target reward margin (--method simpo, or cpo with --loss simpo).", min=0)
     precompute_ref: bool = opt(True, "--method dpo: compute the reference model's log-probabilities of every pair "
                                      "once, before training, instead of in every step (one reference pass in all "
-                                     "instead of one per epoch, and no second copy of the weights; the same loss).")
+                                     "instead of one per epoch, and no second copy of the weights; the same loss). In "
+                                     "one process; under several the reference runs in every step.")
     group_by_prompt: bool = opt(True, "Put all pairs of one prompt in the same batch, as `rlhf reward` does (not "
                                       "for kto, whose KL estimate needs a fixed batch order).")

@@ -21,16 +21,16 @@ answers gives all K-choose-2 pairs.
 KTO learns from unpaired thumbs up/down (`rlhf_cli.data.feedback`); pairs are split into their desirable and
 undesirable answers.
 
-The reference model, where the method has one. For dpo (`--precompute-ref`, the default) its log-probabilities
-of every pair are computed once, before training, by the policy itself, which is still the start model then
-(TRL's `precompute_ref_log_probs`): one reference pass in all instead of one per epoch, and no second copy of
-the weights. A resume computes them again the same way, from the start model, before its checkpoint is loaded.
-Otherwise (kto, or `--no-precompute-ref`), for a full fine-tune, a second copy of the start weights, loaded here
-under the same safety rules as the policy (safetensors only, no folder code unless allowed) rather than by TRL
-from the config's name. With `--lora` there is no second copy: TRL computes the reference log-probabilities with
-the adapters switched off, which is exactly the start model (checked in trl 1.16's DPOTrainer and KTOTrainer: a
-peft model with `ref_model=None` keeps `self.ref_model = None` and wraps the reference forward in
-`use_adapter(model, None)`).
+The reference model, where the method has one. For dpo in one process (`--precompute-ref`, the default) its
+log-probabilities of every pair are computed once, before training, by the policy itself, which is still the
+start model then (TRL's `precompute_ref_log_probs`): one reference pass in all instead of one per epoch, and no
+second copy of the weights. A resume computes them again the same way, from the start model, before its
+checkpoint is loaded. Otherwise (kto, `--no-precompute-ref`, or several processes: see `precomputed`), for a
+full fine-tune, a second copy of the start weights, loaded here under the same safety rules as the policy
+(safetensors only, no folder code unless allowed) rather than by TRL from the config's name. With `--lora`
+there is no second copy: TRL computes the reference log-probabilities with the adapters switched off, which is
+exactly the start model (checked in trl 1.16's DPOTrainer and KTOTrainer: a peft model with `ref_model=None`
+keeps `self.ref_model = None` and wraps the reference forward in `use_adapter(model, None)`).
 
 Batches: as in `rlhf reward`, all pairs of one prompt share a batch (`GroupBatchSampler`) for dpo, orpo, cpo and
 simpo, whose trainers read their batches from the Trainer's own dataloader, so it is replaced cleanly
@@ -68,7 +68,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerBase
 
 from rlhf_cli.core import dry_run as dry
-from rlhf_cli.core import hub, runtime, training
+from rlhf_cli.core import hub, launch, runtime, training
 from rlhf_cli.core.args import DEFAULT_MODEL
 from rlhf_cli.core.config import dump_yaml, to_dict, validate
 from rlhf_cli.core.errors import CheckpointError, ConfigError, DataError
@@ -144,8 +144,10 @@ def trl_classes(method: str) -> tuple[type, type]:
 
 
 def precomputed(args: DPOArgs) -> bool:
-    """Whether the reference's log-probabilities are computed once before training (dpo only)."""
-    return args.method == "dpo" and args.precompute_ref
+    """Whether the reference's log-probabilities are computed once before training: dpo in one process. Across
+    processes each rank would look for the others' cached results in its own temporary folder (trl 1.16 keeps
+    them in a file beside an in-memory dataset), so there the reference runs in every step."""
+    return args.method == "dpo" and args.precompute_ref and launch.world_size() == 1
 
 
 def method_config(args: DPOArgs, micro_batch: int = 1) -> dict[str, Any]:
