@@ -39,9 +39,10 @@ neighbour in a fixed-order batch, so its TRL config requires sequential batches:
 the seed, and read in that order.
 
 Memory: the planner counts the trained policy, two sequences per example (chosen and rejected; for KTO the answer
-and its mismatched KL answer), and, for a full fine-tune of kto (or dpo with `--no-precompute-ref`), the frozen
-reference weights. The reference's forward pass runs without gradients, so its activations are freed layer by
-layer and are not counted: a rough but honest estimate.
+and its mismatched KL answer), and, for a full fine-tune of kto (or of dpo when the reference is not computed
+once: `--no-precompute-ref`, or several processes), the frozen reference weights. The reference's forward pass
+runs without gradients, so its activations are freed layer by layer and are not counted: a rough but honest
+estimate.
 
 Metrics: before and after training, on the eval data, TRL's own eval loss and implicit-reward figures
 (`rewards/margins`, `rewards/accuracies` as TRL logs them; KTO logs no accuracy, and the reference-free methods'
