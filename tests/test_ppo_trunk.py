@@ -54,8 +54,11 @@ def test_the_trunk_gives_the_full_passes_results(models):
     from rlhf_cli.stages.ppo.trunk import find_trunk
 
     _, tok, policy, ref, value = models
-    trunk, why = find_trunk(policy, [ref, value], 2)
+    trunk, why = find_trunk(policy, [ref, value], 2, same_files=(ref,))
     assert trunk is not None, why
+    # one copy of the frozen layers: the reference's and value model's lowest 2 are now the policy's modules
+    assert all(m.model.layers[i] is policy.model.layers[i] for m in (ref, value) for i in range(2))
+    assert value.model.layers[2] is not policy.model.layers[2]
     ro = rollout(tok, policy)
     assert len(set(ro.attn[:, :ro.prompt_len].sum(1).tolist())) > 1  # prompts of several lengths: left padding
 
@@ -64,7 +67,13 @@ def test_the_trunk_gives_the_full_passes_results(models):
     assert full[4] is None
     for a, b, name in zip(full[:4], short[:4], ("logprobs", "ref logprobs", "values", "entropy"), strict=True):
         torch.testing.assert_close(b * ro.mask, a * ro.mask, rtol=1e-5, atol=1e-5, msg=name)
-    assert check_trunk(trunk, policy, ro, 0.7, 4) < 1e-5
+    # the first-rollout check: the shortcut's old log-probabilities against the full pass on the shortest and
+    # the longest row; it finds a difference where there is one
+    assert check_trunk(policy, ro, 0.7, short[0]) < 1e-5
+    longest = int(ro.attn.sum(1).argmax())
+    off = short[0].clone()
+    off[longest] += 0.01 * ro.mask[longest]
+    assert check_trunk(policy, ro, 0.7, off) == pytest.approx(0.01, abs=1e-4)
 
     # the cached states are layer 2's hidden states at every real token (what the training passes start from)
     states = short[4]
@@ -100,10 +109,15 @@ def test_no_trunk_unless_the_weights_are_the_same_and_frozen(models):
     freeze_lower_layers(trained, 1)  # layer 1 trains in this one
     trunk, why = find_trunk(policy, [ref, trained], 2)
     assert trunk is None and why == "a lower layer is trained"
+    # a model from the policy's own folder skips the value comparison, not the checks of layout and freezing
+    trunk, why = find_trunk(policy, [ref, trained], 2, same_files=(trained,))
+    assert trunk is None and why == "a lower layer is trained"
+    assert trained.model.layers[0] is not policy.model.layers[0]  # nothing shared when there is no trunk
 
 
-def test_ppo_with_the_trunk_trains_as_the_full_passes_do(tmp_path):
-    """The same run with and without the shortcut: the same figures at every update and the same weights."""
+def test_ppo_with_the_trunk_trains_as_the_full_passes_do(tmp_path, monkeypatch):
+    """The same run with and without the shortcut: the same figures at every update and the same weights; a
+    shortcut that fails its first-rollout check is turned off and the run goes on with the full passes."""
     policy = stage(build_tiny(tmp_path / "sft", layers=3), "sft", max_length=128)
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Tell me about topic {i}."} for i in range(8)])
     # the reward model: the policy as a classifier (any scorer will do; it is frozen)
@@ -131,8 +145,18 @@ def test_ppo_with_the_trunk_trains_as_the_full_passes_do(tmp_path):
     def rows(name):
         return [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
-    a, b = rows("full"), rows("shared")
+    import rlhf_cli.stages.ppo.trainer as trainer
+
+    monkeypatch.setattr(trainer, "check_trunk", lambda *args: 0.5)  # as a model whose layers the trunk misreads
+    off = ok(invoke("ppo", *common, "--out", tmp_path / "off"))
+    assert "the shared-trunk shortcut differs from the full pass by 0.5; running full forward passes" in off.stderr
+    m = json.loads((tmp_path / "off" / MANIFEST).read_text())["metrics"]
+    assert m["shared_trunk_layers"] == 0
+
+    a, b, c = rows("full"), rows("shared"), rows("off")
     assert len(a) == len(b) == 3
+    for ra, rc in zip(a, c, strict=True):  # the same run as the full passes' from the first rollout on
+        assert rc["score_mean"] == ra["score_mean"] and rc["kl"] == pytest.approx(ra["kl"], rel=1e-5, abs=1e-6)
     for ra, rb in zip(a, b, strict=True):
         for k in ("score_mean", "kl", "policy_loss", "value_loss", "approx_kl", "response_length"):
             assert rb[k] == pytest.approx(ra[k], rel=1e-4, abs=1e-5), (ra["step"], k)

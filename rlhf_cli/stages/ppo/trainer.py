@@ -343,7 +343,10 @@ class PPOTrainer:
             return None, "not with LoRA"
         if self.world > 1:
             return None, "not with several processes"
-        return find_trunk(self.policy, [self.ref, self.value], a.freeze_layers)
+        # unless resuming, the reference (and a value model started from the policy) loads from the policy's own
+        # folder: the same weights by construction
+        same = () if a.resume else (self.ref, self.value) if a.value_init == "policy" else (self.ref,)
+        return find_trunk(self.policy, [self.ref, self.value], a.freeze_layers, same_files=same)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         kw = dict(lr=self.lr, eps=1e-5, weight_decay=self.a.weight_decay)
@@ -442,11 +445,7 @@ class PPOTrainer:
             raw = score_rollout(self.rm, plan, rollout, rows, self.micro)
             scores = self.shaper(raw, rollout.ends, self.sum_all)
             t2 = time.time()
-            ref = self.policy if a.lora else self.ref
-            if self.trunk is not None and not self.trunk_checked:
-                self.verify_trunk(rollout)
-            old_logp, ref_logp, old_values, entropy, states = rollout_forward(
-                self.policy, ref, self.value, rollout, a.temperature, self.micro, a.lora, self.trunk)
+            old_logp, ref_logp, old_values, entropy, states = self.rollout_passes(rollout)
         mask = rollout.mask.to(old_logp.dtype)
         kl_tok = kl_estimate(old_logp, ref_logp, a.kl_estimator) * mask
         beta = self.kl_ctl.value
@@ -462,18 +461,27 @@ class PPOTrainer:
         batch.figures = figures(batch)
         return batch
 
-    def verify_trunk(self, rollout: Rollout) -> None:
-        """Once, on the first rollout: the shared trunk's log-probabilities against the full forward pass. Any
-        difference beyond rounding (or an error: a model whose layers are called otherwise) turns it off."""
-        self.trunk_checked = True
-        try:
-            diff = check_trunk(self.trunk, self.policy, rollout, self.a.temperature, self.micro)
-            ok, why = diff <= TRUNK_TOLERANCE[self.precision], f"differs from the full pass by {diff:.2g}"
-        except Exception as e:  # noqa: BLE001 - any failure of the shortcut means the full passes
-            ok, why = False, f"failed ({type(e).__name__}: {e})"
-        if not ok:
+    def rollout_passes(self, rollout: Rollout) -> tuple[torch.Tensor, ...]:
+        """`rollout_forward` of the policy, reference and value model; on the first rollout with a shared trunk,
+        its log-probabilities are checked against the policy's full forward pass (`check_trunk`). Any difference
+        beyond rounding, or an error (a model whose layers are called otherwise), turns the shortcut off, and
+        the passes run again in full."""
+        a = self.a
+        ref = self.policy if a.lora else self.ref
+        if self.trunk is not None and not self.trunk_checked:
+            self.trunk_checked = True
+            try:
+                out = rollout_forward(self.policy, ref, self.value, rollout, a.temperature, self.micro, a.lora,
+                                      self.trunk)
+                diff = check_trunk(self.policy, rollout, a.temperature, out[0])
+                ok, why = diff <= TRUNK_TOLERANCE[self.precision], f"differs from the full pass by {diff:.2g}"
+            except Exception as e:  # noqa: BLE001 - any failure of the shortcut means the full passes
+                ok, why = False, f"failed ({type(e).__name__}: {e})"
+            if ok:
+                return out
             self.trunk, self.trunk_reason = None, f"the shared-trunk shortcut {why}"
             self.reporter.info(f"frozen layers: {self.trunk_reason}; running full forward passes")
+        return rollout_forward(self.policy, ref, self.value, rollout, a.temperature, self.micro, a.lora, self.trunk)
 
     def train_on(self, batch: Batch) -> UpdateStats:
         """Step 5: PPO epochs over minibatches (clipped policy and value losses, gradient clipping), stopping

@@ -8,10 +8,13 @@ update: none of those weights is trained. So they are computed once per rollout,
 reference log-probabilities, values, and each PPO epoch's training passes) runs only the layers above N.
 With the demo's 20 of 30 layers frozen, that leaves a third of each forward pass to run.
 
-Only where it is exact: the trunk's weights are compared tensor by tensor at start-up, the model family is one
+Only where it is exact: the trunk's weights are compared tensor by tensor at start-up (those of a model loaded
+from the policy's own folder are the same by construction: only their layout is checked), the model family is one
 whose layer stack this module reproduces (its attention mask, rotary embeddings and layers called as the model's
 own forward calls them), and the first rollout checks the shortcut against the model's full forward pass.
 Anything else (LoRA, several processes, another family, different weights) runs the full passes as before.
+Once found equal, the reference's and value model's lower layers become the policy's own modules: one copy of
+the frozen weights in memory instead of three.
 """
 
 from __future__ import annotations
@@ -32,9 +35,12 @@ def _backbone(model: PreTrainedModel) -> torch.nn.Module | None:
     return None
 
 
-def why_not_shared(models: list[PreTrainedModel], n: int) -> str | None:
+def why_not_shared(models: list[PreTrainedModel], n: int, same_files: tuple[PreTrainedModel, ...] = ()
+                   ) -> str | None:
     """None when the embeddings and lowest `n` layers of every model are the same frozen weights of a supported
-    family; else the reason they cannot be shared."""
+    family; else the reason they cannot be shared. `same_files`: models loaded from the first one's own files
+    (the reference, when not resuming), the same weights by construction: their layout is checked, not every
+    value, so their lower layers need not be read at all."""
     if n <= 0:
         return "no frozen layers"
     families = {getattr(m.config, "model_type", None) for m in models}
@@ -44,7 +50,8 @@ def why_not_shared(models: list[PreTrainedModel], n: int) -> str | None:
     if any(b is None for b in backbones) or any(len(b.layers) <= n for b in backbones):
         return "the models' layer stacks differ from the expected layout"
     first = backbones[0]
-    for b in backbones:
+    for m, b in zip(models[1:], backbones[1:], strict=True):
+        compare = not any(m is x for x in same_files)
         parts = [(first.embed_tokens, b.embed_tokens)] + [(first.layers[i], b.layers[i]) for i in range(n)]
         for mine, theirs in parts:
             a, c = dict(mine.named_parameters()), dict(theirs.named_parameters())
@@ -54,7 +61,7 @@ def why_not_shared(models: list[PreTrainedModel], n: int) -> str | None:
                 q = c[k]
                 if p.requires_grad or q.requires_grad:
                     return "a lower layer is trained"
-                if p.shape != q.shape or p.dtype != q.dtype or not torch.equal(p, q):
+                if p.shape != q.shape or p.dtype != q.dtype or (compare and not torch.equal(p, q)):
                     return ("the value model's lower layers are not the policy's (a reward model trained with "
                             "other frozen layers, or from another SFT model)")
     return None
@@ -106,9 +113,22 @@ class SharedTrunk:
         return head(self.top(model, h, attn)).squeeze(-1).float()
 
 
-def find_trunk(policy: PreTrainedModel, others: list[PreTrainedModel], n: int) -> tuple[SharedTrunk | None, str]:
-    """The shared trunk of the policy and `others` (reference, value model), or None and the reason."""
-    why = why_not_shared([policy, *others], n)
+def share_layers(policy: PreTrainedModel, others: list[PreTrainedModel], n: int) -> None:
+    """Make the lowest `n` layers of `others` the policy's own modules (the same frozen weights, found equal):
+    one copy of them in memory instead of one per model."""
+    first = _backbone(policy)
+    for m in others:
+        layers = _backbone(m).layers
+        for i in range(n):
+            layers[i] = first.layers[i]
+
+
+def find_trunk(policy: PreTrainedModel, others: list[PreTrainedModel], n: int,
+               same_files: tuple[PreTrainedModel, ...] = ()) -> tuple[SharedTrunk | None, str]:
+    """The shared trunk of the policy and `others` (reference, value model), or None and the reason. When there
+    is one, the others' lowest `n` layers become the policy's (`share_layers`)."""
+    why = why_not_shared([policy, *others], n, same_files)
     if why is not None:
         return None, why
+    share_layers(policy, others, n)
     return SharedTrunk(policy, n), f"embeddings and lowest {n} layers computed once per rollout"
