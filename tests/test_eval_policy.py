@@ -228,7 +228,7 @@ def test_baseline_answers_are_kept_and_reused(w, tmp_path, monkeypatch):
         return result, [r["baseline_response"] for r in rows], json.loads(result.stdout)
 
     first, base1, _ = run(w.other, "a.jsonl")
-    assert "reused from" not in first.stderr and len(list(answers.glob("*.json"))) == 1
+    assert "reused from" not in first.stderr and len(list(answers.glob("*.json"))) == 2  # baseline's, model's
     second, base2, res2 = run(w.ppo, "b.jsonl", "--temperature", 0.2, "--top-p", 0.9)
     assert "--baseline: its answers to these prompts with these settings and seed reused from" in second.stderr
     fresh, base3, res3 = run(w.ppo, "c.jsonl", "--temperature", 0.2, "--top-p", 0.9, "--no-cache")
@@ -238,15 +238,44 @@ def test_baseline_answers_are_kept_and_reused(w, tmp_path, monkeypatch):
         "seconds": res2["seconds"], "save": res2["save"]}
     other_seed = ok(invoke("eval", "policy", "--model", w.other, "--baseline", w.sft, "--reward", w.rm,
                            "--prompts", w.prompts, "--json", "--seed", 6, *SAMPLE))
-    assert "reused from" not in other_seed.stderr and len(list(answers.glob("*.json"))) == 2
+    assert "reused from" not in other_seed.stderr and len(list(answers.glob("*.json"))) == 5  # + ppo's, + seed 6's
     # an unreadable file is sampled again and rewritten, not an error
     for f in answers.glob("*.json"):
         f.write_text("{broken")
     again, base4, _ = run(w.other, "d.jsonl")
     assert "reused from" not in again.stderr and base4 == base1
     texts = [f.read_text() for f in answers.glob("*.json")]
-    assert sorted(t == "{broken" for t in texts) == [False, True]  # seed 5's rewritten, seed 6's untouched
-    assert json.loads(next(t for t in texts if t != "{broken"))["answers"]
+    # seed 5's two rewritten; ppo's and seed 6's untouched
+    assert sorted(t == "{broken" for t in texts) == [False, False, True, True, True]
+    assert all(json.loads(t)["answers"] for t in texts if t != "{broken")
+
+
+def test_the_same_model_measured_again_samples_nothing(w, tmp_path, monkeypatch):
+    """Measured again the same way (here to add a judge), a model's answers and their KL come from the cache:
+    the same figures as sampling them again with --no-cache; a model whose files changed is sampled anew."""
+    monkeypatch.setenv("RLHF_CLI_CACHE", str(tmp_path / "cache"))
+    model = Path(shutil.copytree(w.other, tmp_path / "model"))
+    second_judge = Path(shutil.copytree(w.rm, tmp_path / "rm2"))
+
+    def run(*extra):
+        result = ok(invoke("eval", "policy", "--model", model, "--baseline", w.sft, "--reward", w.rm, "--prompts",
+                           w.prompts, "--json", "--seed", 5, *SAMPLE, *extra))
+        return result, json.loads(result.stdout)
+
+    first, res1 = run()
+    assert "reused from" not in first.stderr
+    again, res2 = run("--judge", second_judge)
+    assert "--model: its answers to these prompts with these settings and seed, and their KL to --baseline, " \
+           "reused from" in again.stderr and "--baseline: its answers" in again.stderr
+    assert len(res2["judges"]) == 2
+    for k in ("win_rate", "kl", "mean_length", "mean_score", "baseline_mean_score", "distinct_2", "finished_rate"):
+        assert res2[k] == res1[k], k
+    fresh_result, fresh = run("--judge", second_judge, "--no-cache")
+    assert "reused from" not in fresh_result.stderr
+    assert fresh == res2 | {"seconds": fresh["seconds"]}  # the kept answers and KL are the ones sampling gives
+    (model / "config.json").touch()  # a changed model (retrained in place): its answers are sampled again
+    changed, _ = run()
+    assert "--model: its answers" not in changed.stderr and "--baseline: its answers" in changed.stderr
 
 
 def test_run_defaults_inherit_ppo_sampling_and_write_eval_file(w):

@@ -66,9 +66,10 @@ class EvalPolicyArgs:
     seed: int = opt(42, "Random seed: each batch of prompts is seeded from it, the same for both models.")
     baseline_seed: int | None = opt(None, "Another seed for BASE's answers, to draw them independently of "
                                           "MODEL's (default: --seed, the same random numbers for both).")
-    cache: bool = opt(True, "Keep BASE's answers (RLHF_CLI_CACHE/eval_answers, keyed by its files, the prompts, "
-                            "sampling settings, seed, batch size and numerics) and reuse them when another model is "
-                            "measured against the same baseline the same way: the same answers, half the sampling.")
+    cache: bool = opt(True, "Keep both models' answers (RLHF_CLI_CACHE/eval_answers, keyed by their files, the "
+                            "prompts, sampling settings, seed, batch size and numerics) and reuse them: another "
+                            "model measured against the same baseline the same way samples only its own answers; "
+                            "the same model again (another --judge, say) samples none. The same answers either way.")
     batch_size: int = opt(8, "Prompts per generation and scoring batch.", min=1)
     max_samples: int | None = max_samples_field()
     precision: str = precision_field()

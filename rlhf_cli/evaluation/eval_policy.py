@@ -276,7 +276,7 @@ def _load_contest(args: EvalPolicyArgs, model_spec: str, base_spec: str, prompts
     return Contest(model, base, model_prompts, base_prompts, same_vocab, [], [], []), max(cut, base_cut)
 
 
-CACHED_BASELINES = 64  # answer files kept in RLHF_CLI_CACHE/eval_answers (the newest)
+CACHED_ANSWERS = 64  # answer files kept in RLHF_CLI_CACHE/eval_answers (the newest)
 
 
 def baseline_seed(args: EvalPolicyArgs) -> int:
@@ -284,37 +284,60 @@ def baseline_seed(args: EvalPolicyArgs) -> int:
     return args.seed if args.baseline_seed is None else args.baseline_seed
 
 
-def baseline_key(c: Contest, args: EvalPolicyArgs, sampling: Sampling) -> str:
-    """What BASE's answers depend on: its files (names, sizes, modification times), the encoded prompts, the
-    sampling settings, seed and batch size, and the numerics (precision, threads, library versions). The same key
-    means the same answers: sampling is seeded per batch and deterministic on a given machine."""
+def answers_key(c: Contest, args: EvalPolicyArgs, sampling: Sampling, side: str) -> str:
+    """What one side's answers depend on (`side`: "baseline" or "model"): its files (names, sizes, modification
+    times), the encoded prompts, the sampling settings, seed and batch size, and the numerics (precision, threads,
+    library versions). MODEL's key also holds BASE's, since MODEL's KL to BASE is kept with its answers. The same
+    key means the same answers: sampling is seeded per batch and deterministic on a given machine."""
     import transformers
 
-    files = sorted((f.name, st.st_size, st.st_mtime_ns) for f in Path(c.base.path).iterdir()
+    lm, prompts, seed = ((c.base, c.base_prompts, baseline_seed(args)) if side == "baseline"
+                         else (c.model, c.model_prompts, args.seed))
+    files = sorted((f.name, st.st_size, st.st_mtime_ns) for f in Path(lm.path).iterdir()
                    if f.is_file() and f.suffix in (".safetensors", ".bin", ".json", ".model") for st in [f.stat()])
-    what = {"v": 2, "base": str(Path(c.base.path).resolve()), "files": files, "prompts": c.base_prompts,
+    what = {"v": 2, "base": str(Path(lm.path).resolve()), "files": files, "prompts": prompts,
             "sampling": dataclasses.asdict(sampling), "batch_size": args.batch_size,
-            "seed": baseline_seed(args), "precision": str(next(c.base.model.parameters()).dtype),
+            "seed": seed, "precision": str(next(lm.model.parameters()).dtype),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__, "transformers": transformers.__version__}
+    if side == "model":
+        what |= {"side": "model", "against": answers_key(c, args, sampling, "baseline")}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def baseline_cache(c: Contest, args: EvalPolicyArgs, sampling: Sampling) -> Path | None:
-    """Where BASE's answers to these prompts are kept for the next evaluation against the same baseline (several
-    policies are usually measured against one SFT model): RLHF_CLI_CACHE/eval_answers. None with --no-cache."""
+def answers_cache(c: Contest, args: EvalPolicyArgs, sampling: Sampling, side: str) -> Path | None:
+    """Where one side's answers to these prompts are kept for the next evaluation the same way: BASE's when
+    several policies are measured against one SFT model, MODEL's (with its KL to BASE) when the same policy is
+    measured again, by another judge for instance. RLHF_CLI_CACHE/eval_answers; None with --no-cache."""
     if not args.cache:
         return None
-    return cache_dir() / "eval_answers" / f"{baseline_key(c, args, sampling)}.json"
+    return cache_dir() / "eval_answers" / f"{answers_key(c, args, sampling, side)}.json"
 
 
-def read_cached(path: Path | None, n: int) -> list[list[int]] | None:
+def read_cached(path: Path | None, n: int, with_kls: bool = False) -> dict[str, list] | None:
+    """The kept answers (and KLs) when `path` holds `n` of them, else None."""
     try:
-        answers = json.loads(path.read_text(encoding="utf-8"))["answers"] if path else None
+        got = json.loads(path.read_text(encoding="utf-8")) if path else None
+        answers, kls = got["answers"], got["kls"] if with_kls else []
     except (OSError, ValueError, KeyError, TypeError):
         return None  # none yet, or unreadable: sample again (and write it anew)
-    ok = isinstance(answers, list) and len(answers) == n and all(isinstance(a, list) for a in answers)
-    return answers if ok else None
+    ok = (isinstance(answers, list) and len(answers) == n and all(isinstance(a, list) for a in answers)
+          and (not with_kls or (isinstance(kls, list) and len(kls) == n)))
+    return {"answers": answers, "kls": kls} if ok else None
+
+
+def keep_answers(path: Path | None, record: dict[str, Any], reporter: Reporter) -> None:
+    """Write one side's answers into the cache, keeping only its newest files."""
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(record))
+        kept = sorted(path.parent.glob("*.json"), key=lambda f: f.stat().st_mtime, reverse=True)
+        for old in kept[CACHED_ANSWERS:]:  # the newest ones only: the cache stays small
+            old.unlink(missing_ok=True)
+    except OSError as e:  # a read-only cache costs the next run time, not this one its result
+        reporter.info(f"could not keep the answers in {path}: {e}")
 
 
 def batches_by_length(prompts: list[list[int]], size: int) -> list[list[int]]:
@@ -327,15 +350,19 @@ def batches_by_length(prompts: list[list[int]], size: int) -> list[list[int]]:
 
 def _sample_both(c: Contest, args: EvalPolicyArgs, sampling: Sampling, reporter: Reporter) -> None:
     """One answer per prompt from each model, batch by batch (prompts of similar length together), with MODEL's
-    KL to BASE on its own answers. BASE's answers come from the cache when it holds them (`baseline_cache`).
+    KL to BASE on its own answers. Either side's answers come from the cache when it holds them (`answers_cache`):
+    BASE's when another policy was measured against it the same way, MODEL's (and its KL) when this one was.
     The answers end up in the prompts' order."""
     n, bs = len(c.model_prompts), args.batch_size
     temp = sampling.temperature or 1.0
-    cache = baseline_cache(c, args, sampling)
-    cached = read_cached(cache, n)
+    cache, mcache = (answers_cache(c, args, sampling, side) for side in ("baseline", "model"))
+    cached, mcached = read_cached(cache, n), read_cached(mcache, n, with_kls=True)
     if cached is not None:
         reporter.info(f"--baseline: its answers to these prompts with these settings and seed reused from {cache} "
                       f"(--no-cache samples them again)")
+    if mcached is not None:
+        reporter.info(f"--model: its answers to these prompts with these settings and seed, and their KL to "
+                      f"--baseline, reused from {mcache} (--no-cache samples them again)")
     answers: list[list[int] | None] = [None] * n
     base_answers: list[list[int] | None] = [None] * n
     kls: list[float | None] = [None] * n
@@ -344,15 +371,20 @@ def _sample_both(c: Contest, args: EvalPolicyArgs, sampling: Sampling, reporter:
     new_tokens, done = 0, 0
     try:
         for b, idx in enumerate(batches_by_length(c.model_prompts, bs)):
-            # the same seed per batch for both models: identical models sample identical answers
-            runtime.seed_all(args.seed * 100_003 + b)
-            a = sample_ids(c.model, [c.model_prompts[i] for i in idx], sampling)
+            if mcached is not None:
+                a = [list(mcached["answers"][i]) for i in idx]
+                for i in idx:
+                    kls[i] = mcached["kls"][i]
+            else:
+                # the same seed per batch for both models: identical models sample identical answers
+                runtime.seed_all(args.seed * 100_003 + b)
+                a = sample_ids(c.model, [c.model_prompts[i] for i in idx], sampling)
             if cached is not None:
-                ba = [list(cached[i]) for i in idx]
+                ba = [list(cached["answers"][i]) for i in idx]
             else:
                 runtime.seed_all(baseline_seed(args) * 100_003 + b)
                 ba = sample_ids(c.base, [c.base_prompts[i] for i in idx], sampling)
-            if c.same_vocab:
+            if c.same_vocab and mcached is None:
                 lp = answer_logprob(c.model.model, [c.model_prompts[i] for i in idx], a, temp,
                                     c.model.tok.pad_token_id)
                 lq = answer_logprob(c.base.model, [c.base_prompts[i] for i in idx], a, temp, c.base.tok.pad_token_id)
@@ -361,21 +393,16 @@ def _sample_both(c: Contest, args: EvalPolicyArgs, sampling: Sampling, reporter:
             for i, x, y in zip(idx, a, ba, strict=True):
                 answers[i], base_answers[i] = x, y
             done += len(idx)
-            new_tokens += sum(map(len, a)) + sum(map(len, ba))
+            new_tokens += (sum(map(len, a)) if mcached is None else 0) + (sum(map(len, ba)) if cached is None else 0)
             elapsed = time.time() - t1
             reporter.update(done, n, {"tokens/s": new_tokens / max(elapsed, 1e-9)}, elapsed)
     finally:
         reporter.finish()
     c.answers, c.base_answers, c.kls = answers, base_answers, kls  # type: ignore[assignment]
-    if cache is not None and cached is None:
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(cache, json.dumps({"baseline": str(c.base.path), "answers": c.base_answers}))
-            kept = sorted(cache.parent.glob("*.json"), key=lambda f: f.stat().st_mtime, reverse=True)
-            for old in kept[CACHED_BASELINES:]:  # the newest ones only: the cache stays small
-                old.unlink(missing_ok=True)
-        except OSError as e:  # a read-only cache costs the next run time, not this one its result
-            reporter.info(f"could not keep the baseline's answers in {cache}: {e}")
+    if cached is None:
+        keep_answers(cache, {"baseline": str(c.base.path), "answers": c.base_answers}, reporter)
+    if mcached is None:
+        keep_answers(mcache, {"model": str(c.model.path), "answers": c.answers, "kls": c.kls}, reporter)
 
 
 # ---------------------------------------------------------------------------------------------------------
