@@ -467,12 +467,15 @@ class PPOTrainer:
         beyond rounding, or an error (a model whose layers are called otherwise), turns the shortcut off, and
         the passes run again in full."""
         a = self.a
-        ref = self.policy if a.lora else self.ref
+
+        def passes() -> tuple[torch.Tensor, ...]:  # through the trunk while there is one
+            return rollout_forward(self.policy, self.policy if a.lora else self.ref, self.value, rollout,
+                                   a.temperature, self.micro, a.lora, self.trunk)
+
         if self.trunk is not None and not self.trunk_checked:
             self.trunk_checked = True
             try:
-                out = rollout_forward(self.policy, ref, self.value, rollout, a.temperature, self.micro, a.lora,
-                                      self.trunk)
+                out = passes()
                 diff = check_trunk(self.policy, rollout, a.temperature, out[0])
                 ok, why = diff <= TRUNK_TOLERANCE[self.precision], f"differs from the full pass by {diff:.2g}"
             except Exception as e:  # noqa: BLE001 - any failure of the shortcut means the full passes
@@ -481,7 +484,7 @@ class PPOTrainer:
                 return out
             self.trunk, self.trunk_reason = None, f"the shared-trunk shortcut {why}"
             self.reporter.info(f"frozen layers: {self.trunk_reason}; running full forward passes")
-        return rollout_forward(self.policy, ref, self.value, rollout, a.temperature, self.micro, a.lora, self.trunk)
+        return passes()
 
     def train_on(self, batch: Batch) -> UpdateStats:
         """Step 5: PPO epochs over minibatches (clipped policy and value losses, gradient clipping), stopping
