@@ -55,6 +55,7 @@ bench: install
 	$(BIN)/python bench/stage_overhead.py
 	$(BIN)/python bench/precision.py
 	$(BIN)/python bench/mfu.py
+	$(BIN)/python bench/sampling_kernels.py
 	@if [ -f $(RUN)/reward/rlhf_manifest.json ]; then $(BIN)/python bench/ppo_trunk.py --run $(RUN) --pairs 1; \
 	else echo "bench/ppo_trunk.py skipped: it needs $(RUN)/sft and $(RUN)/reward (make demo makes them)"; fi
 

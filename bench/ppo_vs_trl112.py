@@ -78,6 +78,8 @@ p.add_argument("--rebuild", action="store_true", help="rebuild the models and pr
 p.add_argument("--policy", help="a real policy folder (an sft stage) instead of the tiny built one")
 p.add_argument("--reward", help="a real reward folder (a reward stage) instead of the hand-set one; with --policy")
 p.add_argument("--warmup", type=int, default=1, help="warm-up pairs before the measured ones (not counted)")
+p.add_argument("--first-seed", type=int, default=42,
+               help="pair i (from 0) uses this seed + i: more pairs for a figure without repeating seeds")
 p.add_argument("--max-foreign", type=float, default=0.15,
                help="redo a pair when other processes used more than this many cores during either run")
 p.add_argument("--retries", type=int, default=4, help="redos allowed per pair")
@@ -269,7 +271,7 @@ ours_out, theirs_out = WORK / "ours", WORK / "theirs"
 runs: dict[str, list[dict]] = {"ours": [], "theirs": []}
 contended = 0
 for i in range(-a.warmup, a.n):  # negative: warm-up pairs, not counted
-    seed = 42 + i if i >= 0 else 41 + i + 1
+    seed = a.first_seed + i if i >= 0 else a.first_seed - 1 + i + 1
     tag = "warm-up" if i < 0 else f"pair {i + 1}"
     for attempt in range(a.retries + 1):
         wait_idle()

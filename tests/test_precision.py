@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import EXAMPLES, build_tiny, invoke, ok, one_error, stage, token_rm, write_jsonl
 
-from rlhf_cli.core import precision, runtime
+from rlhf_cli.core import linear_kernels, precision, runtime
 from rlhf_cli.core.errors import ConfigError
 
 
@@ -260,3 +260,6 @@ def test_env_prints_a_paste_ready_list_and_json():
     assert data["bf16_cpu"]["fast"] == (found.ratio >= precision.BF16_MIN_RATIO)
     assert data["precision_auto"]["precision"] == runtime.pick_precision("auto")
     assert data["cpu"]["torch_threads"] >= 1 and data["default_model"]["model"]
+    packs, why = linear_kernels.decision()
+    assert data["sampling_linear"]["packed"] == packs and data["sampling_linear"]["reason"] == why
+    assert any(line.startswith("- sampling's linear layers on the CPU: ") and why in line for line in lines), text

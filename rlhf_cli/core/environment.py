@@ -5,7 +5,8 @@
 
 Versions of Python, the toolkit and the libraries it drives; the OS; the CPU (model, cores, the threads torch
 uses, the flags that decide bf16 speed) with the precision probe's measured bf16/fp32 matmul ratio and what
-`--precision auto` picks here; the GPUs and their memory; whether the embedded default model is prepared.
+`--precision auto` picks here; whether sampling packs its linear layers for oneDNN (`core.linear_kernels`); the
+GPUs and their memory; whether the embedded default model is prepared.
 """
 
 from __future__ import annotations
@@ -38,9 +39,11 @@ def collect(refresh: bool = False) -> dict[str, Any]:
     import torch
 
     from rlhf_cli import __version__
-    from rlhf_cli.core import models, precision, runtime
+    from rlhf_cli.core import linear_kernels, models, precision, runtime
 
     found = precision.probe(torch.get_num_threads(), refresh=refresh)
+    packed = linear_kernels.probe(refresh=refresh)
+    packs, why = linear_kernels.decision()
     choice = runtime.precision_choice("auto")
     gpus = []
     if torch.cuda.is_available():
@@ -66,6 +69,10 @@ def collect(refresh: bool = False) -> dict[str, Any]:
                      "matmul_size": found.size, "measured_at": found.measured_at,
                      "cache": str(precision.cache_file())},
         "precision_auto": {"precision": choice.precision, "reason": choice.reason},
+        "sampling_linear": {"packed": packs, "reason": why, "threshold": linear_kernels.MIN_RATIO,
+                            "ratio": round(packed.ratio, 3) if packed else None,
+                            "measured_at": packed.measured_at if packed else None,
+                            "cache": str(linear_kernels.cache_file())},
         "gpus": gpus,
         "default_model": default,
         "cache_dir": str(models.cache_dir()),
@@ -94,6 +101,9 @@ def markdown(env: dict[str, Any]) -> str:
         f"({bf16['bf16_gflops']:g} vs {bf16['fp32_gflops']:g} GFLOP/s at {bf16['matmul_size']}, threshold "
         f"{bf16['threshold']:g}x; measured {bf16['measured_at']})",
         f"- --precision auto: {env['precision_auto']['precision']} ({env['precision_auto']['reason']})",
+        f"- sampling's linear layers on the CPU: "
+        f"{'packed for oneDNN' if env['sampling_linear']['packed'] else 'torch linear'} "
+        f"({env['sampling_linear']['reason']}; threshold {env['sampling_linear']['threshold']:g}x)",
         f"- GPUs: {gpus}",
         f"- default model: {model}",
         f"- cache: {env['cache_dir']}",

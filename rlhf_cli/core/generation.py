@@ -35,6 +35,7 @@ from transformers import (
 from rlhf_cli.core import runtime
 from rlhf_cli.core.args import SAMPLING_DEFAULTS
 from rlhf_cli.core.errors import CheckpointError, ConfigError
+from rlhf_cli.core.linear_kernels import packed_linears
 from rlhf_cli.core.manifest import manifest_if_stage
 from rlhf_cli.core.models import SAFE_LOADING, LoadOptions, load_tokenizer, resolve_model
 from rlhf_cli.core.stages import a_stage, command_for
@@ -280,7 +281,7 @@ class LM:
         x, att = pad_batch(prompts, pad, left=True)
         width = x.shape[1]
         self.model.eval()
-        with torch.inference_mode():
+        with torch.inference_mode(), packed_linears(self.model, keep=True):
             out = self.model.generate(input_ids=x.to(self.device), attention_mask=att.to(self.device),
                                       num_return_sequences=n, use_cache=True, pad_token_id=pad,
                                       eos_token_id=self.eos_ids, **sampling.generate_kwargs())
@@ -318,7 +319,7 @@ class Stream:
         try:
             x = torch.tensor([self._ids], dtype=torch.long, device=self.lm.device)
             self.lm.model.eval()
-            with torch.inference_mode():
+            with torch.inference_mode(), packed_linears(self.lm.model, keep=True):
                 out = self.lm.model.generate(input_ids=x, attention_mask=torch.ones_like(x), **self._kwargs)
             self.answer = self.lm.answer(out[0, len(self._ids):].cpu().tolist())
         except BaseException as e:  # surfaced by finish(); end() unblocks the reader

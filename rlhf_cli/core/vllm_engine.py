@@ -128,7 +128,9 @@ class HFEngine:
             kw["repetition_penalty"] = sampling.repetition_penalty
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        with torch.no_grad():
+        from rlhf_cli.core.linear_kernels import packed_linears
+
+        with torch.no_grad(), packed_linears(self.model):
             out = self.model.generate(input_ids=ids, attention_mask=attn, **kw)
         return [cut_after_eos(row, self.eos_ids) for row in out[:, ids.shape[1]:].tolist()]
 

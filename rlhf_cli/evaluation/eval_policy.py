@@ -53,7 +53,7 @@ from typing import Any
 
 import torch
 
-from rlhf_cli.core import runtime
+from rlhf_cli.core import linear_kernels, runtime
 from rlhf_cli.core.config import validate
 from rlhf_cli.core.errors import CheckpointError, ConfigError
 from rlhf_cli.core.files import atomic_write_text
@@ -287,8 +287,9 @@ def baseline_seed(args: EvalPolicyArgs) -> int:
 def answers_key(c: Contest, args: EvalPolicyArgs, sampling: Sampling, side: str) -> str:
     """What one side's answers depend on (`side`: "baseline" or "model"): its files (names, sizes, modification
     times), the encoded prompts, the sampling settings, seed and batch size, and the numerics (precision, threads,
-    library versions). MODEL's key also holds BASE's, since MODEL's KL to BASE is kept with its answers. The same
-    key means the same answers: sampling is seeded per batch and deterministic on a given machine."""
+    library versions, the linear layers' kernel). MODEL's key also holds BASE's, since MODEL's KL to BASE is kept
+    with its answers. The same key means the same answers: sampling is seeded per batch and deterministic on a
+    given machine."""
     import transformers
 
     lm, prompts, seed = ((c.base, c.base_prompts, baseline_seed(args)) if side == "baseline"
@@ -299,7 +300,8 @@ def answers_key(c: Contest, args: EvalPolicyArgs, sampling: Sampling, side: str)
             "sampling": dataclasses.asdict(sampling), "batch_size": args.batch_size,
             "seed": seed, "precision": str(next(lm.model.parameters()).dtype),
             "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "transformers": transformers.__version__}
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "linear": linear_kernels.kernel_name()}
     if side == "model":
         what |= {"side": "model", "against": answers_key(c, args, sampling, "baseline")}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:32]

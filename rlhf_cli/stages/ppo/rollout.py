@@ -15,6 +15,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_cli.core.generation import pad_batch
+from rlhf_cli.core.linear_kernels import packed_linears
 from rlhf_cli.core.reward_model import RewardModel, leading_pad, position_ids, token_scores
 from rlhf_cli.stages.ppo.args import PPOArgs
 from rlhf_cli.stages.ppo.core import (
@@ -51,7 +52,7 @@ def generate_rollouts(policy: PreTrainedModel, prompt_ids: list[list[int]], gen_
     """Sample one response per prompt in one batched generate call."""
 
     ids, attn = (t.to(device) for t in pad_batch(prompt_ids, pad_id, left=True))
-    with torch.no_grad():
+    with torch.no_grad(), packed_linears(policy):
         out = policy.generate(input_ids=ids, attention_mask=attn, generation_config=gen_config)
     p = ids.shape[1]
     response = out[:, p:]
