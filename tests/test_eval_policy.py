@@ -127,14 +127,28 @@ def test_outcomes_distinct_and_eos_cut():
     assert cut_at_eos([9, 7], [2, 7]) == ([9, 7], True)
 
 
-def test_teacher_forced_logprob_matches_token_by_token(w):
-    """The batched, right-padded sum of answer log-probabilities equals one forward per token, at a temperature."""
+class WithoutLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward has no `logits_to_keep` (as some architectures' have not)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["logits_to_keep", "without it"])
+def test_teacher_forced_logprob_matches_token_by_token(w, keep):
+    """The batched, left-padded sum of answer log-probabilities (logits for the answers' positions only) equals
+    one forward per token, at a temperature; so does the fallback for a model without `logits_to_keep`."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(w.other).eval()
-    prompts = [[1, 17, 300, 41], [1, 5], [1, 900, 901, 902, 903, 904]]
-    answers = [[60, 61, 2], [70], [80, 81, 82, 83, 84]]  # different lengths: padding in both dimensions
-    got = answer_logprob(model, prompts, answers, 0.7, pad_id=0)
+    prompts = [[1, 17, 300, 41], [1, 5], [1, 900, 901, 902, 903, 904], [1, 7, 8]]
+    answers = [[60, 61, 2], [70], [80, 81, 82, 83, 84], []]  # different lengths: padding in both dimensions
+    got = answer_logprob(model if keep else WithoutLogitsToKeep(model), prompts, answers, 0.7, pad_id=0)
+    assert got[-1] == 0.0  # an empty answer has probability 1
     for p, a, g in zip(prompts, answers, got, strict=True):
         want = 0.0
         with torch.no_grad():

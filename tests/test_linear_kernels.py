@@ -62,6 +62,8 @@ def test_gradients_and_autocast_take_the_usual_path(tiny):
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             assert model(x).logits.dtype == torch.bfloat16  # autocast still applies
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), want, strict=True))
+    with torch.autocast("cpu", dtype=torch.bfloat16), linear_kernels.packed_linears(model, enabled=True) as n:
+        assert n == 0  # nothing is packed for calls that would all take the usual path
 
 
 @needs_onednn

@@ -11,7 +11,8 @@ with SmolLM2's 49152x576 LM head, 10 against 46. Elsewhere the two may be even, 
 - `packed_linears(model)` (a context manager) packs the weights of the model's fp32 `nn.Linear` layers on the CPU
   and routes their no-gradient calls through oneDNN while it is open, when the probe measured oneDNN at least
   `MIN_RATIO` times faster and the packed copies fit in half the free memory. On leaving, the layers are as they
-  were and the copies are freed; the weights must not change while it is open (sampling only).
+  were, and the copies are freed unless `keep=True` (a model that only samples keeps them for its next call);
+  the weights must not change while it is open (sampling only).
 
 Results differ from MKL's by float rounding only (about 1e-5 relative; the same tokens were sampled in the runs
 measured). A call with gradients enabled, under autocast, or in another dtype takes the usual path.
@@ -27,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 ENV = "RLHF_CLI_PACKED_LINEAR"
-MIN_RATIO = 1.15  # packing costs about 2 ms per million weights per sampling call; below this it is not worth it
+MIN_RATIO = 1.15  # packing costs about 2 ms per million weights per sampling call: below this, not worth it
 ROWS, IN_FEATURES, OUT_FEATURES = 8, 1024, 4096  # the probe's product: a decode step of 8 answers, a 16 MB weight
 WINDOW_SECONDS, WINDOWS = 0.05, 4
 PROBE_VERSION = 1
@@ -210,9 +211,12 @@ def packed_linears(model, enabled: bool | None = None, keep: bool = False) -> It
     `keep=True` (models that only sample, as in `rlhf chat`, `generate` and `eval policy`) keeps the packed copies
     on the layers for the next call, which packs only a weight changed since; the default frees them on leaving
     (a policy in training changes its weights between calls, and its memory matters more)."""
-    if enabled is None:
-        enabled = decision()[0]
-    layers = eligible(model) if enabled else []
+    import torch
+
+    # under autocast (bf16 on the CPU) every call would take the usual path: packing would be wasted
+    layers = eligible(model) if enabled is not False and not torch.is_autocast_enabled("cpu") else []
+    if layers and enabled is None and not decision()[0]:  # measured only where there is something to pack
+        layers = []
     if layers:
         from rlhf_cli.core.memory import free_memory
 
