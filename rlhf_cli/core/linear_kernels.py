@@ -25,7 +25,7 @@ import contextlib
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 ENV = "RLHF_CLI_PACKED_LINEAR"
 MIN_RATIO = 1.15  # packing costs about 2 ms per million weights per sampling call: below this, not worth it
@@ -110,7 +110,7 @@ def probe(*, refresh: bool = False) -> Probe | None:
     None where packed linears are not supported."""
     import torch
 
-    from rlhf_cli.core.precision import _read_cache, _write_cache, cpu_info
+    from rlhf_cli.core.precision import cached_probe, cpu_info, remember
 
     if not supported():
         return None
@@ -118,22 +118,16 @@ def probe(*, refresh: bool = False) -> Probe | None:
     cpu, _ = cpu_info()
     key = f"{cpu} | torch {torch.__version__} | {threads} threads | probe {PROBE_VERSION}"
     path = cache_file()
-    entries = _read_cache(path)
-    if not refresh and isinstance(entries.get(key), dict):
-        try:
-            found = Probe(**entries[key], cached=True)
-            if found.default_flops > 0 and found.packed_flops > 0:
-                return found
-        except TypeError:
-            pass  # an entry of another shape: measure again
+    entries, found = cached_probe(path, key, Probe, lambda f: f.default_flops > 0 and f.packed_flops > 0, refresh)
+    if found is not None:
+        return found
     try:
         default, packed = _best_of_windows()
     except RuntimeError:  # the op exists but refuses this CPU
         return None
     found = Probe(cpu=cpu, threads=threads, torch=torch.__version__, default_flops=default, packed_flops=packed,
                   measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    entries[key] = {k: v for k, v in asdict(found).items() if k != "cached"}
-    _write_cache(path, entries)
+    remember(path, entries, key, found)
     return found
 
 

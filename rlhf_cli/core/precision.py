@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 # bf16 autocast pays for itself only when its matmuls are clearly faster: the casts around every op, the fp32
 # master weights and the ops autocast keeps in fp32 eat part of the gain, so a bare-matmul ratio of 1.3 is about
@@ -178,6 +179,28 @@ def _write_cache(path: Path, entries: dict) -> None:
         pass  # a read-only home: measure again next time
 
 
+def cached_probe(path: Path, key: str, make: Callable[..., Any], usable: Callable[[Any], bool],
+                 refresh: bool = False) -> tuple[dict, Any]:
+    """A machine probe's cache (this one's and `linear_kernels`'): the file's entries, and the entry under `key`
+    built with `make(**entry, cached=True)` when it is there, of the right shape and `usable` (else None, and the
+    caller measures again; also with `refresh`)."""
+    entries = _read_cache(path)
+    if not refresh and isinstance(entries.get(key), dict):
+        try:
+            found = make(**entries[key], cached=True)
+            if usable(found):
+                return entries, found
+        except TypeError:
+            pass  # an entry of another shape: measure again
+    return entries, None
+
+
+def remember(path: Path, entries: dict, key: str, found: Any) -> None:
+    """Store a measured probe (a dataclass with a `cached` field, which is not stored) under `key`."""
+    entries[key] = {k: v for k, v in asdict(found).items() if k != "cached"}
+    _write_cache(path, entries)
+
+
 def probe(threads: int | None = None, *, refresh: bool = False,
           measure: Callable[[str], float] | None = None) -> Probe:
     """The bf16/fp32 matmul speeds of this CPU with `threads` (default: torch's current setting), from the cache
@@ -189,14 +212,9 @@ def probe(threads: int | None = None, *, refresh: bool = False,
     cpu, flags = cpu_info()
     key = cache_key(cpu, torch.__version__, threads)
     path = cache_file()
-    entries = _read_cache(path)
-    if not refresh and isinstance(entries.get(key), dict):
-        try:
-            found = Probe(**entries[key], cached=True)
-            if found.fp32_flops > 0 and found.bf16_flops > 0:
-                return found
-        except TypeError:
-            pass  # an entry of another shape: measure again
+    entries, found = cached_probe(path, key, Probe, lambda f: f.fp32_flops > 0 and f.bf16_flops > 0, refresh)
+    if found is not None:
+        return found
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -214,8 +232,7 @@ def probe(threads: int | None = None, *, refresh: bool = False,
         torch.set_num_threads(before)
     found = Probe(cpu=cpu, flags=flags, threads=threads, torch=torch.__version__, fp32_flops=float(fp32),
                   bf16_flops=float(bf16), size=size, measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    entries[key] = {k: v for k, v in found.to_dict().items() if k != "ratio"}
-    _write_cache(path, entries)
+    remember(path, entries, key, found)
     return found
 
 
