@@ -24,7 +24,7 @@ from helpers import invoke, ok, one_error, read_jsonl, stage, token_rm, write_js
 
 from rlhf_cli.core.manifest import MANIFEST
 from rlhf_cli.core.stages import STAGES, command_for, is_policy
-from rlhf_cli.stages.best_of_n.train import select, select_all
+from rlhf_cli.stages.best_of_n.train import preference_pairs, select, select_all
 
 # Short random answers, a few fast fine-tune steps with a large learning rate (the tiny model memorises them).
 FAST = ["-k", 4, "--max-new-tokens", 6, "--sample-batch-size", 4, "--temperature", 1.0, "--threads", 1,
@@ -307,4 +307,56 @@ def test_objective_dpo_trains_best_against_worst(w, tmp_path):
 def test_objective_dpo_needs_two_answers(w, tmp_path):
     one_error(invoke("best-of-n", "--run", w.run, "--prompts", w.prompts, "--out", tmp_path / "x", "--objective",
                      "dpo", "-k", 1, "--threads", 1), 2, "--objective dpo: needs at least 2 answers per prompt")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()
+
+
+def test_preference_pairs_rules():
+    """--pairs all: every two answers whose selection scores differ, the higher one chosen, ordered by the chosen
+    answer's rank; equal scores, equal texts, an empty chosen answer and gaps under --min-pair-gap make no pair."""
+    ranked = [0.25, 1.0, -0.5, 0.25]  # exact in binary: the gaps are 0.75 and 1.5
+    texts = ["a", "b", "c", "d"]
+    every = [[1, 0], [1, 3], [1, 2], [0, 2], [3, 2]]  # not 0-3: equal scores
+    assert preference_pairs(ranked, texts, 1, 2, "best-worst", None) == [[1, 2]]
+    assert preference_pairs(ranked, texts, 1, 2, "all", None) == every
+    assert preference_pairs(ranked, texts, 1, 2, "all", 0.75) == every  # at the gap: kept
+    assert preference_pairs(ranked, texts, 1, 2, "all", 1.0) == [[1, 2]]
+    assert preference_pairs(ranked, texts, 1, 2, "best-worst", 1.6) == []
+    assert preference_pairs(ranked, ["a", "b", "b ", " "], 1, 2, "all", None) == [[1, 0], [1, 3], [0, 2]]
+    # the same rules on a row: a kept prompt's pairs, and a prompt dropped when none is left
+    from rlhf_cli.stages.best_of_n.args import BestOfNArgs
+
+    rows = [{"scores": ranked, "finished": [True] * 4, "responses": texts},
+            {"scores": [0.3, 0.1], "finished": [True, True], "responses": ["x", "y"]}]
+    figures = select_all(rows, BestOfNArgs(prompts="p", objective="dpo", pairs="all", min_pair_gap=0.5))
+    assert rows[0]["pairs"] == every and rows[0]["kept"]
+    assert rows[1]["pairs"] == [] and rows[1]["dropped"] == "no pair --min-pair-gap apart"
+    assert figures["dpo_pairs"] == 5 and figures["kept"] == 1
+
+
+def test_objective_dpo_all_pairs(w, tmp_path):
+    """--pairs all: pairs.jsonl holds every scored pair of each kept prompt's answers (a prompt's pairs next to
+    each other), DPO trains on them grouped by prompt, and the manifest counts them."""
+    out = tmp_path / "bon-all"
+    result = ok(invoke("best-of-n", "--run", w.run, "--prompts", w.prompts, "--out", out, "--objective", "dpo",
+                       "--pairs", "all", "--max-steps", 2, *FAST))
+    rows = [r for r in read_jsonl(out / "samples.jsonl") if r["kept"]]
+    pairs = read_jsonl(out / "pairs.jsonl")
+    expected = []
+    for r in rows:
+        order = sorted(range(4), key=lambda j: (-r["scores"][j], j))
+        for a, i in enumerate(order):
+            expected += [{"prompt": r["prompt"], "chosen": r["responses"][i], "rejected": r["responses"][j]}
+                         for j in order[a + 1:] if r["scores"][i] > r["scores"][j]
+                         and r["responses"][i].strip() and r["responses"][i].strip() != r["responses"][j].strip()]
+    assert pairs == expected and len(pairs) > len(rows)
+    m = manifest(out)
+    assert m["metrics"]["dpo_pairs"] == len(pairs) and m["args"]["pairs"] == "all"
+    assert f"DPO from {w.sft} on {len(pairs)} pairs" in result.output and "pairs grouped by prompt" in result.output
+
+
+def test_pairs_flags_need_objective_dpo(w, tmp_path):
+    one_error(invoke("best-of-n", "--run", w.run, "--prompts", w.prompts, "--out", tmp_path / "x", "--pairs", "all",
+                     "--threads", 1), 2, "--pairs: chooses the preference pairs of --objective dpo")
+    one_error(invoke("best-of-n", "--run", w.run, "--prompts", w.prompts, "--out", tmp_path / "x",
+                     "--min-pair-gap", "0.5", "--threads", 1), 2, "--min-pair-gap: chooses the preference pairs")
     assert not (tmp_path / "x").exists() and not (tmp_path / "x.partial").exists()

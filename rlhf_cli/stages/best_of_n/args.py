@@ -99,6 +99,15 @@ class BestOfNArgs:
                                 "DPO), which also pushes away from what the RM dislikes.", choices=("sft", "dpo"))
     beta: float = opt(0.1, "--objective dpo: DPO's beta, the pull towards the starting policy (the reference).",
                       above=0)
+    pairs: str = opt("best-worst", "--objective dpo: which pairs of each kept prompt's K answers DPO learns from: "
+                                   "best-worst = its best answer against its worst (one pair per prompt); all = "
+                                   "every two answers whose scores differ, the higher-scored one chosen (up to "
+                                   "K(K-1)/2 pairs per prompt, as a reward model learns from every pair of a "
+                                   "ranking).", choices=("best-worst", "all"))
+    min_pair_gap: float | None = opt(None, "--objective dpo: train on a pair only when its chosen answer scores at "
+                                           "least this much above its rejected one (the scores that choose, less "
+                                           "--missing-eos-penalty): pairs the RM barely tells apart are mostly "
+                                           "noise (default: every pair).", min=0)
     # The fine-tune: `rlhf sft` on the kept (prompt, best answer) pairs (or `rlhf dpo` on the kept (best, worst)
     # pairs), with these settings.
     epochs: float = opt(1.0, "Fine-tune: passes over the kept pairs.", above=0)
@@ -156,6 +165,11 @@ def check_best_of_n_args(args: BestOfNArgs) -> None:
                           "reads), a folder or a hub dataset")
     if args.objective == "dpo" and args.k < 2:
         raise ConfigError("--objective dpo: needs at least 2 answers per prompt (a best and a worst); use -k 2 or more")
+    if args.objective != "dpo" and (args.pairs != "best-worst" or args.min_pair_gap is not None):
+        flag = "--pairs" if args.pairs != "best-worst" else "--min-pair-gap"
+        raise ConfigError(f"{flag}: chooses the preference pairs of --objective dpo, but the objective is "
+                          f"{args.objective} (fine-tuning on each prompt's best answer); add --objective dpo or "
+                          f"leave {flag} out")
     if args.temperature == 0 and args.k > 1:
         raise ConfigError(f"--temperature 0 is greedy decoding: all {args.k} answers would be the same; use a "
                           f"temperature above 0 (such as 0.7)")

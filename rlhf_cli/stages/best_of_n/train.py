@@ -294,31 +294,57 @@ def selection_scores(row: dict, missing_eos_penalty: float | None) -> list[float
     return [s if done else s - missing_eos_penalty for s, done in zip(row["scores"], row["finished"], strict=True)]
 
 
+def preference_pairs(ranked: list[float], responses: list[str], best: int, worst: int, which: str,
+                     min_gap: float | None) -> list[list[int]]:
+    """--objective dpo: the (chosen, rejected) answer indices trained on, by the selection's scores: the best
+    against the worst, or with --pairs all every two answers whose scores differ (the higher one chosen), in order
+    of the chosen answer's rank then the rejected one's. A pair needs two different texts, a non-empty chosen
+    answer and, with --min-pair-gap, that much between the two scores."""
+    if which == "best-worst":
+        candidates = [(best, worst)]
+    else:
+        order = sorted(range(len(ranked)), key=lambda j: (-ranked[j], j))
+        candidates = [(i, j) for a, i in enumerate(order) for j in order[a + 1:] if ranked[i] > ranked[j]]
+    text = [r.strip() for r in responses]
+    return [[i, j] for i, j in candidates
+            if text[i] and text[i] != text[j] and (min_gap is None or ranked[i] - ranked[j] >= min_gap)]
+
+
 def select_all(rows: list[dict], args: BestOfNArgs) -> dict[str, Any]:
-    """Mark each row's best answer and whether it is kept; returns the selection's figures."""
+    """Mark each row's best answer and whether it is kept (with --objective dpo, also its worst and the pairs
+    trained on); returns the selection's figures."""
     dropped: dict[str, int] = {}
+    dpo = args.objective == "dpo"
     for row in rows:
         ranked = selection_scores(row, args.missing_eos_penalty)
         best, why = select(ranked, row["responses"], args.min_score, args.min_margin)
         worst = min(range(len(ranked)), key=lambda j: (ranked[j], j))
-        if why is None and args.objective == "dpo" and \
-                row["responses"][worst].strip() == row["responses"][best].strip():
-            why = "best and worst answers the same"
+        pairs: list[list[int]] = []
+        if dpo:
+            pairs = preference_pairs(ranked, row["responses"], best, worst, args.pairs, args.min_pair_gap)
+            if why is None and row["responses"][worst].strip() == row["responses"][best].strip():
+                why = "best and worst answers the same"
+            elif why is None and not pairs:
+                why = "no pair --min-pair-gap apart"
         row.update(best=best, kept=why is None, dropped=why, response=row["responses"][best],
                    score=row["scores"][best], mean_score=sum(row["scores"]) / len(row["scores"]))
-        if args.objective == "dpo":
-            row.update(worst=worst, rejected=row["responses"][worst], worst_score=row["scores"][worst])
+        if dpo:
+            row.update(worst=worst, rejected=row["responses"][worst], worst_score=row["scores"][worst],
+                       pairs=pairs if why is None else [])
         if why:
             dropped[why] = dropped.get(why, 0) + 1
     kept = [r for r in rows if r["kept"]]
     n = len(rows)
     mean_best = sum(r["score"] for r in rows) / n
     mean_all = sum(r["mean_score"] for r in rows) / n
-    return {"prompts": n, "k": args.k, "kept": len(kept), "dropped": dropped or None,
-            "mean_score": mean_all, "mean_best_score": mean_best, "selection_gain": mean_best - mean_all,
-            "mean_kept_score": sum(r["score"] for r in kept) / len(kept) if kept else None,
-            "reached_eos": sum(sum(r["finished"]) for r in rows) / (n * args.k),
-            "kept_finished": sum(r["finished"][r["best"]] for r in kept) / len(kept) if kept else None}
+    figures = {"prompts": n, "k": args.k, "kept": len(kept), "dropped": dropped or None,
+               "mean_score": mean_all, "mean_best_score": mean_best, "selection_gain": mean_best - mean_all,
+               "mean_kept_score": sum(r["score"] for r in kept) / len(kept) if kept else None,
+               "reached_eos": sum(sum(r["finished"]) for r in rows) / (n * args.k),
+               "kept_finished": sum(r["finished"][r["best"]] for r in kept) / len(kept) if kept else None}
+    if dpo:
+        figures["dpo_pairs"] = sum(len(r["pairs"]) for r in kept)
+    return figures
 
 
 def no_kept_error(rows: list[dict], args: BestOfNArgs, samples: Path) -> DataError:
@@ -351,31 +377,38 @@ def sft_args(args: BestOfNArgs, dest: Path) -> SFTArgs:
 
 
 def dpo_args(args: BestOfNArgs, dest: Path) -> DPOArgs:
-    """`rlhf dpo` on the kept (best, worst) pairs, from the policy (also its reference), with this stage's
-    optimisation flags; no eval set (before training the implicit reward margin is 0 by construction)."""
+    """`rlhf dpo` on the kept pairs (best against worst, or with --pairs all every scored pair, a prompt's pairs
+    in one batch), from the policy (also its reference), with this stage's optimisation flags; no eval set (before
+    training the implicit reward margin is 0 by construction)."""
     dpo_dir = dest / DPO_DIR
     started = complete_checkpoints(dpo_dir.with_name(DPO_DIR + ".partial"))
     return DPOArgs(model=args.policy, data=str(dest / PAIRS), out=str(dpo_dir), overwrite=True, format="explicit",
-                   method="dpo", beta=args.beta, group_by_prompt=False, resume=args.resume and bool(started),
+                   method="dpo", beta=args.beta,
+                   group_by_prompt=args.pairs == "all", resume=args.resume and bool(started),
                    **{k: getattr(args, k) for k in DPO_KEYS})
 
 
 def write_kept(dest: Path, rows: list[dict], fine_tune_started: bool, objective: str = "sft") -> None:
     """The kept rows as the fine-tune reads them: SFT messages (`kept.jsonl`), or for --objective dpo explicit
     preference pairs (`pairs.jsonl`)."""
-    def pair(r: dict) -> dict:
-        return {"prompt": r["prompt"], "chosen": r["response"], "rejected": r["rejected"]}
+    def pairs(r: dict) -> list[dict]:
+        return [{"prompt": r["prompt"], "chosen": r["responses"][i], "rejected": r["responses"][j]}
+                for i, j in r["pairs"]]
 
-    def messages(r: dict) -> dict:
-        return {"messages": r["prompt"] + [{"role": "assistant", "content": r["response"]}]}
+    def messages(r: dict) -> list[dict]:
+        return [{"messages": r["prompt"] + [{"role": "assistant", "content": r["response"]}]}]
 
-    as_row, path = (pair, dest / PAIRS) if objective == "dpo" else (messages, dest / KEPT)
-    text = "".join(json.dumps(as_row(r), ensure_ascii=False) + "\n" for r in rows if r["kept"])
+    as_rows, path = (pairs, dest / PAIRS) if objective == "dpo" else (messages, dest / KEPT)
+    text = "".join(json.dumps(x, ensure_ascii=False) + "\n" for r in rows if r["kept"] for x in as_rows(r))
     if fine_tune_started and path.is_file() and path.read_text(encoding="utf-8") != text:
-        raise ConfigError("--min-score/--min-margin/--missing-eos-penalty: they keep other answers than the "
-                          "interrupted fine-tune was training on; resume with the same settings, or start again "
-                          "without --resume")
+        raise ConfigError("--min-score/--min-margin/--missing-eos-penalty/--pairs/--min-pair-gap: they keep other "
+                          "answers than the interrupted fine-tune was training on; resume with the same settings, "
+                          "or start again without --resume")
     atomic_write_text(path, text)
+
+
+def gap_words(min_gap: float | None) -> str:
+    return f" by at least {min_gap:g}" if min_gap is not None else ""
 
 
 def move_up(sft_dir: Path, dest: Path) -> Manifest:
@@ -408,9 +441,11 @@ def dry_run(args: BestOfNArgs, reporter: Reporter, out: Path, policy_path: Path,
                        say=reporter.info)
     shape, rm_shape = memory.ModelShape.of(policy_path), memory.ModelShape.of(rm_spec.path)
     answers = len(prompt_lens) * args.k
-    steps, per_epoch = dry.trainer_steps(args, len(prompt_lens))
-    trained = dry.padded_tokens(seqs, plan.micro_batch, seed=args.seed) * steps / per_epoch
     dpo = args.objective == "dpo"  # two answers per pair trained, and the reference's pass over both
+    per_prompt = args.k * (args.k - 1) // 2 if dpo and args.pairs == "all" else 1  # at most, with --pairs all
+    items = len(prompt_lens) * per_prompt
+    steps, per_epoch = dry.trainer_steps(args, items)
+    trained = dry.padded_tokens(seqs, plan.micro_batch, seed=args.seed) * per_prompt * steps / per_epoch
     compute = dry.Compute(
         train_flops=(2 if dpo else 1) * trained * dry.train_flops(shape, head=1.0, lora=args.lora,
                                                                   lora_r=args.lora_r,
@@ -425,8 +460,9 @@ def dry_run(args: BestOfNArgs, reporter: Reporter, out: Path, policy_path: Path,
                "prompts": ds.describe(), "prompt token lengths": dry.length_stats(prompt_lens),
                "answers sampled": f"{answers} ({len(prompt_lens)} prompts x -k {args.k}, up to {args.max_new_tokens} "
                                   f"tokens each), each scored by the reward model",
-               "optimisation steps": f"at most {steps} ({per_epoch} per epoch over at most {len(prompt_lens)} kept "
-                                     f"answers; effective batch {args.batch_size * args.grad_accum})",
+               "optimisation steps": f"at most {steps} ({per_epoch} per epoch over at most {items} kept "
+                                     f"{'pairs' if dpo else 'answers'}; effective batch "
+                                     f"{args.batch_size * args.grad_accum})",
                "tokens per epoch": f"{sum(seqs)} (at most: every prompt kept, every answer {args.max_new_tokens} "
                                    f"tokens)",
                "generation": vllm_engine.describe(args.use_vllm, "colocate", args.vllm_gpu_memory_utilization)}
@@ -490,8 +526,10 @@ def run_best_of_n(args: BestOfNArgs, reporter: Reporter | None = None) -> Path:
                 write_kept(dest, rows, fine_tune.resume, args.objective)
             runtime.barrier()
             if dpo:
-                say(f"DPO from {args.policy} on the {picked['kept']} kept prompts' best against worst answers "
-                    f"({dest / PAIRS})")
+                which = "best against worst answers" if args.pairs == "best-worst" else \
+                    f"answers, every two whose scores differ{gap_words(args.min_pair_gap)}"
+                say(f"DPO from {args.policy} on {picked['dpo_pairs']} pairs of the {picked['kept']} kept prompts' "
+                    f"{which} ({dest / PAIRS})")
                 run_dpo(fine_tune, reporter)
             else:
                 say(f"fine-tuning {args.policy} on the {picked['kept']} kept answers ({dest / KEPT})")
