@@ -84,6 +84,10 @@ COMMANDS = {
     # best against worst of 8 answers per demo prompt (320 sampled), at two steps
     "best-of-n-dpo-k8": BON_DPO + ["-k", "8", "--lr", "3e-5", *EOS],
     "best-of-n-dpo-k8-1e-4": BON_DPO + ["-k", "8", "--lr", "1e-4", *EOS],
+    # every two of the 4 answers whose scores differ (up to 6 pairs per prompt), one pass; and only pairs at
+    # least 0.5 apart, three passes
+    "best-of-n-dpo-all-pairs": BON_DPO + ["--lr", "3e-5", *EOS, "--pairs", "all", "--epochs", "1"],
+    "best-of-n-dpo-gap-0.5": BON_DPO + ["--lr", "3e-5", *EOS, "--pairs", "all", "--min-pair-gap", "0.5"],
 }
 
 
