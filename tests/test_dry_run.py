@@ -190,12 +190,14 @@ def test_best_of_n_dry_run(run, tmp_path, no_weights):
     assert plan["answers sampled"].startswith(f"{rows(PROMPTS) * 3} ")
     assert "generated tokens" in plan["estimated time"]
     assert no_weights == [] and not out.exists() and not out.with_name("bon.partial").exists()
+    tokens = int(plan["tokens per epoch"].split()[0])
     # --objective dpo --pairs all: up to K(K-1)/2 = 3 pairs per prompt
     plan = assert_plan(invoke("best-of-n", "--run", run, "--prompts", PROMPTS, "-k", "3", "--max-new-tokens", "8",
                               "--batch-size", "4", "--out", out, "--threads", "1", "--dry-run", "--objective", "dpo",
                               "--pairs", "all"),
                        steps=f"at most {math.ceil(rows(PROMPTS) * 3 / 4)} ")
     assert f"over at most {rows(PROMPTS) * 3} kept pairs" in plan["optimisation steps"]
+    assert int(plan["tokens per epoch"].split()[0]) == 3 * tokens
     assert no_weights == [] and not out.exists()
 
 

@@ -407,10 +407,6 @@ def write_kept(dest: Path, rows: list[dict], fine_tune_started: bool, objective:
     atomic_write_text(path, text)
 
 
-def gap_words(min_gap: float | None) -> str:
-    return f" by at least {min_gap:g}" if min_gap is not None else ""
-
-
 def move_up(sft_dir: Path, dest: Path) -> Manifest:
     """The fine-tuned model's files into the stage folder; returns the fine-tune's manifest (its figures go into
     this stage's)."""
@@ -463,10 +459,10 @@ def dry_run(args: BestOfNArgs, reporter: Reporter, out: Path, policy_path: Path,
                "optimisation steps": f"at most {steps} ({per_epoch} per epoch over at most {items} kept "
                                      f"{'pairs' if dpo else 'answers'}; effective batch "
                                      f"{args.batch_size * args.grad_accum})",
-               "tokens per epoch": f"{sum(seqs)} (at most: every prompt kept, every answer {args.max_new_tokens} "
-                                   f"tokens)",
+               "tokens per epoch": f"{sum(seqs) * per_prompt} (at most: every prompt kept, every answer "
+                                   f"{args.max_new_tokens} tokens)",
                "generation": vllm_engine.describe(args.use_vllm, "colocate", args.vllm_gpu_memory_utilization)}
-    return dry.finish(reporter, dry.report(STAGE, out, args, summary, steps, sum(seqs), plan, t,
+    return dry.finish(reporter, dry.report(STAGE, out, args, summary, steps, sum(seqs) * per_prompt, plan, t,
                                            {"precision (used)": str(choice)}))
 
 
@@ -527,7 +523,8 @@ def run_best_of_n(args: BestOfNArgs, reporter: Reporter | None = None) -> Path:
             runtime.barrier()
             if dpo:
                 which = "best against worst answers" if args.pairs == "best-worst" else \
-                    f"answers, every two whose scores differ{gap_words(args.min_pair_gap)}"
+                    "answers, every two whose scores differ"
+                which += f" by at least {args.min_pair_gap:g}" if args.min_pair_gap is not None else ""
                 say(f"DPO from {args.policy} on {picked['dpo_pairs']} pairs of the {picked['kept']} kept prompts' "
                     f"{which} ({dest / PAIRS})")
                 run_dpo(fine_tune, reporter)
