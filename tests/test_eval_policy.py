@@ -134,8 +134,9 @@ class WithoutLogitsToKeep(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, position_ids):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+    def forward(self, input_ids, attention_mask, position_ids, use_cache=None):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                          use_cache=use_cache)
 
 
 @pytest.mark.parametrize("keep", [True, False], ids=["logits_to_keep", "without it"])
@@ -156,6 +157,37 @@ def test_teacher_forced_logprob_matches_token_by_token(w, keep):
                 logits = model(torch.tensor([p + a[:t]])).logits[0, -1] / 0.7
                 want += float(torch.log_softmax(logits.double(), -1)[a[t]])
         assert g == pytest.approx(want, abs=1e-4)
+
+
+def test_ppo_response_logits_with_and_without_logits_to_keep_and_through_peft(w):
+    """PPO's response logits (one helper with eval's): the same values for a model without `logits_to_keep`, and
+    through a peft wrapper (whose forward does not name it) the vocabulary logits are still computed for the
+    response positions only."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_cli.core.generation import pad_batch
+    from rlhf_cli.stages.ppo.rollout import response_logits
+
+    model = AutoModelForCausalLM.from_pretrained(w.other).eval()
+    ids, attn = pad_batch([[1, 17, 300, 41], [1, 5]], 0, left=True)
+    seq = torch.cat([ids, torch.tensor([[60, 61, 2], [70, 0, 0]])], 1)
+    attn = torch.cat([attn, torch.tensor([[1, 1, 1], [1, 0, 0]])], 1)
+    with torch.no_grad():
+        want = response_logits(model, seq, attn, 4, 0.7)
+        got = response_logits(WithoutLogitsToKeep(model), seq, attn, 4, 0.7)
+        full = model(input_ids=seq, attention_mask=attn, position_ids=(attn.cumsum(1) - 1).clamp_min(0)).logits
+    assert want.shape == got.shape == (2, 3, full.shape[-1])
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(want, full[:, 3:6].float() / 0.7, atol=1e-5)
+
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(w.other),
+                          LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM")).eval()
+    seen = []
+    lora.get_base_model().register_forward_hook(lambda m, a, out: seen.append(out.logits.shape[1]))
+    with torch.no_grad():
+        lg = response_logits(lora, seq, attn, 4, 0.7)
+    assert seen == [4] and lg.shape == (2, 3, full.shape[-1])  # 3 response tokens + 1, not all 7 positions
+    assert torch.allclose(lg, want, atol=1e-5)  # LoRA's B starts at zero: the base model's logits
 
 
 # ---------------------------------------------------------------------------------------------------------

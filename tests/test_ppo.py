@@ -220,6 +220,35 @@ def test_resume_reaches_the_uninterrupted_result(w):
                                                                          ["final_score_mean"], rel=1e-5)
 
 
+def test_value_warmup_trains_only_the_value_model_first(w):
+    """--value-warmup N: the first N updates leave the policy exactly as it started and train the value model;
+    the updates after them train both. Checked on the checkpoint after the warm-up and on the finished run."""
+    out = w.root / "warmup"
+    common = ["--run", w.run, "--prompts", w.prompts, "--out", out, "--batch-size", 4, "--ppo-epochs", 2,
+              "--num-minibatches", 2, "--lr", "1e-3", "--max-steps", 3, "--value-warmup", 2, *FAST]
+    one_error(invoke("ppo", *common[:-len(FAST)], "--max-steps", 2, *FAST), 2,
+              "--value-warmup 2: must be less than the run's 2 updates", "raise --max-steps")
+    assert not out.exists() and not (w.root / "warmup.partial").exists()
+    stopped = ok(invoke("ppo", *common, "--stop-after", 2))
+    assert "the first 2 train the value model only" in stopped.stderr
+    partial = w.root / "warmup.partial"
+    start, rm = weights(w.policy), weights(w.rm)
+    after = weights(partial)  # the checkpoint: the policy on top, the value model in value/
+    assert after.keys() == start.keys()
+    for k in start:
+        assert torch.equal(after[k], start[k]), k  # not a bit moved
+    value = weights(partial / "value")
+    moved = [k for k in value if k in rm and not torch.equal(value[k], rm[k])]
+    assert moved  # the value model (started from the RM) learned
+    ok(invoke("ppo", *common, "--resume"))
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["value_only"] for r in rows] == [True, True, False]
+    assert rows[2]["optimizer_steps"] >= 1
+    final = weights(out)
+    assert any(not torch.equal(final[k], start[k]) for k in start)  # the third update moved the policy
+    assert manifest(out)["args"]["value_warmup"] == 2
+
+
 def test_resume_needs_a_checkpoint(w, tmp_path):
     one_error(invoke("ppo", "--run", w.run, "--prompts", w.prompts, "--out", tmp_path / "o", "--resume", *FAST), 2,
               "--resume: no checkpoint in", "start again without --resume")
@@ -313,10 +342,12 @@ def test_rollout_masks_scores_and_logprobs_with_pad_equal_to_eos(w):
     order = by_length(ro).tolist()
     total = ro.attn.sum(1).tolist()
     assert [total[i] for i in order] == sorted(total)
-    short = torch.tensor(order[:3])
+    # the three rows with the shortest prompts (which rows are shortest in all depends on what was sampled): the
+    # batch's longest prompt is not among them, so leading columns are dropped
+    short = torch.tensor(sorted(range(6), key=lambda i: len(prompts[i]))[:3])
     seq, attn, pl, r = trimmed(ro, short)
-    assert r == max(lengths[i] for i in order[:3]) and seq.shape[1] == pl + r
-    assert pl == max(len(prompts[i]) for i in order[:3]) < ro.prompt_len
+    assert r == max(lengths[i] for i in short.tolist()) and seq.shape[1] == pl + r
+    assert pl == max(len(prompts[i]) for i in short.tolist()) < ro.prompt_len
     assert attn[:, 0].any() and attn[:, pl + r - 1].any()  # the first and last columns hold a real token
     for i, row in zip(short.tolist(), seq, strict=True):
         assert row[attn[short.tolist().index(i)].bool()].tolist() == prompts[i] + ro.response[i, :lengths[i]].tolist()
@@ -392,7 +423,7 @@ def test_help_lists_the_ppo_and_shared_flags_and_the_demo_config_resolves():
                  "--temperature", "--top-k", "--top-p", "--max-new-tokens", "--missing-eos-penalty", "--score-clip",
                  "--normalize-rewards", "--kl-coef", "--kl-estimator", "--adaptive-kl", "--kl-target", "--kl-horizon",
                  "--gamma", "--lam", "--whiten-advantages", "--clip-eps", "--clip-value", "--vf-coef",
-                 "--max-grad-norm", "--target-kl", "--value-init", "--sample-every", "--save-every", "--resume",
+                 "--max-grad-norm", "--target-kl", "--value-init", "--value-warmup", "--sample-every", "--save-every", "--resume",
                  "--algo", "--group-size", "--stop-after"):
         assert flag in text, flag
 

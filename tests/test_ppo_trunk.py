@@ -78,7 +78,7 @@ def test_the_trunk_gives_the_full_passes_results(models):
     # the cached states are layer 2's hidden states at every real token (what the training passes start from)
     states = short[4]
     assert states.shape == (*ro.seq.shape, policy.config.hidden_size)
-    from rlhf_cli.core.reward_model import position_ids
+    from rlhf_cli.core.generation import position_ids
 
     with torch.no_grad():
         hs = policy(input_ids=ro.seq, attention_mask=ro.attn, position_ids=position_ids(ro.attn),

@@ -14,6 +14,7 @@ early through a stopping criterion (Ctrl-C in `rlhf chat`).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -212,6 +213,33 @@ def pad_batch(seqs: list[list[int]], pad_id: int, left: bool = False) -> tuple[t
         ids[row, cols] = torch.tensor(s, dtype=torch.long)
         attn[row, cols] = 1
     return ids, attn
+
+
+def position_ids(attn: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, as generate does with left padding."""
+    return (attn.long().cumsum(1) - 1).clamp_min(0)
+
+
+def _innermost(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under its wrappers: DistributedDataParallel's `module`, peft's base model."""
+    while True:
+        if isinstance(getattr(model, "module", None), torch.nn.Module):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
+
+
+def last_logits(model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, keep: int) -> torch.Tensor:
+    """A causal LM's logits [B, keep, V] for the last `keep` positions of `ids`, positions counted over real
+    tokens. Vocabulary logits are computed for those positions only where the model's forward takes
+    `logits_to_keep` (transformers' causal LMs do; through DDP or peft wrappers too); for an architecture without
+    it, every position's logits are computed and the last `keep` kept: the same values, more memory."""
+    kwargs = dict(input_ids=ids, attention_mask=attn, position_ids=position_ids(attn), use_cache=False)
+    if "logits_to_keep" in inspect.signature(_innermost(model).forward).parameters:
+        kwargs["logits_to_keep"] = keep
+    return model(**kwargs).logits[:, -keep:]
 
 
 @dataclass

@@ -25,7 +25,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedModel, Pr
 
 from rlhf_cli.core import runtime
 from rlhf_cli.core.errors import CheckpointError, ConfigError
-from rlhf_cli.core.generation import encode_chat, pad_batch
+from rlhf_cli.core.generation import encode_chat, pad_batch, position_ids
 from rlhf_cli.core.manifest import Manifest, manifest_if_stage, require_stage
 from rlhf_cli.core.models import SAFE_LOADING, LoadOptions, load_tokenizer, resolve_model, set_distinct_pad
 from rlhf_cli.core.stages import a_stage, command_for
@@ -126,11 +126,6 @@ def pair_metrics(model: PreTrainedModel, rows: list[dict], pad_id: int, batch_si
     diffs = [a - b for a, b in zip(c, r, strict=True)]
     return PairScores(accuracy=sum(d > 0 for d in diffs) / len(diffs), mean_margin=sum(diffs) / len(diffs),
                       pairs=len(diffs), chosen=c, rejected=r)
-
-
-def position_ids(attn: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, as generate does with left padding."""
-    return (attn.long().cumsum(1) - 1).clamp_min(0)
 
 
 def head_model(model: PreTrainedModel) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import json
 import math
 import time
@@ -63,6 +62,7 @@ from rlhf_cli.core.generation import (
     SAMPLING_KEYS,
     Sampling,
     cut_at_eos,
+    last_logits,
     load_lm,
     pad_batch,
     pick_sampling,
@@ -73,7 +73,7 @@ from rlhf_cli.core.generation import (
 from rlhf_cli.core.manifest import Manifest, manifest_if_stage, read_manifest, require_stage
 from rlhf_cli.core.models import LoadOptions, cache_dir, resolve_model
 from rlhf_cli.core.progress import Reporter
-from rlhf_cli.core.reward_model import RewardModel, position_ids
+from rlhf_cli.core.reward_model import RewardModel
 from rlhf_cli.core.stages import EVAL_FILE, ORDER, POLICY_STAGES
 from rlhf_cli.data import load_prompts
 from rlhf_cli.evaluation.args import POLICY_MAX_NEW_TOKENS, EvalPolicyArgs
@@ -232,11 +232,7 @@ def answer_logprob(model: torch.nn.Module, prompts: list[list[int]], answers: li
     dev = next(model.parameters()).device
     with torch.inference_mode():
         x, att = x.to(dev), att.to(dev)
-        if "logits_to_keep" in inspect.signature(model.forward).parameters:
-            logits = model(input_ids=x, attention_mask=att, position_ids=position_ids(att),
-                           logits_to_keep=r + 1).logits
-        else:  # an architecture without it: every position's logits, the last r + 1 kept
-            logits = model(input_ids=x, attention_mask=att, position_ids=position_ids(att)).logits[:, -(r + 1):]
+        logits = last_logits(model, x, att, r + 1)
         out = []
         for row, a in enumerate(answers):
             # logits[:, j] predicts the token at column W - r + j (W: the batch's width), so this answer's

@@ -52,7 +52,7 @@ RESUME_KEYS = ("algo", "policy", "reward", "prompts", "max_samples", "batch_size
 # PPO settings that GRPO/RLOO do not use; given with those, they are named as ignored.
 PPO_ONLY = ("minibatch_size", "num_minibatches", "kl_estimator", "adaptive_kl", "kl_target", "kl_horizon", "gamma",
             "lam", "whiten_advantages", "clip_value", "vf_coef", "target_kl", "value_init", "group_by_length",
-            "shared_trunk")
+            "shared_trunk", "value_warmup")
 
 
 @dataclass
@@ -130,6 +130,8 @@ class PPOArgs:
                               "(runaway optimisation); the last checkpoint is kept.", above=0)
     target_kl: float | None = opt(None, "Stop an update's remaining PPO epochs once the approximate KL to the "
                                         "rollout policy passes this (e.g. 0.1).", above=0)
+    value_warmup: int = opt(0, "Train only the value model for the first N updates (the policy does not move "
+                               "while the value model learns the returns), then both.", min=0)
     value_init: str = opt("reward", "Start the value model from the reward model, or from the policy with a "
                                     "fresh one-output head.", choices=("reward", "policy"))
     group_size: int = opt(4, "grpo/rloo: responses sampled per prompt (TRL's num_generations).", min=1)

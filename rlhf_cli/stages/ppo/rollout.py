@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf_cli.core.generation import pad_batch
+from rlhf_cli.core.generation import last_logits, pad_batch
 from rlhf_cli.core.linear_kernels import packed_linears
-from rlhf_cli.core.reward_model import RewardModel, leading_pad, position_ids, token_scores
+from rlhf_cli.core.reward_model import RewardModel, leading_pad, token_scores
 from rlhf_cli.stages.ppo.args import PPOArgs
 from rlhf_cli.stages.ppo.core import (
     RunningMoments,
@@ -32,9 +32,7 @@ def response_logits(model: PreTrainedModel, seq: torch.Tensor, attn: torch.Tenso
                     temperature: float) -> torch.Tensor:
     """Logits [B, R, V] (float32, divided by the temperature) that predict the R response tokens."""
     r = seq.shape[1] - prompt_len
-    out = model(input_ids=seq, attention_mask=attn, position_ids=position_ids(attn), logits_to_keep=r + 1,
-                use_cache=False)
-    return out.logits[:, :-1].float() / temperature
+    return last_logits(model, seq, attn, r + 1)[:, :-1].float() / temperature
 
 
 @dataclass

@@ -113,6 +113,7 @@ class Batch:
     seconds: dict[str, float] = field(default_factory=dict)  # per phase: generate, score, forward, train
     figures: dict[str, float] = field(default_factory=dict)  # means over every process's rollouts (`figures`)
     trunk_states: torch.Tensor | None = None  # [B, P + R, H] after the shared frozen layers (`trunk`), if shared
+    value_only: bool = False  # --value-warmup: this update trains the value model only
 
 
 @dataclass
@@ -292,6 +293,9 @@ class PPOTrainer:
         self.memory = plan_memory(a, plan, self.precision, self.minibatch, reporter.info)
         self.micro = self.memory.micro_batch
         self.total = updates(a, len(plan.prompt_ids))
+        if a.value_warmup and a.value_warmup >= self.total:
+            raise ConfigError(f"--value-warmup {a.value_warmup}: must be less than the run's {self.total} updates "
+                              f"(--max-steps), or the policy never trains; lower it or raise --max-steps")
         self.resume_summary = self._resume_summary() if a.resume else None
         transformers.set_seed(a.seed)  # fresh heads, LoRA initialisation
         self.policy, self.ref, self.rm, self.value = load_models(
@@ -365,6 +369,7 @@ class PPOTrainer:
                 f"thread{'s' if self.threads != 1 else ''}, lr {self.lr:g}, {self.total} updates x "
                 f"{self.global_batch} rollouts{procs}, "
                 f"{self.epochs} PPO epochs x {a.batch_size // self.minibatch} minibatches"
+                + (f"; the first {a.value_warmup} train the value model only" if a.value_warmup else "")
                 + (f"; frozen layers: {self.trunk_reason}" if self.trunk is not None else
                    f"; frozen layers run in every pass ({self.trunk_reason})" if a.freeze_layers else ""))
 
@@ -457,7 +462,8 @@ class PPOTrainer:
         batch = Batch(rows=rows, rollout=rollout, raw_scores=raw, scores=scores, old_logprobs=old_logp,
                       ref_logprobs=ref_logp, values=old_values, entropy=entropy, mask=mask, seq_kl=kl_tok.sum(1),
                       kl_coef=beta, advantages=advantages, returns=returns, started=t0,
-                      seconds={"generate": t1 - t0, "score": t2 - t1, "forward": t3 - t2}, trunk_states=states)
+                      seconds={"generate": t1 - t0, "score": t2 - t1, "forward": t3 - t2}, trunk_states=states,
+                      value_only=step < a.value_warmup)
         batch.figures = figures(batch)
         return batch
 
@@ -540,13 +546,17 @@ class PPOTrainer:
             old_logp = batch.old_logprobs[part][:, :width]
             with self.no_sync(last=i == len(parts) - 1):  # gradients are averaged once, after the last part
                 with runtime.autocast(self.precision):  # forward passes only: backward follows autocast's casts
+                    # --value-warmup: the policy's pass without gradients, so the policy stays as it is
+                    policy_grad = contextlib.nullcontext() if not batch.value_only else torch.no_grad()
                     if batch.trunk_states is not None:  # the frozen layers' output, computed once per rollout
                         k = batch.rollout.prompt_len - prompt_len
                         h = batch.trunk_states[part][:, k:k + seq.shape[1]]
-                        logits = self.trunk.response_logits(self.policy, h, attn, prompt_len, a.temperature)
+                        with policy_grad:
+                            logits = self.trunk.response_logits(self.policy, h, attn, prompt_len, a.temperature)
                         vpred_all = self.trunk.token_scores(self.value, h, attn)
                     else:
-                        logits = response_logits(self.policy_train, seq, attn, prompt_len, a.temperature)
+                        with policy_grad:
+                            logits = response_logits(self.policy_train, seq, attn, prompt_len, a.temperature)
                         vpred_all = self.value_train(seq, attn)
                     new_logp = logprobs_from_logits(logits, batch.rollout.response[part][:, :width])
                     del logits
@@ -555,7 +565,8 @@ class PPOTrainer:
                 vf, vf_stats = value_loss(vpred, batch.values[part][:, :width], batch.returns[part][:, :width],
                                           mask, a.clip_value)
                 weight = mask.sum() / n_tok
-                ((pg + a.vf_coef * vf) * weight * self.world).backward()
+                loss = a.vf_coef * vf if batch.value_only else pg + a.vf_coef * vf
+                (loss * weight * self.world).backward()
             if not first_check:
                 deviation = (new_logp - old_logp).detach().abs() * mask
                 first_check.update({"check/first_logratio_max": float(deviation.max()),
@@ -591,7 +602,7 @@ class PPOTrainer:
             **stats.means,
             "value_mean": fig["value_mean"], "return_mean": fig["return_mean"],
             "lr": stats.lr, "ppo_epochs_done": stats.ppo_epochs_done, "optimizer_steps": stats.optimizer_steps,
-            "early_stopped": stats.early_stopped, **stats.first_check,
+            "early_stopped": stats.early_stopped, "value_only": batch.value_only, **stats.first_check,
             "episodes_per_second": self.global_batch / update_time,
             "time/generate": t["generate"], "time/score": t["score"], "time/forward": t["forward"],
             "time/train": t["train"], "time/update": update_time,

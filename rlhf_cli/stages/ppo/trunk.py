@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from rlhf_cli.core.reward_model import head_model, position_ids
+from rlhf_cli.core.generation import position_ids
+from rlhf_cli.core.reward_model import head_model
 
 # families whose decoder forward is: embed, causal mask, rotary embeddings, the layers, final norm
 FAMILIES = ("llama",)
