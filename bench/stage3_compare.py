@@ -69,8 +69,9 @@ BON = ["best-of-n", "--config", str(ROOT / "examples" / "configs" / "demo_best_o
 BON_DPO = BON + ["--objective", "dpo", "--epochs", "3"]
 HH_TRAIN = str(ROOT / "examples" / "data" / "hh_prompts_train.jsonl")
 EOS = ["--missing-eos-penalty", "1.0"]  # answers that ran out of tokens ranked 1.0 lower, as PPO's flag does
+PPO = ["ppo", "--config", str(ROOT / "examples" / "configs" / "demo_ppo.yaml"), *PPO_LIKE]
 COMMANDS = {
-    "ppo": ["ppo", "--config", str(ROOT / "examples" / "configs" / "demo_ppo.yaml"), *PPO_LIKE],
+    "ppo": PPO,
     "grpo": ["ppo", "--algo", "grpo", "--group-size", "4", "--lr", "1e-5", "--kl-coef", "0.05", *PPO_LIKE],
     "rloo": ["ppo", "--algo", "rloo", "--group-size", "4", "--lr", "1e-5", "--kl-coef", "0.05", *PPO_LIKE],
     "best-of-n": BON,
@@ -88,6 +89,13 @@ COMMANDS = {
     # least 0.5 apart, three passes
     "best-of-n-dpo-all-pairs": BON_DPO + ["--lr", "3e-5", *EOS, "--pairs", "all", "--epochs", "1"],
     "best-of-n-dpo-gap-0.5": BON_DPO + ["--lr", "3e-5", *EOS, "--pairs", "all", "--min-pair-gap", "0.5"],
+    # PPO's own levers on the demo settings: running score normalisation; 4 value-only updates before the
+    # policy's (4 more updates); LoRA (adapters above the frozen layers) at three learning rates
+    "ppo-normalize-rewards": PPO + ["--normalize-rewards"],
+    "ppo-value-warmup-4": PPO + ["--value-warmup", "4", "--max-steps", str(a.updates + 4)],
+    "ppo-lora-1e-4": PPO + ["--lora", "--lr", "1e-4"],
+    "ppo-lora-3e-4": PPO + ["--lora", "--lr", "3e-4"],
+    "ppo-lora-1e-3": PPO + ["--lora", "--lr", "1e-3"],
 }
 
 
