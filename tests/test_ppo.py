@@ -423,8 +423,8 @@ def test_help_lists_the_ppo_and_shared_flags_and_the_demo_config_resolves():
                  "--temperature", "--top-k", "--top-p", "--max-new-tokens", "--missing-eos-penalty", "--score-clip",
                  "--normalize-rewards", "--kl-coef", "--kl-estimator", "--adaptive-kl", "--kl-target", "--kl-horizon",
                  "--gamma", "--lam", "--whiten-advantages", "--clip-eps", "--clip-value", "--vf-coef",
-                 "--max-grad-norm", "--target-kl", "--value-init", "--value-warmup", "--sample-every", "--save-every", "--resume",
-                 "--algo", "--group-size", "--stop-after"):
+                 "--max-grad-norm", "--target-kl", "--value-init", "--value-warmup", "--sample-every", "--save-every",
+                 "--resume", "--algo", "--group-size", "--stop-after"):
         assert flag in text, flag
 
 
